@@ -1,0 +1,54 @@
+# Floodgate — every operator and developer entry point.
+# `make demo` runs the product end to end; `make test` runs the test suite.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+            command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; \
+          done)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+FG     := $(VENV)/bin/floodgate
+BROKER := python3 infra/kafka/broker.py
+STAMP  := $(VENV)/.installed
+
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo test lint fmt clean
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+venv: $(STAMP)  ## create .venv and install Floodgate with its dev tools
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+kafka-up:  ## start the local Kafka 4 broker (no-op if running or KAFKA_BOOTSTRAP_SERVERS is set)
+	@$(BROKER) up
+
+kafka-down:  ## stop the local broker that kafka-up started
+	@$(BROKER) down
+
+kafka-status:  ## is the broker running and answering?
+	@$(BROKER) status
+
+topics: $(STAMP) kafka-up  ## create the topics in infra/topics.toml; report drift
+	@$(FG) topics apply
+
+demo: $(STAMP) kafka-up topics  ## the whole story: broker, topics, workers, replayed mail, a spam flood
+	@$(FG) topics show
+
+test: $(STAMP)  ## the test suite, against a real Kafka broker
+	$(PY) -m pytest
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check pipeline models tests infra
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff check --fix pipeline models tests infra
+
+clean:  ## stop the broker and remove local state (not the download cache)
+	-@$(BROKER) down
+	rm -rf .run

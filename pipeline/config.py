@@ -1,0 +1,130 @@
+"""One settings object for every worker: defaults, then a TOML file, then environment variables.
+
+The TOML file is ``$FLOODGATE_CONFIG`` or ``./floodgate.toml`` when present; its tables mirror
+the dataclasses below (``[kafka]``, ``[smtp]``, ...). Environment variables win; each field's
+variable is ``FLOODGATE_<SECTION>_<FIELD>`` (for example ``FLOODGATE_SMTP_PORT``), and the
+Kafka bootstrap address also answers to the conventional ``KAFKA_BOOTSTRAP_SERVERS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPIC_SPEC = ROOT / "infra" / "topics.toml"
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str = ""  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_ca_location: str = ""
+    ssl_certificate_location: str = ""
+    ssl_key_location: str = ""
+    topic_prefix: str = ""
+    group_prefix: str = "floodgate"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    hostname: str = "floodgate.localdomain"
+    # Mail is accepted only for these domains: never an open relay.
+    domains: tuple[str, ...] = ("example.com", "example.net", "example.org")
+    max_message_bytes: int = 10 * 1024 * 1024
+    max_recipients: int = 100
+    # How long to wait for the broker's acknowledgement before answering 451.
+    ack_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    data: Path = ROOT / "data"
+    maildir_root: Path = ROOT / ".run" / "maildirs"
+    quarantine_db: Path = ROOT / ".run" / "quarantine.sqlite3"
+    registry: Path = ROOT / "models" / "registry"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    batch_size: int = 200
+    batch_timeout_s: float = 0.05
+    metrics_host: str = "127.0.0.1"  # loopback by default: metrics are not for the world
+    metrics_port: int = 0  # 0: no HTTP endpoint
+    quarantine_retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+    def topic(self, key: str) -> str:
+        """The real name of a topic from infra/topics.toml, by its key (``inbound``, ``ham``, ...)."""
+        return self.kafka.topic_prefix + topic_spec()["topics"][key]["name"]
+
+    def group(self, worker: str) -> str:
+        return f"{self.kafka.group_prefix}.{worker}"
+
+
+@cache
+def topic_spec() -> dict[str, Any]:
+    with TOPIC_SPEC.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _coerce(value: str, kind: Any) -> Any:
+    kind = str(kind)
+    if "tuple" in kind:
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if "int" in kind:
+        return int(value)
+    if "float" in kind:
+        return float(value)
+    if "Path" in kind:
+        return Path(value)
+    return value
+
+
+def _section(cls: type, toml: dict[str, Any], prefix: str, env: dict[str, str]) -> Any:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in toml:
+            raw = toml[f.name]
+            values[f.name] = tuple(raw) if isinstance(raw, list) else raw
+            if "Path" in str(f.type):
+                values[f.name] = Path(raw)
+        name = f"FLOODGATE_{prefix}_{f.name}".upper()
+        if name in env:
+            values[f.name] = _coerce(env[name], f.type)
+    return cls(**values)
+
+
+def load(path: Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if env is None else env)
+    if path is None:
+        path = Path(env.get("FLOODGATE_CONFIG", "floodgate.toml"))
+    toml: dict[str, Any] = {}
+    if path.exists():
+        with path.open("rb") as f:
+            toml = tomllib.load(f)
+    if "KAFKA_BOOTSTRAP_SERVERS" in env and "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS" not in env:
+        env["FLOODGATE_KAFKA_BOOTSTRAP_SERVERS"] = env["KAFKA_BOOTSTRAP_SERVERS"]
+    return Settings(
+        kafka=_section(KafkaSettings, toml.get("kafka", {}), "kafka", env),
+        smtp=_section(SmtpSettings, toml.get("smtp", {}), "smtp", env),
+        paths=_section(PathSettings, toml.get("paths", {}), "paths", env),
+        worker=_section(WorkerSettings, toml.get("worker", {}), "worker", env),
+    )

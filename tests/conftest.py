@@ -1,0 +1,102 @@
+"""Test session fixtures: a real Kafka broker, never a fake.
+
+The broker is, in order of preference: the cluster named by ``KAFKA_BOOTSTRAP_SERVERS``; a
+testcontainers KRaft container where a Docker engine answers; else the local broker of
+``infra/kafka/broker.py`` (started if it is not running, and stopped at the end only if this
+session started it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipeline import config, kafka
+from pipeline.kafka import topics
+
+ROOT = Path(__file__).resolve().parents[1]
+BROKER = [sys.executable, str(ROOT / "infra" / "kafka" / "broker.py")]
+_broker_description = "not started"
+
+
+def _docker_kafka() -> tuple[str, object] | None:
+    try:
+        from docker.errors import DockerException
+        from testcontainers.kafka import KafkaContainer
+    except ImportError:
+        return None
+    try:
+        container = KafkaContainer("apache/kafka:4.1.2").with_kraft()
+        container.start()
+    except DockerException:
+        return None  # no Docker engine here: use the local broker
+    except Exception as e:  # an engine that answers but cannot run the image
+        print(f"testcontainers could not start Kafka ({e}); using the local broker", file=sys.stderr)
+        return None
+    return container.get_bootstrap_server(), container
+
+
+@pytest.fixture(scope="session")
+def bootstrap() -> Iterator[str]:
+    global _broker_description
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        _broker_description = f"external cluster {os.environ['KAFKA_BOOTSTRAP_SERVERS']}"
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    found = None if os.environ.get("FLOODGATE_NO_DOCKER") else _docker_kafka()
+    if found:
+        address, container = found
+        _broker_description = f"testcontainers apache/kafka at {address}"
+        yield address
+        container.stop()  # type: ignore[attr-defined]
+        return
+    started_here = subprocess.run([*BROKER, "status"], capture_output=True).returncode != 0
+    subprocess.run([*BROKER, "up"], check=True)
+    version = subprocess.run([*BROKER, "version"], capture_output=True, text=True).stdout.strip()
+    address = subprocess.run([*BROKER, "bootstrap"], capture_output=True, text=True).stdout.strip()
+    _broker_description = f"local Apache Kafka {version} (KRaft) at {address}"
+    print(f"\nbroker: {_broker_description}", file=sys.stderr)
+    try:
+        yield address
+    finally:
+        if started_here:
+            subprocess.run([*BROKER, "down"], check=False)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    try:
+        version = subprocess.run([*BROKER, "version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        version = "unknown"
+    where = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or "local broker (infra/kafka/broker.py)"
+    return [f"kafka: Apache Kafka {version} in KRaft mode; bootstrap: {where}"]
+
+
+@pytest.fixture
+def settings(bootstrap: str, tmp_path: Path) -> Iterator[config.Settings]:
+    """Settings with private topics (a unique prefix), private groups and private paths."""
+    run = uuid.uuid4().hex[:10]
+    base = config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap})
+    s = replace(
+        base,
+        kafka=replace(base.kafka, topic_prefix=f"t{run}.", group_prefix=f"t{run}"),
+        paths=replace(base.paths, maildir_root=tmp_path / "maildirs",
+                      quarantine_db=tmp_path / "quarantine.sqlite3"),
+    )
+    yield s
+
+
+@pytest.fixture
+def topic_settings(settings: config.Settings) -> Iterator[config.Settings]:
+    """``settings`` with every topic of the spec created, and deleted afterwards."""
+    admin = kafka.admin(settings)
+    topics.apply(settings, admin)
+    yield settings
+    topics.delete(settings, admin)

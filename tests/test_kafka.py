@@ -1,0 +1,68 @@
+"""The broker itself, the topic spec, and the confluent-kafka plumbing."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from confluent_kafka.admin import NewTopic
+
+from pipeline import events, kafka
+from pipeline.kafka import topics
+from tests.kafka_helpers import consume_n
+
+pytestmark = pytest.mark.kafka
+
+
+def test_produce_consume_round_trip(settings):
+    admin = kafka.admin(settings)
+    name = settings.topic("inbound") + "-roundtrip"
+    admin.create_topics([NewTopic(name, 3, 1)])["" + name].result(30)
+    event = events.new_event(events.Envelope("a@example.org", ("b@example.com",)), b"Subject: hi\r\n\r\nbody\r\n")
+    producer = kafka.producer(settings)
+    acks = []
+    for i in range(30):
+        producer.produce(name, key=f"k{i}", value=events.encode(event),
+                         on_delivery=lambda err, msg: acks.append(err))
+    assert producer.flush(30) == 0
+    assert acks == [None] * 30
+    consumer = kafka.consumer(settings, group=f"g-{uuid.uuid4().hex}")
+    consumer.subscribe([name])
+    try:
+        got = consume_n(consumer, 30)
+    finally:
+        consumer.close()
+    assert sorted(m.key() for m in got) == sorted(f"k{i}".encode() for i in range(30))
+    assert {m.partition() for m in got} == {0, 1, 2}
+    decoded = events.decode(got[0].value())
+    assert decoded == event
+    admin.delete_topics([name])
+
+
+def test_topic_spec_applied_twice_changes_nothing(settings):
+    admin = kafka.admin(settings)
+    first = topics.apply(settings, admin)
+    try:
+        assert any(line.startswith("create ") for line in first)
+        assert len([line for line in first if line.startswith("create ")]) == len(topics.desired(settings))
+        assert topics.apply(settings, admin) == []
+        # Drift: a config changed behind our back is put back; a second run is quiet again.
+        inbound = settings.topic("inbound")
+        from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+        res = ConfigResource(ConfigResource.Type.TOPIC, inbound, incremental_configs=[
+            ConfigEntry("retention.ms", "1000", incremental_operation=AlterConfigOpType.SET)])
+        for fut in admin.incremental_alter_configs([res]).values():
+            fut.result(30)
+        fixed = topics.apply(settings, admin)
+        assert fixed == [f"set {inbound} retention.ms=604800000 (was 1000)"]
+        assert topics.apply(settings, admin) == []
+    finally:
+        topics.delete(settings, admin)
+
+
+def test_topics_dry_run_changes_nothing(settings):
+    admin = kafka.admin(settings)
+    planned = topics.apply(settings, admin, dry_run=True)
+    assert len(planned) == len(topics.desired(settings))
+    existing = admin.list_topics(timeout=10).topics
+    assert not any(t.name in existing for t in topics.desired(settings))
