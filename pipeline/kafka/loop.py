@@ -1,0 +1,226 @@
+"""The one consume → process → produce loop every Kafka worker runs.
+
+A worker supplies a handler that turns a batch of records into output records. The loop owns
+everything Kafka: subscribing, batching, transactions or commits, dead-lettering, retries and
+shutdown. Two delivery modes:
+
+* ``transactional=True`` (classify, triage): consume-transform-produce in a Kafka
+  transaction, the input offsets sent inside it, so a crash anywhere neither loses nor
+  duplicates a routing.
+* ``transactional=False`` (deliver, cleanup): the handler writes to an idempotent sink (keyed
+  by event id); outputs (dead letters) are flushed, then offsets committed. A crash between
+  the write and the commit replays the batch, and the sink ignores what it already has.
+
+Failure policy:
+
+* the handler raises :class:`TransientError` (a sink is down): nothing is committed, the
+  batch is rewound and retried after a backoff that doubles up to ``MAX_BACKOFF_S``;
+* the handler raises anything else: the batch is retried one record at a time, and a record
+  that still fails goes to the dead-letter topic with the exception as its reason. One bad
+  record never stops a worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from pipeline import kafka, metrics
+from pipeline.service import Service
+
+# A SIGKILLed transactional producer leaves an open transaction that blocks read_committed
+# consumers downstream until it times out; the default is 60 s, far too long for ham.
+TRANSACTION_TIMEOUT_MS = 10_000
+MAX_BACKOFF_S = 10.0
+DEAD_LETTER_REASON_MAX = 1000
+
+
+class TransientError(Exception):
+    """A sink or peer is unavailable: retry the whole batch later, dead-letter nothing."""
+
+
+@dataclass(frozen=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+Handler = Callable[[Sequence[Message]], list[Output]]
+
+
+def dead_letter(topic: str, msg: Message, stage: str, reason: str) -> Output:
+    """The record unchanged, with why and where it failed in headers."""
+    return Output(topic, msg.key(), msg.value() or b"", [
+        ("floodgate-stage", stage.encode()),
+        ("floodgate-reason", reason[:DEAD_LETTER_REASON_MAX].encode(errors="replace")),
+        ("floodgate-origin", f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()),
+        ("floodgate-failed-at", f"{time.time():.3f}".encode()),
+    ])
+
+
+def instance_id() -> str:
+    """A stable name for this worker instance: transactional ids must survive restarts so that
+    a restarted worker fences its previous self and aborts its open transaction at once."""
+    return os.environ.get("FLOODGATE_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _next_offsets(msgs: Sequence[Message]) -> list[TopicPartition]:
+    nxt: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        key = (m.topic(), m.partition())
+        nxt[key] = max(nxt.get(key, 0), m.offset() + 1)
+    return [TopicPartition(t, p, o) for (t, p), o in nxt.items()]
+
+
+def _first_offsets(msgs: Sequence[Message]) -> list[TopicPartition]:
+    first: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        key = (m.topic(), m.partition())
+        first[key] = min(first.get(key, m.offset()), m.offset())
+    return [TopicPartition(t, p, o) for (t, p), o in first.items()]
+
+
+class Loop:
+    def __init__(self, service: Service, stage: str, group: str, topics: list[str], handler: Handler,
+                 *, transactional: bool, batch_size: int | None = None, batch_timeout_s: float | None = None,
+                 consumer_overrides: dict | None = None) -> None:
+        s = service.settings
+        self.service = service
+        self.stage = stage
+        self.group = group
+        self.topics = topics
+        self.handler = handler
+        self.transactional = transactional
+        self.batch_size = batch_size or s.worker.batch_size
+        self.batch_timeout_s = batch_timeout_s if batch_timeout_s is not None else s.worker.batch_timeout_s
+        self.dead_letter_topic = s.topic("dead_letter")
+        self.consumer = kafka.consumer(s, group, **(consumer_overrides or {}))
+        tid = f"{group}.{instance_id()}" if transactional else None
+        self.producer = kafka.producer(s, transactional_id=tid,
+                                       **({"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS} if tid else {}))
+        self.log = service.log
+        self.processed = 0
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self) -> None:
+        if self.transactional:
+            self.producer.init_transactions(30)
+        self.consumer.subscribe(self.topics)
+        self.service.ready.set()
+        backoff = 0.5
+        try:
+            while not self.service.stopping.is_set():
+                msgs = self.consumer.consume(self.batch_size, self.batch_timeout_s)
+                msgs = [m for m in msgs if self._usable(m)]
+                if not msgs:
+                    continue
+                metrics.BATCH_SIZE.labels(self.stage).observe(len(msgs))
+                try:
+                    self._process(msgs)
+                    backoff = 0.5
+                except TransientError as e:
+                    metrics.ERRORS.labels(self.stage, "transient").inc()
+                    self.log.warning("sink unavailable; retrying batch", extra={"error": str(e), "backoff_s": backoff})
+                    self._rewind(msgs)
+                    self.service.stopping.wait(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        # Leaving the group at once lets partitions move without waiting for a session timeout.
+        with contextlib.suppress(RuntimeError):  # already closed
+            self.consumer.close()
+        self.producer.flush(10)
+
+    def _usable(self, m: Message) -> bool:
+        err = m.error()
+        if err is None:
+            return True
+        if err.code() != KafkaError._PARTITION_EOF:
+            metrics.ERRORS.labels(self.stage, "consume").inc()
+            self.log.warning("consume error", extra={"error": str(err)})
+        return False
+
+    def _process(self, msgs: Sequence[Message]) -> None:
+        outputs = self._handle(msgs)
+        if self.transactional:
+            self._commit_transaction(msgs, outputs)
+        else:
+            self._produce(outputs)
+            if self.producer.flush(30) > 0:
+                raise TransientError("outputs not acknowledged by the broker")
+            self.consumer.commit(offsets=_next_offsets(msgs), asynchronous=False)
+        self.processed += len(msgs)
+
+    def _handle(self, msgs: Sequence[Message]) -> list[Output]:
+        try:
+            return self.handler(msgs)
+        except TransientError:
+            raise
+        except Exception as batch_error:  # isolate the bad record: one at a time
+            self.log.warning("batch failed; retrying one record at a time", extra={"error": repr(batch_error)})
+            outputs: list[Output] = []
+            for m in msgs:
+                try:
+                    outputs += self.handler([m])
+                except TransientError:
+                    raise
+                except Exception as e:
+                    reason = f"{self.stage}: {type(e).__name__}: {e}"
+                    metrics.DEAD_LETTERS.labels(self.stage, type(e).__name__).inc()
+                    self.log.error("dead-lettered", extra={"origin": f"{m.topic()}/{m.partition()}/{m.offset()}",
+                                                            "reason": reason[:200]})
+                    outputs.append(dead_letter(self.dead_letter_topic, m, self.stage, reason))
+            return outputs
+
+    def _produce(self, outputs: list[Output]) -> None:
+        for o in outputs:
+            while True:
+                try:
+                    self.producer.produce(o.topic, key=o.key, value=o.value, headers=o.headers or None)
+                    break
+                except BufferError:  # local queue full: let it drain
+                    self.producer.poll(0.1)
+        self.producer.poll(0)
+
+    def _commit_transaction(self, msgs: Sequence[Message], outputs: list[Output]) -> None:
+        self.producer.begin_transaction()
+        try:
+            self._produce(outputs)
+            self.producer.send_offsets_to_transaction(
+                _next_offsets(msgs), self.consumer.consumer_group_metadata(), 30)
+            self._commit_with_retry()
+        except KafkaException as e:
+            err = e.args[0]
+            if err.fatal():
+                raise  # fenced by a newer instance of ourselves: exit and let it work
+            if err.txn_requires_abort() or not err.retriable():
+                self.producer.abort_transaction(30)
+                raise TransientError(f"transaction aborted: {err}") from None
+            raise
+
+    def _commit_with_retry(self) -> None:
+        for _ in range(5):
+            try:
+                self.producer.commit_transaction(30)
+                return
+            except KafkaException as e:
+                if not e.args[0].retriable():
+                    raise
+        self.producer.commit_transaction(30)
+
+    def _rewind(self, msgs: Sequence[Message]) -> None:
+        """Seek back to the first record of the failed batch, on partitions still assigned."""
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for tp in _first_offsets(msgs):
+            if (tp.topic, tp.partition) in assigned:
+                self.consumer.seek(tp)

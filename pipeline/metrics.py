@@ -1,0 +1,33 @@
+"""Prometheus metrics of every worker, in one place so that names and labels stay consistent.
+
+Names follow Prometheus conventions (``_total`` counters, base units in seconds); lag metrics
+reuse the names operators know from kafka_exporter and kafka-lag-exporter.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+# Stages: smtp, replay, triage, classify, deliver, cleanup. Outcomes: ham, spam, dead_letter, ...
+MESSAGES = Counter("floodgate_messages_total", "Messages processed, by stage, lane and outcome",
+                   ["stage", "lane", "outcome"])
+DEAD_LETTERS = Counter("floodgate_dead_letters_total", "Events sent to the dead-letter topic",
+                       ["stage", "reason"])
+ERRORS = Counter("floodgate_errors_total", "Errors a worker survived, by stage and kind", ["stage", "kind"])
+# Ham must arrive within a second or so, floods may take minutes: buckets cover both.
+END_TO_END = Histogram(
+    "floodgate_end_to_end_latency_seconds",
+    "From acceptance at ingress to durable delivery or quarantine",
+    ["lane", "verdict"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+BATCH_SIZE = Histogram("floodgate_batch_size", "Records per processed batch", ["stage"],
+                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+MODEL = Info("floodgate_model", "The model version a classifier scores with")
+MODEL_LOADED = Gauge("floodgate_model_loaded", "1 when a classifier has a model loaded")
+LAG = Gauge("kafka_consumergroup_lag", "Consumer group lag in messages",
+            ["consumergroup", "topic", "partition"])
+LAG_SECONDS = Gauge("kafka_consumergroup_group_lag_seconds", "Estimated consumer group lag in seconds",
+                    ["consumergroup", "topic", "partition"])
+GROUP_STATUS = Gauge("floodgate_consumergroup_status", "Burrow-style status (1 for the current one)",
+                     ["consumergroup", "status"])

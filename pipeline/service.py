@@ -1,0 +1,75 @@
+"""What every worker process shares: signals, readiness, and the metrics/health HTTP endpoint.
+
+Workers run a loop until ``service.stopping`` is set (SIGTERM or SIGINT); they finish or abort
+the batch in hand, commit or abort its transaction, and exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pipeline import log
+from pipeline.config import Settings
+
+
+class Service:
+    def __init__(self, name: str, settings: Settings) -> None:
+        self.name = name
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.log = log.get(name)
+        self._http: ThreadingHTTPServer | None = None
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: object) -> None:
+            self.log.info("stopping", extra={"signal": signal.Signals(signum).name})
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def serve_http(self, port: int | None = None) -> int | None:
+        """Serve /metrics, /healthz and /readyz on the configured host (loopback by default).
+
+        With no ``port`` the configured one is used, and a configured 0 means no endpoint; an
+        explicit ``port=0`` binds an ephemeral port (tests). Returns the bound port.
+        """
+        if port is None:
+            port = self.settings.worker.metrics_port
+            if port == 0:
+                return None
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    body, ctype, code = generate_latest(), CONTENT_TYPE_LATEST, 200
+                elif self.path == "/healthz":
+                    body, ctype, code = b"ok\n", "text/plain", 200
+                elif self.path == "/readyz":
+                    ok = service.ready.is_set() and not service.stopping.is_set()
+                    body, ctype, code = (b"ready\n" if ok else b"not ready\n"), "text/plain", 200 if ok else 503
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._http = ThreadingHTTPServer((self.settings.worker.metrics_host, port), Handler)
+        threading.Thread(target=self._http.serve_forever, name="http", daemon=True).start()
+        return self._http.server_address[1]
+
+    def close(self) -> None:
+        if self._http:
+            self._http.shutdown()
+            self._http.server_close()
