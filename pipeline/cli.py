@@ -14,6 +14,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 topics_app = typer.Typer(no_args_is_help=True, help="The topics of infra/topics.toml.")
 app.add_typer(topics_app, name="topics")
 
+from models.cli import app as model_app  # noqa: E402 - light: model modules load inside its commands
+
+app.add_typer(model_app, name="model")
+
 
 @topics_app.command("apply")
 def topics_apply(dry_run: bool = typer.Option(False, help="report what would change, change nothing")) -> None:
