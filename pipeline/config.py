@@ -65,11 +65,23 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class DeliverySettings:
+    """Where ``floodgate deliver`` puts ham: local Maildirs, or a downstream LMTP/SMTP server."""
+
+    mode: str = "maildir"  # maildir | lmtp | smtp
+    host: str = "127.0.0.1"
+    port: int = 24  # the customary LMTP port over TCP; an absolute path as host means a Unix socket
+    timeout_s: float = 30.0  # a downstream slower than this counts as down: the batch is retried
+    local_hostname: str = "floodgate.localdomain"  # our name in LHLO/EHLO
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
     def topic(self, key: str) -> str:
         """The real name of a topic from infra/topics.toml, by its key (``inbound``, ``ham``, ...)."""
@@ -127,4 +139,5 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> Setting
         smtp=_section(SmtpSettings, toml.get("smtp", {}), "smtp", env),
         paths=_section(PathSettings, toml.get("paths", {}), "paths", env),
         worker=_section(WorkerSettings, toml.get("worker", {}), "worker", env),
+        delivery=_section(DeliverySettings, toml.get("delivery", {}), "delivery", env),
     )
