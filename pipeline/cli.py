@@ -5,9 +5,14 @@ Stage modules are imported inside their commands so that each worker loads only 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from pipeline import config
+
+if TYPE_CHECKING:
+    from pipeline.service import Service
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Floodgate: Kafka stream processing for mail; a spam flood never delays ham.")
@@ -53,6 +58,42 @@ def topics_show() -> None:
             typer.echo(f"{t.name:28} partitions={len(parts):<3} records={total}")
     finally:
         probe.close()
+
+
+def start_service(name: str) -> tuple[config.Settings, Service]:
+    """What every worker command does first: settings, JSON logs, signals, /metrics and health."""
+    from pipeline import log
+    from pipeline.service import Service
+
+    settings = config.load()
+    log.setup()
+    service = Service(name, settings)
+    service.install_signal_handlers()
+    service.serve_http()
+    return settings, service
+
+
+@app.command()
+def classify(
+    lane: str = typer.Option("priority", help="priority or bulk: the lane topic to consume"),
+    nice: int = typer.Option(-1, help="CPU niceness increment; default 0 for priority, 10 for bulk"),
+) -> None:
+    """Score mail with the champion model; route it to ham, spam or dead-letter (transactional)."""
+    from pipeline import classify as stage
+
+    settings, service = start_service(f"classify-{lane}")
+    # The bulk lane yields the CPU to the priority lane: a flood must not slow ham down.
+    loop = stage.run(settings, lane, service, nice=(10 if lane == "bulk" else 0) if nice < 0 else nice)
+    loop.run()
+
+
+@app.command()
+def triage(flood_rate: float = typer.Option(5.0, help="messages/s from one source that make it a flood")) -> None:
+    """Route inbound mail to the priority lane, or to the bulk lane when its source floods."""
+    from pipeline import triage as stage
+
+    settings, service = start_service("triage")
+    stage.run(settings, service, flood_rate=flood_rate).run()
 
 
 def main() -> None:

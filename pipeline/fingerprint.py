@@ -1,0 +1,37 @@
+"""Campaign fingerprints: the same spam sent to many people hashes to the same value.
+
+A fingerprint is a short hash of the message's subject and body, ignoring the headers that
+change per copy (Received, Message-ID, Date, To, ...) and differences in whitespace. Spam
+campaigns are near-duplicates; exact-body copies are the common case in a flood and cost one
+hash here instead of a parse and a scan. (Fuzzy hashing of varied copies is not built.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+# Enough of the body to tell campaigns apart; hashing more only costs time.
+BODY_BYTES = 16 * 1024
+_WS = re.compile(rb"\s+")
+_SUBJECT = re.compile(rb"^subject:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+def split(raw: bytes) -> tuple[bytes, bytes]:
+    """Header block and body, split at the first empty line (CRLF or LF)."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = raw.find(sep)
+        if i >= 0:
+            return raw[:i], raw[i + len(sep):]
+    return raw, b""
+
+
+def fingerprint(raw: bytes) -> str:
+    head, body = split(raw)
+    m = _SUBJECT.search(head)
+    subject = m.group(1) if m else b""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(_WS.sub(b" ", subject).strip().lower())
+    h.update(b"\0")
+    h.update(_WS.sub(b" ", body[:BODY_BYTES]).strip())
+    return h.hexdigest()

@@ -1,0 +1,175 @@
+"""``floodgate triage``: keep floods out of the lane that ham travels in.
+
+``inbound`` in, ``priority`` | ``bulk`` out, in Kafka transactions like classify. Postfix
+keeps a deferred queue "so that it does not get in the way of other deliveries"; triage is
+that idea for a stream. It tracks the message rate of every source — client address, sender
+domain and campaign fingerprint — and diverts mail from a source sending faster than
+``FLOOD_RATE`` into the bulk lane, which has its own classifier group, partitions and lag.
+Mail from normal sources never queues behind a flood, whatever the bulk lane's backlog.
+
+Rates are estimated per triage worker (an exponentially weighted rate per source key, O(1)
+per message); inbound is keyed by event id, so with W workers each sees about 1/W of every
+source and the effective cluster-wide threshold is about W × ``FLOOD_RATE``.
+
+Senders known to be good (the compacted reputation topic, kept by ``floodgate reputation``
+from feedback and verdicts) are never diverted. Limit: an envelope sender can be forged, so
+a spammer claiming a good sender's address rides the priority lane; it is still classified,
+so this costs the priority lane capacity, not a wrong verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from confluent_kafka import Message, TopicPartition
+
+from pipeline import events, kafka, metrics, senders
+from pipeline.config import Settings
+from pipeline.fingerprint import fingerprint
+from pipeline.kafka.loop import Loop, Output, dead_letter
+from pipeline.service import Service
+
+STAGE = "triage"
+# Messages per second from one source (per triage worker) above which it is a flood. A busy
+# legitimate MTA delivering to one provider rarely exceeds a few per second per client; a
+# spam run sends hundreds. Known-good senders are exempt.
+FLOOD_RATE = 5.0
+# Time constant of the rate estimate: a burst must last a few seconds to count as a flood,
+# and a source that stops is forgiven within ~half a minute.
+TAU_S = 5.0
+# A flagged source returns to the priority lane only once its rate falls below this fraction
+# of FLOOD_RATE (hysteresis: no flapping between lanes at the threshold).
+RELEASE_FRACTION = 0.5
+# Forget sources idle this long, so memory stays bounded by recent traffic.
+IDLE_S = 300.0
+
+
+@dataclass
+class _Rate:
+    value: float
+    at: float
+    flagged: bool = False
+
+
+class RateTracker:
+    """Exponentially weighted message rate per key, with flood flags and hysteresis."""
+
+    def __init__(self, flood_rate: float = FLOOD_RATE, tau_s: float = TAU_S) -> None:
+        self.flood_rate = flood_rate
+        self.tau = tau_s
+        self._rates: dict[str, _Rate] = {}
+        self._last_prune = 0.0
+
+    def hit(self, key: str, now: float) -> bool:
+        """Count one message from ``key``; return whether the key is flooding."""
+        r = self._rates.get(key)
+        if r is None:
+            r = self._rates[key] = _Rate(0.0, now)
+        r.value = r.value * math.exp(-(now - r.at) / self.tau) + 1.0 / self.tau
+        r.at = now
+        if r.value > self.flood_rate:
+            r.flagged = True
+        elif r.flagged and r.value < self.flood_rate * RELEASE_FRACTION:
+            r.flagged = False
+        return r.flagged
+
+    def rate(self, key: str, now: float) -> float:
+        r = self._rates.get(key)
+        return 0.0 if r is None else r.value * math.exp(-(now - r.at) / self.tau)
+
+    def prune(self, now: float) -> None:
+        if now - self._last_prune < IDLE_S / 10:
+            return
+        self._last_prune = now
+        self._rates = {k: r for k, r in self._rates.items() if now - r.at < IDLE_S}
+
+    def __len__(self) -> int:
+        return len(self._rates)
+
+
+class GoodSenders:
+    """The known-good sender keys, read from the compacted reputation topic in a thread."""
+
+    def __init__(self, settings: Settings, service: Service) -> None:
+        self.settings = settings
+        self.service = service
+        self.keys: frozenset[str] = frozenset()
+        self._thread = threading.Thread(target=self._follow, name="reputation", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_good(self, keys: Sequence[str]) -> bool:
+        good = self.keys
+        return any(k in good for k in keys)
+
+    def _follow(self) -> None:
+        topic = self.settings.topic("reputation")
+        consumer = kafka.consumer(self.settings, group=self.settings.group("triage-reputation"))
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None:
+                self.service.log.warning("no reputation topic; no sender is exempt", extra={"topic": topic})
+                return
+            # Every worker reads all of it, from the start: the latest value per key is the standing.
+            consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+            standing: dict[str, bool] = {}
+            while not self.service.stopping.is_set():
+                changed = False
+                for m in consumer.consume(500, 0.5):
+                    if m.error() or m.key() is None:
+                        continue
+                    rec = senders.decode_standing(m.value())
+                    if rec is not None:
+                        standing[m.key().decode(errors="replace")] = rec.good
+                        changed = True
+                if changed:
+                    self.keys = frozenset(k for k, good in standing.items() if good)
+        finally:
+            consumer.close()
+
+
+class Triage:
+    def __init__(self, settings: Settings, service: Service, flood_rate: float = FLOOD_RATE) -> None:
+        self.rates = RateTracker(flood_rate)
+        self.good = GoodSenders(settings, service)
+        self.priority, self.bulk = settings.topic("priority"), settings.topic("bulk")
+        self.dead = settings.topic("dead_letter")
+
+    def lane(self, ev: events.MailEvent, now: float) -> str:
+        keys = senders.keys(ev.envelope.mail_from, ev.envelope.client_address)
+        if self.good.is_good(keys):
+            return "priority"
+        flooding = False
+        for key in (*keys, f"campaign:{fingerprint(ev.raw)}"):
+            # Every key is counted, even after one is found flooding, so rates stay true.
+            flooding = self.rates.hit(key, now) or flooding
+        return "bulk" if flooding else "priority"
+
+    def handle(self, msgs: Sequence[Message]) -> list[Output]:
+        now = time.time()
+        self.rates.prune(now)
+        outputs: list[Output] = []
+        for m in msgs:
+            try:
+                ev = events.decode(m.value())
+            except events.EventError as e:
+                metrics.DEAD_LETTERS.labels(STAGE, "bad-event").inc()
+                outputs.append(dead_letter(self.dead, m, STAGE, f"not a mail event: {e}"))
+                continue
+            lane = self.lane(ev, now)
+            metrics.MESSAGES.labels(STAGE, lane, "routed").inc()
+            outputs.append(Output(self.priority if lane == "priority" else self.bulk, ev.key,
+                                  events.encode(replace(ev, lane=lane))))
+        return outputs
+
+
+def run(settings: Settings, service: Service, flood_rate: float = FLOOD_RATE) -> Loop:
+    triage = Triage(settings, service, flood_rate)
+    triage.good.start()
+    return Loop(service, STAGE, settings.group("triage"), [settings.topic("inbound")], triage.handle,
+                transactional=True)
