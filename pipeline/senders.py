@@ -34,10 +34,6 @@ CLIENT = "client:"
 _COUNTS = ("ham", "spam", "feedback_ham", "feedback_spam")
 
 
-class SenderRecordError(ValueError):
-    """A reputation record that cannot be read."""
-
-
 def normalise_address(mail_from: str) -> str:
     """The envelope sender as a key part: no angle brackets or blanks, lowercased."""
     return mail_from.strip().strip("<>").strip().lower()
@@ -60,7 +56,7 @@ def client_key(client_address: str) -> str | None:
     return CLIENT + client if client else None
 
 
-def sender_keys(mail_from: str, client_address: str) -> list[str]:
+def keys(mail_from: str, client_address: str) -> list[str]:
     """Every key a message counts towards: ``addr:``, ``domain:``, ``client:`` (those that exist)."""
     keys = (addr_key(mail_from), domain_key(mail_from), client_key(client_address))
     return [k for k in keys if k]
@@ -77,27 +73,30 @@ class Standing:
     updated_at: float = 0.0
 
 
-def encode(standing: Standing) -> tuple[bytes, bytes]:
+def encode_standing(standing: Standing) -> tuple[bytes, bytes]:
     """The Kafka key and value of a standing."""
     return standing.key.encode(), orjson.dumps(asdict(standing))
 
 
-def decode(value: bytes) -> Standing:
+def decode_standing(value: bytes | None) -> Standing | None:
+    """The standing in a record value; None for a tombstone or a value that cannot be read."""
+    if not value:
+        return None
     try:
         data = orjson.loads(value)
-    except orjson.JSONDecodeError as e:
-        raise SenderRecordError(f"not JSON: {e}") from None
+    except orjson.JSONDecodeError:
+        return None
     if not isinstance(data, dict):
-        raise SenderRecordError("not an object")
+        return None
     key, good = data.get("key"), data.get("good")
     if not isinstance(key, str) or not key or not isinstance(good, bool):
-        raise SenderRecordError("needs a string key and a boolean good")
+        return None
     counts = {name: data.get(name, 0) for name in _COUNTS}
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts.values()):
-        raise SenderRecordError("counts must be non-negative integers")
+        return None
     updated_at = data.get("updated_at", 0.0)
     if not isinstance(updated_at, int | float) or isinstance(updated_at, bool):
-        raise SenderRecordError("updated_at must be a number")
+        return None
     return Standing(key=key, good=good, updated_at=float(updated_at), **counts)
 
 
@@ -115,8 +114,7 @@ def good_senders(records: Iterable[tuple[bytes | None, bytes | None]]) -> set[st
         if value is None:
             latest.pop(name, None)
             continue
-        try:
-            latest[name] = decode(value).good
-        except SenderRecordError:
-            continue
+        standing = decode_standing(value)
+        if standing is not None:
+            latest[name] = standing.good
     return {name for name, good in latest.items() if good}
