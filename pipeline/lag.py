@@ -1,0 +1,313 @@
+"""``floodgate lag``: consumer-group lag in messages and in seconds, with Burrow-style status.
+
+Each :meth:`LagMonitor.sample` asks the cluster, per group, for the committed offsets
+(``list_consumer_group_offsets``, one group a call), the group's live members and their
+partitions (``describe_consumer_groups``) and the end offsets (``list_offsets`` at
+read_committed isolation, i.e. the last stable offset). Then, for each partition behind:
+
+* lag in seconds = now − the timestamp of the record at the committed offset, read with a
+  consumer that assigns itself (joins no group, commits nothing). Exact whenever that record
+  can be read; otherwise (deleted by retention, or behind an open transaction) it falls back
+  to interpolating in this monitor's history of (time, end offset) samples, the way
+  kafka-lag-exporter does.
+* a partition whose only records past the committed offset are transaction markers (or
+  aborted records) has nothing to consume: its lag is 0. Consumers that commit
+  ``offset + 1`` of their last record sit one marker behind on transactional topics, and
+  counting that marker would keep every caught-up group from ever showing lag zero.
+
+Status per partition and group comes from :mod:`pipeline.lagstatus` (Burrow's rules).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import orjson
+from confluent_kafka import (
+    ConsumerGroupTopicPartitions,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import OffsetSpec
+from rich.table import Table
+
+from pipeline import kafka, metrics
+from pipeline.config import Settings
+from pipeline.lagstatus import DEFAULT_WINDOW, Status, Window, worst
+
+# Floodgate's consumer groups (settings.group(name)) and the topic keys each one consumes.
+GROUP_INPUTS: dict[str, tuple[str, ...]] = {
+    "triage": ("inbound",),
+    "classify-priority": ("priority",),
+    "classify-bulk": ("bulk",),
+    "deliver": ("ham",),
+    "cleanup": ("spam",),
+}
+# Admin requests answer in milliseconds on a healthy cluster; a sample that cannot finish in
+# this long reports an error rather than hanging the monitor.
+REQUEST_TIMEOUT_S = 10.0
+# How long a sample waits to read the records at the committed offsets (lag in seconds).
+PROBE_TIMEOUT_S = 2.0
+# End-offset history per partition for the interpolation fallback: an hour at 5 s samples.
+HISTORY = 720
+NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: the group never committed this partition
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    group: str
+    topic: str
+    partition: int
+    committed: int | None  # None: never committed; lag counts from the log start
+    end_offset: int  # last stable offset (what a read_committed consumer can reach)
+    lag: int  # records waiting
+    lag_seconds: float | None  # None: behind, but no estimate yet
+    owned: bool  # a live member of the group holds this partition
+    status: Status
+    time: float
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["status"] = self.status.name
+        return d
+
+
+def floodgate_groups(settings: Settings) -> list[str]:
+    return [settings.group(name) for name in GROUP_INPUTS]
+
+
+def interpolate_time(history: Sequence[tuple[float, int]], offset: int) -> float | None:
+    """When the end offset passed ``offset`` (the record at ``offset`` was written), from
+    (time, end offset) samples in time order: linear between the samples around it; the first
+    sample's time if it was already past (a lower bound on the age); None if not yet written."""
+    ends = [end for _, end in history]
+    i = bisect.bisect_right(ends, offset)  # first sample whose end offset is beyond ``offset``
+    if i == len(history):
+        return None
+    if i == 0:
+        return history[0][0]
+    (t0, e0), (t1, e1) = history[i - 1], history[i]
+    return t0 + (t1 - t0) * (offset - e0 + 1) / (e1 - e0)
+
+
+class LagMonitor:
+    """Samples lag of consumer groups; keeps the Burrow windows and end-offset history."""
+
+    def __init__(self, settings: Settings, groups: Sequence[str] | None = None, window: int = DEFAULT_WINDOW,
+                 clock: Callable[[], float] = time.time, probe_timeout: float = PROBE_TIMEOUT_S) -> None:
+        self.settings = settings
+        self.groups = list(groups) if groups else floodgate_groups(settings)
+        self.window_size = window
+        self.clock = clock
+        self.probe_timeout = probe_timeout
+        self.admin = kafka.admin(settings)
+        self._probe = kafka.consumer(settings, settings.group("lag-probe"), **{"enable.partition.eof": True})
+        self._windows: dict[tuple[str, str, int], Window] = {}
+        self._history: dict[tuple[str, int], deque[tuple[float, int]]] = {}
+        self._inputs = {settings.group(name): [settings.topic(k) for k in keys] for name, keys in GROUP_INPUTS.items()}
+        self.last: list[PartitionLag] = []
+
+    # -- cluster reads -------------------------------------------------------------------
+    def _committed(self, group: str) -> dict[tuple[str, int], int | None]:
+        request = [ConsumerGroupTopicPartitions(group)]
+        result = self.admin.list_consumer_group_offsets(request, request_timeout=REQUEST_TIMEOUT_S)[group]
+        found: dict[tuple[str, int], int | None] = {
+            (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
+            for tp in result.result().topic_partitions or []
+            if not tp.error
+        }
+        for topic in self._inputs.get(group, []):
+            for p in self._partitions(topic):
+                found.setdefault((topic, p), None)
+        return found
+
+    def _partitions(self, topic: str) -> list[int]:
+        meta = self.admin.list_topics(topic, timeout=REQUEST_TIMEOUT_S).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return []
+        return sorted(meta.partitions)
+
+    def _owned(self) -> dict[str, set[tuple[str, int]]]:
+        owned: dict[str, set[tuple[str, int]]] = {g: set() for g in self.groups}
+        futures = self.admin.describe_consumer_groups(self.groups, request_timeout=REQUEST_TIMEOUT_S)
+        for group, future in futures.items():
+            try:
+                description = future.result()
+            except KafkaException:
+                continue  # a group the coordinator does not know has no members
+            for member in description.members or []:
+                for tp in (member.assignment.topic_partitions if member.assignment else []) or []:
+                    owned[group].add((tp.topic, tp.partition))
+        return owned
+
+    def _offsets(self, tps: set[tuple[str, int]], spec: OffsetSpec) -> dict[tuple[str, int], int]:
+        if not tps:
+            return {}
+        request = {TopicPartition(t, p): spec for t, p in tps}
+        futures = self.admin.list_offsets(request, isolation_level=IsolationLevel.READ_COMMITTED,
+                                          request_timeout=REQUEST_TIMEOUT_S)
+        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+
+    def _read_at(self, positions: dict[tuple[str, int], int]) -> dict[tuple[str, int], float | None]:
+        """The timestamp (s) of the first readable record at each position; None when the
+        partition ends before any (only markers or aborted records). Missing: no answer in time."""
+        if not positions:
+            return {}
+        self._probe.assign([TopicPartition(t, p, o) for (t, p), o in positions.items()])
+        found: dict[tuple[str, int], float | None] = {}
+        deadline = time.monotonic() + self.probe_timeout
+        try:
+            while len(found) < len(positions) and time.monotonic() < deadline:
+                for msg in self._probe.consume(len(positions), timeout=0.1):
+                    key = (msg.topic(), msg.partition())
+                    if key in found:
+                        continue
+                    err = msg.error()
+                    if err is None:
+                        found[key] = msg.timestamp()[1] / 1000
+                    elif err.code() == KafkaError._PARTITION_EOF:
+                        found[key] = None
+        finally:
+            self._probe.unassign()
+        return found
+
+    # -- the sample ----------------------------------------------------------------------
+    def sample(self) -> list[PartitionLag]:
+        now = self.clock()
+        committed = {g: self._committed(g) for g in self.groups}
+        owned = self._owned()
+        wanted = {tp for offsets in committed.values() for tp in offsets}
+        ends = self._offsets(wanted, OffsetSpec.latest())
+        never = {tp for offsets in committed.values() for tp, o in offsets.items() if o is None}
+        starts = self._offsets(never, OffsetSpec.earliest())
+        for tp, end in ends.items():
+            history = self._history.setdefault(tp, deque(maxlen=HISTORY))
+            if not history or end != history[-1][1]:
+                history.append((now, end))
+
+        position: dict[tuple[str, str, int], int] = {}
+        for group, offsets in committed.items():
+            for tp, off in offsets.items():
+                if tp in ends:
+                    position[(group, *tp)] = off if off is not None else starts.get(tp, 0)
+        behind = {(t, p): pos for (_, t, p), pos in position.items() if ends[(t, p)] > pos}
+        read = self._read_at(behind)
+
+        out: list[PartitionLag] = []
+        for (group, topic, part), pos in sorted(position.items()):
+            tp = (topic, part)
+            end = ends[tp]
+            lag = max(0, end - pos)
+            seconds: float | None = 0.0
+            if lag and tp in read and read[tp] is None:
+                lag = 0  # nothing but transaction markers past the committed offset
+            elif lag:
+                written = read.get(tp)
+                if written is None:
+                    written = interpolate_time(list(self._history[tp]), pos)
+                seconds = max(0.0, now - written) if written is not None else None
+            window = self._windows.setdefault((group, topic, part), Window(self.window_size))
+            is_owned = tp in owned.get(group, set())
+            window.observe(now, pos, lag, is_owned)
+            out.append(PartitionLag(group, topic, part, committed[group][tp], end, lag, seconds, is_owned,
+                                    window.status(now), now))
+        self.last = out
+        return out
+
+    def status(self, samples: Sequence[PartitionLag] | None = None) -> dict[str, Status]:
+        """Each group's status: the worst of its partitions (OK for a group with none)."""
+        rows = self.last if samples is None else samples
+        return {g: worst(r.status for r in rows if r.group == g) for g in self.groups}
+
+    def publish(self, samples: Sequence[PartitionLag] | None = None) -> None:
+        """Set the Prometheus gauges from a sample (the last one by default)."""
+        rows = self.last if samples is None else samples
+        for r in rows:
+            labels = (r.group, r.topic, str(r.partition))
+            metrics.LAG.labels(*labels).set(r.lag)
+            if r.lag_seconds is not None:
+                metrics.LAG_SECONDS.labels(*labels).set(r.lag_seconds)
+        for group, current in self.status(rows).items():
+            for s in Status:
+                metrics.GROUP_STATUS.labels(group, s.name).set(1 if s is current else 0)
+
+    def close(self) -> None:
+        self._probe.close()
+
+
+def document(monitor: LagMonitor, samples: Sequence[PartitionLag]) -> dict[str, object]:
+    """One JSON document per sample."""
+    return {
+        "time": samples[0].time if samples else monitor.clock(),
+        "groups": {g: s.name for g, s in monitor.status(samples).items()},
+        "partitions": [r.as_dict() for r in samples],
+    }
+
+
+def table(monitor: LagMonitor, samples: Sequence[PartitionLag]) -> Table:
+    """The live view: one row per partition, group status in the first column."""
+    groups = monitor.status(samples)
+    t = Table(title=f"consumer lag at {time.strftime('%H:%M:%S', time.localtime(monitor.clock()))}")
+    for name, justify in (("group", "left"), ("status", "left"), ("topic", "left"), ("part", "right"),
+                          ("committed", "right"), ("end", "right"), ("lag", "right"), ("lag s", "right"),
+                          ("partition status", "left")):
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in samples:
+        t.add_row(r.group, groups[r.group].name, r.topic, str(r.partition),
+                  "-" if r.committed is None else str(r.committed), str(r.end_offset), str(r.lag),
+                  "-" if r.lag_seconds is None else f"{r.lag_seconds:.1f}",
+                  f"[{STYLE[r.status]}]{r.status.name}[/]" + ("" if r.owned else " (no member)"))
+    return t
+
+
+STYLE = {Status.OK: "green", Status.WARN: "yellow", Status.STALL: "red", Status.STOP: "bold red",
+         Status.REWIND: "magenta"}
+
+
+def run(settings: Settings, groups: Sequence[str], *, watch: bool, as_json: bool, serve: bool,
+        interval: float, window: int) -> None:
+    """The command: one sample (table or JSON), or a loop (``watch``/``serve``) until SIGTERM/SIGINT."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from pipeline.service import Service
+
+    service = Service("lag", settings)
+    monitor = LagMonitor(settings, groups or None, window=window)
+    console = Console()
+    loop = watch or serve
+    try:
+        if serve:
+            service.install_signal_handlers()
+            port = service.serve_http()
+            service.log.info("serving", extra={"port": port, "groups": monitor.groups})
+        live = Live(console=console, auto_refresh=False) if watch and not as_json else None
+        if live:
+            live.start()
+        try:
+            while True:
+                samples = monitor.sample()
+                monitor.publish(samples)
+                service.ready.set()
+                if as_json:
+                    print(orjson.dumps(document(monitor, samples)).decode(), flush=True)
+                elif live:
+                    live.update(table(monitor, samples), refresh=True)
+                elif not serve:
+                    console.print(table(monitor, samples))
+                if not loop or service.stopping.wait(interval):
+                    break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if live:
+                live.stop()
+    finally:
+        monitor.close()
+        service.close()
