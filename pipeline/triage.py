@@ -123,9 +123,12 @@ class GoodSenders:
                 for m in consumer.consume(500, 0.5):
                     if m.error() or m.key() is None:
                         continue
+                    key = m.key().decode(errors="replace")
                     rec = senders.decode_standing(m.value())
-                    if rec is not None:
-                        standing[m.key().decode(errors="replace")] = rec.good
+                    if m.value() is None:  # a tombstone: no standing any more
+                        changed = standing.pop(key, None) is not None or changed
+                    elif rec is not None:
+                        standing[key] = rec.good
                         changed = True
                 if changed:
                     self.keys = frozenset(k for k, good in standing.items() if good)

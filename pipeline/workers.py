@@ -1,0 +1,139 @@
+"""Run Floodgate's workers as separate processes, the way an operator deploys them.
+
+Used by the demo, the flood benchmark and end-to-end tests: each worker is its own
+``floodgate <worker>`` process with its own metrics/health port, restartable alone, stopped
+with SIGTERM (or killed with SIGKILL by fault-injection tests).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import Settings
+
+# The standard deployment: one process per job. Names are also instance ids (stable
+# transactional ids, so a restarted worker fences its previous self at once).
+STANDARD = {
+    "triage": ["triage"],
+    "classify-priority": ["classify", "--lane", "priority"],
+    "classify-bulk": ["classify", "--lane", "bulk"],
+    "deliver": ["deliver"],
+    "cleanup": ["cleanup"],
+}
+READY_TIMEOUT_S = 120.0
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process load exactly these settings."""
+    k, p = settings.kafka, settings.paths
+    env = {
+        "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers,
+        "FLOODGATE_KAFKA_TOPIC_PREFIX": k.topic_prefix,
+        "FLOODGATE_KAFKA_GROUP_PREFIX": k.group_prefix,
+        "FLOODGATE_PATHS_MAILDIR_ROOT": str(p.maildir_root),
+        "FLOODGATE_PATHS_QUARANTINE_DB": str(p.quarantine_db),
+        "FLOODGATE_PATHS_REGISTRY": str(p.registry),
+        "FLOODGATE_WORKER_BATCH_SIZE": str(settings.worker.batch_size),
+        "FLOODGATE_WORKER_BATCH_TIMEOUT_S": str(settings.worker.batch_timeout_s),
+    }
+    return env
+
+
+@dataclass
+class Worker:
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class WorkerSet:
+    settings: Settings
+    log_dir: Path
+    base_port: int = 9400
+    workers: dict[str, Worker] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> Worker:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        worker = self.workers.get(name)
+        if worker is None:
+            worker = Worker(name, argv, self.base_port + len(self.workers), self.log_dir / f"{name}.log")
+            self.workers[name] = worker
+        env = os.environ | settings_env(self.settings) | {
+            "FLOODGATE_INSTANCE": name,
+            "FLOODGATE_WORKER_METRICS_PORT": str(worker.port),
+        } | (extra_env or {})
+        log = worker.log_path.open("ab")
+        worker.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *worker.argv], env=env,
+                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        return worker
+
+    def start_standard(self, names: list[str] | None = None) -> None:
+        for name in names or list(STANDARD):
+            self.start(name, STANDARD[name])
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        pending = [w for w in self.workers.values() if w.alive()]
+        while pending:
+            for w in list(pending):
+                if not w.alive():
+                    raise RuntimeError(f"worker {w.name} exited with {w.proc.returncode if w.proc else '?'}:\n"
+                                       + w.log_path.read_text(errors="replace")[-3000:])
+                if w.ready():
+                    pending.remove(w)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers not ready after {timeout:.0f}s: {[w.name for w in pending]}")
+            time.sleep(0.1)  # polling interval of a deadline-bounded wait
+
+    def signal(self, name: str, sig: int = signal.SIGTERM) -> None:
+        w = self.workers[name]
+        if w.alive():
+            w.proc.send_signal(sig)  # type: ignore[union-attr]
+
+    def stop(self, name: str, timeout: float = 30.0) -> int | None:
+        w = self.workers[name]
+        if not w.alive():
+            return w.proc.returncode if w.proc else None
+        w.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        try:
+            return w.proc.wait(timeout)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            w.proc.kill()  # type: ignore[union-attr]
+            return w.proc.wait()  # type: ignore[union-attr]
+
+    def kill(self, name: str) -> None:
+        w = self.workers[name]
+        if w.alive():
+            w.proc.kill()  # type: ignore[union-attr]
+            w.proc.wait()  # type: ignore[union-attr]
+
+    def restart(self, name: str) -> Worker:
+        return self.start(name, self.workers[name].argv)
+
+    def stop_all(self) -> dict[str, int | None]:
+        for w in self.workers.values():
+            if w.alive():
+                w.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        return {name: self.stop(name) for name in self.workers}
