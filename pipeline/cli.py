@@ -5,7 +5,7 @@ Stage modules are imported inside their commands so that each worker loads only 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -94,6 +94,25 @@ def triage(flood_rate: float = typer.Option(5.0, help="messages/s from one sourc
 
     settings, service = start_service("triage")
     stage.run(settings, service, flood_rate=flood_rate).run()
+
+
+@app.command()
+def lag(
+    group: Annotated[list[str] | None,
+                     typer.Option("--group", "-g", help="a consumer group (repeat); default: Floodgate's")] = None,
+    watch: bool = typer.Option(False, "--watch", help="a live table, refreshed every --interval"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON document per sample on stdout"),
+    serve: bool = typer.Option(False, "--serve", help="keep sampling; serve /metrics on worker.metrics_port"),
+    interval: float = typer.Option(5.0, help="seconds between samples"),
+    window: int = typer.Option(10, help="samples in the Burrow status window"),
+) -> None:
+    """Consumer lag per group, topic and partition: messages, seconds, Burrow-style status."""
+    from pipeline import lag as monitor
+    from pipeline import log
+
+    if serve:
+        log.setup()
+    monitor.run(config.load(), group or [], watch=watch, as_json=as_json, serve=serve, interval=interval, window=window)
 
 
 def main() -> None:
