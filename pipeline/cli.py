@@ -97,6 +97,25 @@ def triage(flood_rate: float = typer.Option(5.0, help="messages/s from one sourc
 
 
 @app.command()
+def reputation(
+    web_port: int = typer.Option(-1, help="port of /reputation/* and /metrics; 0 none; -1 worker.metrics_port"),
+    partitions: int = typer.Option(6, help="partitions of its internal topics and tables (max. workers)"),
+    store: str = typer.Option("memory", help="table store: memory, or rocksdb (needs rocksdict)"),
+    datadir: str = typer.Option("", help="Faust's data directory (default .run/reputation)"),
+    guarantee: str = typer.Option("at_least_once", help="at_least_once or exactly_once"),
+    loglevel: str = typer.Option("info", help="log level"),
+) -> None:
+    """Keep per-sender ham/spam tables (Faust); publish who is known-good to the reputation topic."""
+    from pathlib import Path
+
+    from pipeline import reputation as stage
+
+    stage.run(config.load(), loglevel=loglevel, web_port=None if web_port < 0 else web_port,
+              partitions=partitions, store=store, datadir=Path(datadir) if datadir else stage.DEFAULT_DATADIR,
+              guarantee=guarantee)
+
+
+@app.command()
 def lag(
     group: Annotated[list[str] | None,
                      typer.Option("--group", "-g", help="a consumer group (repeat); default: Floodgate's")] = None,
@@ -113,6 +132,15 @@ def lag(
     if serve:
         log.setup()
     monitor.run(config.load(), group or [], watch=watch, as_json=as_json, serve=serve, interval=interval, window=window)
+
+
+@app.command(hidden=True)
+def naive() -> None:
+    """The single-lane design of 2008 (benchmark baseline): classify, then deliver or quarantine, in turn."""
+    from pipeline import naive as stage
+
+    settings, service = start_service("naive")
+    stage.run(settings, service).run()
 
 
 def main() -> None:

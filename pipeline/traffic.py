@@ -45,7 +45,8 @@ class Sent:
 
     kinds: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
-    accepted: dict[str, float] = field(default_factory=dict)
+    accepted: dict[str, float] = field(default_factory=dict)  # the event's accepted_at
+    acked: set[str] = field(default_factory=set)  # events the broker acknowledged
     start: float = 0.0
     behind_max_s: float = 0.0  # how far the generator fell behind its own schedule
 
@@ -106,13 +107,13 @@ def plan(ham: Sequence[Message], spam: Sequence[Message], *, base_rate: float, f
 
 
 def send(producer: Producer, topic: str, planned: Sequence[Planned], source: str = "replay") -> Sent:
-    """Produce the plan at its times; each event is stamped accepted when the broker acks it."""
+    """Produce the plan at its times (the event's ``accepted_at`` is its send time)."""
     sent = Sent(start=time.time())
     t0 = time.monotonic()
 
     def acked(err, msg, ev_id: str) -> None:  # type: ignore[no-untyped-def]
         if err is None:
-            sent.accepted[ev_id] = time.time()
+            sent.acked.add(ev_id)
 
     for p in planned:
         delay = p.at - (time.monotonic() - t0)
@@ -123,6 +124,7 @@ def send(producer: Producer, topic: str, planned: Sequence[Planned], source: str
         ev = events.new_event(p.envelope, p.raw, source=source, label=p.label)
         sent.kinds[ev.id] = p.kind
         sent.labels[ev.id] = p.label
+        sent.accepted[ev.id] = ev.accepted_at
         while True:
             try:
                 producer.produce(topic, key=ev.key, value=events.encode(ev),
