@@ -16,7 +16,6 @@ lane's partitions.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -161,10 +160,8 @@ class Classifier:
         return outputs
 
 
-def run(settings: Settings, lane: str, service: Service, nice: int = 0) -> Loop:
+def run(settings: Settings, lane: str, service: Service) -> Loop:
     """Build the classifier loop (the caller runs it). Raises NoModelError with no model."""
-    if nice:
-        os.nice(nice)
     classifier = Classifier(settings, lane, service)
     return Loop(service, STAGE, settings.group(f"classify-{lane}"), [settings.topic(lane)],
                 classifier.handle, transactional=True)

@@ -74,17 +74,12 @@ def start_service(name: str) -> tuple[config.Settings, Service]:
 
 
 @app.command()
-def classify(
-    lane: str = typer.Option("priority", help="priority or bulk: the lane topic to consume"),
-    nice: int = typer.Option(-1, help="CPU niceness increment; default 0 for priority, 10 for bulk"),
-) -> None:
+def classify(lane: str = typer.Option("priority", help="priority or bulk: the lane topic to consume")) -> None:
     """Score mail with the champion model; route it to ham, spam or dead-letter (transactional)."""
     from pipeline import classify as stage
 
     settings, service = start_service(f"classify-{lane}")
-    # The bulk lane yields the CPU to the priority lane: a flood must not slow ham down.
-    loop = stage.run(settings, lane, service, nice=(10 if lane == "bulk" else 0) if nice < 0 else nice)
-    loop.run()
+    stage.run(settings, lane, service).run()
 
 
 @app.command()

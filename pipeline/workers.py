@@ -27,6 +27,10 @@ STANDARD = {
     "deliver": ["deliver"],
     "cleanup": ["cleanup"],
 }
+# CPU niceness per worker: the spam side yields the CPU to the ham side, so a flood that
+# saturates the machine still leaves ham its share (the bulk lane and cleanup may fall behind;
+# that is their job). On Kubernetes the same is done with separate deployments and CPU requests.
+NICE = {"classify-bulk": 10, "cleanup": 10}
 READY_TIMEOUT_S = 120.0
 
 
@@ -83,7 +87,8 @@ class WorkerSet:
             "FLOODGATE_WORKER_METRICS_PORT": str(worker.port),
         } | (extra_env or {})
         log = worker.log_path.open("ab")
-        worker.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *worker.argv], env=env,
+        nice = ["nice", "-n", str(NICE[name])] if NICE.get(name) else []
+        worker.proc = subprocess.Popen([*nice, sys.executable, "-m", "pipeline.cli", *worker.argv], env=env,
                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         return worker
