@@ -1,0 +1,295 @@
+"""``floodgate reputation``: decide which senders are known to be good (a Faust app).
+
+Triage diverts flooding sources to the bulk lane but never a known-good sender; this worker
+keeps that set. It reads user and operator verdicts from ``feedback`` and classifier verdicts
+from ``ham`` and ``spam``, keeps per-sender tables, and publishes every change of a sender's
+standing to the compacted ``reputation`` topic (record format: :mod:`pipeline.senders`).
+
+Standing rule (:func:`is_good`):
+
+* **Feedback outranks verdicts.** A sender with feedback is good when it has at least one ham
+  report (a quarantine release, a user's "not spam") and spam reports do not outnumber the ham
+  reports. Feedback counts for the ``addr:`` and ``domain:`` keys only: a client address is
+  shared by everyone behind a NAT, a hosting provider or a big provider's outbound relays, so
+  one released message must not exempt the address a flood may come from.
+* **Otherwise verdicts decide**: good after at least ``GOOD_MIN_HAM`` ham verdicts with a spam
+  share below ``GOOD_MAX_SPAM_SHARE``. Verdicts count for ``addr:``, ``domain:`` and
+  ``client:``.
+
+Dataflow. The input topics are keyed by event id, but tables must be partitioned like the
+stream that updates them. So two agents (``feedback``; ``ham`` + ``spam``) turn each event
+into small observations (``ham``/``spam``/``feedback_ham``/``feedback_spam``) keyed by sender
+key on an internal topic ``<app id>-observations``, and the ``tally`` agent, which owns the
+sender keys of its partitions, updates:
+
+* ``<app id>-senders``: per sender key the four counts and the last published standing;
+* ``<app id>-traffic``: messages (verdicts) per sender key in tumbling ``TRAFFIC_WINDOW_S``
+  windows by record time, expired after ``TRAFFIC_EXPIRES_S`` (the live view).
+
+Both tables have changelog topics on the broker, so a restarted or rebalanced worker
+recovers them (the in-memory store replays the changelog at start; ``rocksdb://`` keeps a
+local copy and replays only the tail, if ``rocksdict`` is installed).
+
+Delivery: at-least-once by default. Faust flushes its producer (observations, changelogs,
+standings) before it commits input offsets, so nothing is lost; a crash can count a few
+records twice, which an advisory count tolerates. A standing is published and acknowledged
+before the table records it as published, so a crash never leaves a change unpublished.
+Caveat: Faust's at-least-once consumer reads ``read_uncommitted``, so records of a classify
+transaction that was later aborted (and retried) are counted too, i.e. double counts after a
+classifier crash. ``--guarantee exactly_once`` (Faust over aiokafka transactions, one
+producer per input partition) reads ``read_committed`` and makes counts exact.
+
+Web (optional, ``--web-port`` or ``FLOODGATE_WORKER_METRICS_PORT``; loopback by default):
+``/reputation/senders/{key}/`` (routed to the worker that owns the key),
+``/reputation/traffic/`` (this worker's senders in the current window, busiest first),
+``/reputation/stats/`` and ``/metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.web import Request, Response, View
+
+from pipeline import events, log, metrics, senders
+from pipeline.config import ROOT, Settings
+
+STAGE = "reputation"
+
+# Twenty ham verdicts: enough that a spammer cannot earn an exemption from a handful of mails
+# the classifier got wrong, few enough that a small legitimate sender gets there within a day.
+GOOD_MIN_HAM = 20
+# A legitimate sender's spam verdicts are classifier false positives (well under 1 %); a
+# spammer mixing in ham-looking mail shows far more. 5 % separates the two with margin.
+GOOD_MAX_SPAM_SHARE = 0.05
+# The live traffic view: one-minute windows (rates in messages per minute), ten kept.
+TRAFFIC_WINDOW_S = 60.0
+TRAFFIC_EXPIRES_S = 600.0
+# Partitions of the internal topics and tables: the most workers that can share the stage.
+DEFAULT_PARTITIONS = 6
+# How many senders the traffic view lists.
+TRAFFIC_TOP = 100
+DEFAULT_DATADIR = ROOT / ".run" / "reputation"
+
+HAM, SPAM, FEEDBACK_HAM, FEEDBACK_SPAM = "ham", "spam", "feedback_ham", "feedback_spam"
+KINDS = (HAM, SPAM, FEEDBACK_HAM, FEEDBACK_SPAM)
+VERDICT_KINDS = (HAM, SPAM)
+FEEDBACK_PREFIXES = (senders.ADDR, senders.DOMAIN)
+
+
+def is_good(ham: int, spam: int, feedback_ham: int, feedback_spam: int) -> bool:
+    """The standing rule (see the module docstring)."""
+    if feedback_ham or feedback_spam:
+        return feedback_ham > 0 and feedback_spam <= feedback_ham
+    return ham >= GOOD_MIN_HAM and spam < GOOD_MAX_SPAM_SHARE * (ham + spam)
+
+
+def observations(event: events.MailEvent, feedback: bool) -> list[tuple[str, str]] | str:
+    """The (sender key, kind) pairs one event contributes, or why it contributes none."""
+    env = event.envelope
+    if feedback:
+        if event.label not in (HAM, SPAM):
+            return "no_label"
+        kind = f"feedback_{event.label}"
+        keys = [k for k in senders.keys(env.mail_from, "") if k.startswith(FEEDBACK_PREFIXES)]
+    else:
+        if event.verdict not in VERDICT_KINDS:
+            return "no_verdict"
+        kind = event.verdict
+        keys = senders.keys(env.mail_from, env.client_address)
+    return [(k, kind) for k in keys] if keys else "no_sender"
+
+
+def new_entry() -> dict[str, Any]:
+    return {HAM: 0, SPAM: 0, FEEDBACK_HAM: 0, FEEDBACK_SPAM: 0, "good": False}
+
+
+def tally(entry: dict[str, Any], kind: str) -> tuple[dict[str, Any], bool]:
+    """The entry after one observation, and whether the sender is good now."""
+    entry = {**new_entry(), **entry, kind: int(entry.get(kind, 0)) + 1}
+    return entry, is_good(entry[HAM], entry[SPAM], entry[FEEDBACK_HAM], entry[FEEDBACK_SPAM])
+
+
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """Faust (aiokafka) credentials from the same settings the confluent-kafka clients use."""
+    k = settings.kafka
+    protocol = k.security_protocol.upper()
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        context = create_ssl_context(cafile=k.ssl_ca_location or None,
+                                     certfile=k.ssl_certificate_location or None,
+                                     keyfile=k.ssl_key_location or None)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        return faust.SASLCredentials(username=k.sasl_username, password=k.sasl_password,
+                                     ssl_context=context, mechanism=k.sasl_mechanism or "PLAIN")
+    raise ValueError(f"unknown security_protocol {k.security_protocol!r}")
+
+
+def store_url(store: str) -> str:
+    if store == "memory":
+        return "memory://"
+    if store == "rocksdb":
+        try:
+            import rocksdict  # noqa: F401
+        except ImportError:
+            raise ValueError("store rocksdb needs the rocksdict package (pip install rocksdict)") from None
+        return "rocksdb://"
+    raise ValueError(f"unknown store {store!r} (memory or rocksdb)")
+
+
+def replication_factor(settings: Settings) -> int:
+    from pipeline.kafka import topics
+
+    return next(t.replication_factor for t in topics.desired(settings) if t.name == settings.topic("reputation"))
+
+
+def build_app(settings: Settings, *, web_port: int | None = None, partitions: int = DEFAULT_PARTITIONS,
+              store: str = "memory", datadir: Path = DEFAULT_DATADIR,
+              guarantee: str = "at_least_once") -> faust.App:
+    """The Faust app; ``web_port`` None means the configured metrics port (0: no web server)."""
+    if web_port is None:
+        web_port = settings.worker.metrics_port
+    app_id = settings.group(STAGE)
+    app = faust.App(
+        app_id,
+        broker=[f"kafka://{h.strip()}" for h in settings.kafka.bootstrap_servers.split(",") if h.strip()],
+        broker_credentials=broker_credentials(settings),
+        store=store_url(store),
+        datadir=str(datadir),
+        processing_guarantee=guarantee,
+        topic_partitions=partitions,
+        topic_replication_factor=replication_factor(settings),
+        web_enabled=web_port != 0,
+        web_host=settings.worker.metrics_host,
+        web_bind=settings.worker.metrics_host,
+        web_port=web_port or 6066,
+        web_in_thread=False,
+    )
+    lg = log.get(STAGE)
+    stats: Counter[str] = Counter()
+
+    def skip(reason: str, **extra: Any) -> None:
+        stats[f"skipped_{reason}"] += 1
+        metrics.MESSAGES.labels(stage=STAGE, lane="", outcome=f"skipped_{reason}").inc()
+        if reason == "undecodable":
+            metrics.ERRORS.labels(stage=STAGE, kind=reason).inc()
+            lg.warning("record is not a mail event; skipped", extra=extra)
+
+    raw = {"key_type": bytes, "value_type": bytes, "value_serializer": "raw"}
+    feedback_topic = app.topic(settings.topic("feedback"), **raw)
+    verdict_topic = app.topic(settings.topic("ham"), settings.topic("spam"), **raw)
+    observed = app.topic(f"{app_id}-observations", internal=True, partitions=partitions,
+                         key_serializer="raw", **raw)
+    reputation_topic = app.topic(settings.topic("reputation"), key_serializer="raw", **raw)
+    # Keys are raw sender-key bytes, as on the observations topic, so that a key hashes to the
+    # same partition in both (the web view's routing relies on it).
+    schema = faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json")
+    totals = app.Table("senders", schema=schema, partitions=partitions)
+    traffic = app.Table("traffic", default=int, schema=schema, partitions=partitions).tumbling(
+        TRAFFIC_WINDOW_S, expires=timedelta(seconds=TRAFFIC_EXPIRES_S))
+
+    async def observe(stream: faust.StreamT, feedback: bool) -> None:
+        async for event in stream.events():
+            msg = event.message
+            try:
+                ev = events.decode(event.value)
+            except events.EventError as e:
+                skip("undecodable", topic=msg.topic, partition=msg.partition, offset=msg.offset, reason=str(e))
+                continue
+            found = observations(ev, feedback)
+            if isinstance(found, str):
+                skip(found, event_id=ev.id)
+                continue
+            stats["feedback" if feedback else "verdicts"] += 1
+            for key, kind in found:
+                # Record time travels along, so traffic windows follow when mail was classified.
+                await observed.send(key=key.encode(), value=kind.encode(), timestamp=msg.timestamp)
+
+    @app.agent(feedback_topic, name="feedback")
+    async def read_feedback(stream: faust.StreamT) -> None:
+        await observe(stream, feedback=True)
+
+    @app.agent(verdict_topic, name="verdicts")
+    async def read_verdicts(stream: faust.StreamT) -> None:
+        await observe(stream, feedback=False)
+
+    @app.agent(observed, name="tally")
+    async def tally_observations(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            key, kind = event.key, event.value.decode(errors="replace")
+            if not key or kind not in KINDS:
+                skip("bad_observation")
+                continue
+            if kind in VERDICT_KINDS:
+                traffic[key] += 1
+            entry, good = tally(totals.get(key) or new_entry(), kind)
+            if good != entry["good"]:
+                standing = senders.Standing(key=key.decode(errors="replace"), good=good, ham=entry[HAM],
+                                            spam=entry[SPAM], feedback_ham=entry[FEEDBACK_HAM],
+                                            feedback_spam=entry[FEEDBACK_SPAM], updated_at=time.time())
+                k, v = senders.encode_standing(standing)
+                # Acknowledged before the table says "published": a crash repeats, never loses, it.
+                await (await reputation_topic.send(key=k, value=v))
+                stats["published"] += 1
+                lg.info("standing changed", extra={"sender": standing.key, "good": good})
+            entry["good"] = good
+            totals[key] = entry
+            stats["observations"] += 1
+
+    if web_port:
+        from faust.sensors.prometheus import setup_prometheus_sensors
+
+        setup_prometheus_sensors(app, name_prefix="faust_reputation")
+
+        @app.page("/reputation/senders/{key}/")
+        @app.table_route(table=totals, match_info="key")
+        async def sender_view(web: View, request: Request, key: str) -> Response:
+            entry = totals.get(key.encode())
+            if entry is None:
+                return web.json({"key": key, "known": False})
+            return web.json({"key": key, "known": True, **entry,
+                             "traffic_now": traffic[key.encode()].now()})
+
+        @app.page("/reputation/traffic/")
+        async def traffic_view(web: View, request: Request) -> Response:
+            now = sorted(traffic.items().now(), key=lambda kv: kv[1], reverse=True)[:TRAFFIC_TOP]
+            return web.json({"window_s": TRAFFIC_WINDOW_S,
+                             "senders": [{"key": k.decode(errors="replace"), "messages": n} for k, n in now]})
+
+        @app.page("/reputation/stats/")
+        async def stats_view(web: View, request: Request) -> Response:
+            return web.json(dict(stats))
+
+    return app
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """Faust's worker configures logging itself; this makes it write our JSON lines."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "pipeline.log.JsonFormatter"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                                "stream": "ext://sys.stderr"}},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+    }
+
+
+def run(settings: Settings, *, loglevel: str = "info", **options: Any) -> None:
+    """Run the worker until SIGTERM or SIGINT (Faust's worker handles both and exits 0)."""
+    app = build_app(settings, **options)
+    worker = faust.Worker(app, loglevel=loglevel, logging_config=logging_config(loglevel),
+                          redirect_stdouts=False)
+    worker.execute_from_commandline()
+
