@@ -1,0 +1,130 @@
+"""``floodgate deliver``: classified ham from the ham topic into Maildirs, or to a downstream server.
+
+The worker commits its offsets only after the handler returns, that is after every message of
+the batch is durably in its Maildirs (or accepted by the downstream server). A replayed record
+is harmless: each event has one deterministic file name per mailbox and is found again.
+
+Per record: not a mail event, not ham, or no recipients → dead-letter with the reason; a disk
+error or an unavailable downstream → :class:`TransientError` (the batch is retried later, nothing
+committed); a permanent downstream rejection → dead-letter with the server's reply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from confluent_kafka import Message
+
+from pipeline import events, log, metrics
+from pipeline.config import Settings
+from pipeline.events import EventError, MailEvent
+from pipeline.kafka import loop
+from pipeline.kafka.loop import Loop, Output, TransientError
+from pipeline.service import Service
+from pipeline.sinks import lmtp, maildir, stamp
+
+STAGE = "deliver"
+# Recipients a downstream server accepted, remembered so that a batch retried after one
+# recipient was deferred does not hand the others their copy again. Bounded: a batch is at most
+# a few hundred events; this covers many batches.
+SENT_MEMORY = 100_000
+
+
+class Deliverer:
+    def __init__(self, settings: Settings) -> None:
+        self.root = settings.paths.maildir_root
+        self.dead_letter_topic = settings.topic("dead_letter")
+        mode = settings.delivery.mode
+        if mode != "maildir" and mode not in lmtp.MODES:
+            raise ValueError(f"delivery mode {mode!r} is not maildir, lmtp or smtp")
+        self.downstream = lmtp.Downstream(settings.delivery) if mode in lmtp.MODES else None
+        self._sent: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def close(self) -> None:
+        if self.downstream:
+            self.downstream.close()
+
+    def handle(self, msgs: Sequence[Message]) -> list[Output]:
+        outputs: list[Output] = []
+        for m in msgs:
+            try:
+                event = events.decode(m.value())
+            except EventError as e:
+                outputs.append(self._dead(m, "EventError", f"not a mail event: {e}"))
+                continue
+            lane = event.lane or "unknown"
+            if event.verdict != "ham":
+                outputs.append(self._dead(m, "not_ham", f"verdict {event.verdict!r} on the ham topic"))
+                continue
+            if not event.envelope.rcpt_to:
+                outputs.append(self._dead(m, "no_recipients", "event has no recipients"))
+                continue
+            try:
+                fresh = self._deliver(event)
+            except lmtp.Rejected as e:
+                outputs.append(self._dead(m, "rejected", str(e)))
+                continue
+            if fresh:
+                metrics.END_TO_END.labels(lane, "ham").observe(max(0.0, time.time() - event.accepted_at))
+                metrics.MESSAGES.labels(STAGE, lane, "delivered").inc()
+            else:
+                metrics.MESSAGES.labels(STAGE, lane, "duplicate").inc()
+        return outputs
+
+    def _deliver(self, event: MailEvent) -> bool:
+        """Deliver to every recipient; True if anything new was written or sent."""
+        data = stamp(event)
+        if self.downstream is not None:
+            return self._send(event, data)
+        name = maildir.file_name(event)
+        boxes = dict.fromkeys(maildir.mailbox_path(self.root, r) for r in event.envelope.rcpt_to)
+        fresh = False
+        for box in boxes:
+            try:
+                fresh |= maildir.deliver(box, name, data)
+            except OSError as e:  # disk full, permissions, I/O error: a sink problem, not the message's
+                raise TransientError(f"maildir {box}: {e}") from e
+        return fresh
+
+    def _send(self, event: MailEvent, data: bytes) -> bool:
+        assert self.downstream is not None
+        fresh = False
+        for rcpt in dict.fromkeys(event.envelope.rcpt_to):
+            key = (event.id, rcpt)
+            if key in self._sent:
+                continue
+            self.downstream.send(event.envelope.mail_from, rcpt, data)
+            self._sent[key] = None
+            if len(self._sent) > SENT_MEMORY:
+                self._sent.popitem(last=False)
+            fresh = True
+        return fresh
+
+    def _dead(self, m: Message, kind: str, reason: str) -> Output:
+        metrics.DEAD_LETTERS.labels(STAGE, kind).inc()
+        metrics.MESSAGES.labels(STAGE, "unknown", "dead_letter").inc()
+        log.get(STAGE).warning("dead-lettered", extra={
+            "origin": f"{m.topic()}/{m.partition()}/{m.offset()}", "event_id": events.peek_id(m.value()),
+            "reason": reason[:200]})
+        return loop.dead_letter(self.dead_letter_topic, m, STAGE, f"{STAGE}: {reason}")
+
+
+def build(service: Service) -> tuple[Loop, Deliverer]:
+    s = service.settings
+    deliverer = Deliverer(s)
+    return Loop(service, STAGE, s.group(STAGE), [s.topic("ham")], deliverer.handle, transactional=False), deliverer
+
+
+def serve(service: Service) -> None:
+    """Run the worker until ``service.stopping`` is set (SIGTERM or SIGINT), then release its sinks."""
+    worker, deliverer = build(service)
+    s = service.settings
+    service.log.info("delivering", extra={"mode": s.delivery.mode, "topic": s.topic("ham"),
+                                          "maildir_root": str(s.paths.maildir_root)})
+    try:
+        worker.run()
+    finally:
+        deliverer.close()
+        service.close()
