@@ -29,13 +29,16 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Any, AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from confluent_kafka import KafkaError, KafkaException
 
 from pipeline import events, kafka, metrics
 from pipeline.config import Settings
+
+if TYPE_CHECKING:
+    from pipeline.service import Service
 
 STAGE = "smtp"
 log = logging.getLogger("floodgate.smtp")
@@ -309,14 +312,9 @@ class SmtpIngress:
         log.info("stopped", extra={"shutdown_s": round(time.monotonic() - started, 3)})
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, service: Service) -> None:
     """``floodgate smtp``: serve until SIGTERM/SIGINT, then finish in-flight acks and exit."""
-    from pipeline.service import Service
-
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command and address
-    service = Service(STAGE, settings)
-    service.install_signal_handlers()
-    service.serve_http()
     ingress = SmtpIngress(settings)
     ingress.start()
     service.ready.set()
