@@ -171,43 +171,6 @@ def replay(
         raise typer.Exit(1)
 
 
-@app.command()
-def smtp() -> None:
-    """Accept mail for the local domains (smtp.domains); 250 only once the broker has the event."""
-    from pipeline import smtp as ingress
-
-    settings, service = start_service("smtp")
-    ingress.run(settings, service)
-
-
-@app.command()
-def replay(
-    source: Annotated[str, typer.Argument(help="SpamAssassin corpus dir, mbox, Maildir, .eml folder or JSONL")],
-    rate: float = typer.Option(0.0, help="messages per second; 0: as fast as possible"),
-    limit: int = typer.Option(0, help="at most this many messages; 0: all"),
-    shuffle: bool = typer.Option(False, help="shuffle the messages (reads them all first)"),
-    seed: int = typer.Option(0, help="seed of the shuffle and of the synthesised recipients"),
-    label_from_corpus: bool = typer.Option(False, help="carry the corpus's ham/spam label in each event"),
-    users: int = typer.Option(1000, help="mailboxes to spread recipients over, across smtp.domains"),
-    labels_file: str = typer.Option("", help="labels of an .eml folder: '<label> <path>' lines or name,label CSV"),
-) -> None:
-    """Feed a mail corpus into the inbound topic with realistic synthesised envelopes."""
-    from pathlib import Path
-
-    from pipeline import log
-    from pipeline import replay as ingress
-
-    log.setup()
-    result = ingress.main(config.load(), Path(source), rate=rate or None, limit=limit or None, shuffle=shuffle,
-                          seed=seed, label_from_corpus=label_from_corpus, users=users,
-                          labels_file=Path(labels_file) if labels_file else None)
-    labels = ", ".join(f"{k}={v}" for k, v in sorted(result.labels.items()))
-    typer.echo(f"replay: sent={result.sent} delivered={result.delivered} failed={result.failed} "
-               f"skipped={result.skipped} in {result.elapsed_s:.1f}s ({result.rate:.0f} msg/s) {labels}")
-    if result.failed:
-        raise typer.Exit(1)
-
-
 @app.command(hidden=True)
 def naive() -> None:
     """The single-lane design of 2008 (benchmark baseline): classify, then deliver or quarantine, in turn."""
