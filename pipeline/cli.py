@@ -198,6 +198,28 @@ def cleanup() -> None:
     stage.serve(service)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write reports/ (make bench-*).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("flood")
+def bench_flood(
+    pre: float = typer.Option(20.0, help="seconds of steady mail before the flood"),
+    flood: float = typer.Option(20.0, help="seconds of flood"),
+    post: float = typer.Option(20.0, help="seconds of steady mail after it"),
+    capacity: float = typer.Option(0.0, help="pipeline capacity in msg/s; 0 measures it first"),
+    naive: bool = typer.Option(True, help="also run the naive single-lane configuration"),
+) -> None:
+    """A spam flood at 5x capacity: ham latency before, during and after, beside the naive design."""
+    from pipeline import flood as bench
+
+    settings = config.load()
+    scenario = bench.Scenario(pre_s=pre, flood_s=flood, post_s=post, capacity=capacity or None)
+    report = bench.run(settings, scenario, ("floodgate", "naive") if naive else ("floodgate",))
+    typer.echo(bench.summary(report))
+    typer.echo("wrote reports/flood.json and reports/flood.png")
+
+
 def main() -> None:
     app()
 

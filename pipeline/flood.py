@@ -1,0 +1,323 @@
+"""The flood scenario: does ham wait behind spam? (``make bench-flood``, and the end of ``make demo``)
+
+One run, two configurations on the same traffic, one after the other on the same machine:
+
+* ``floodgate``: the real topology, every worker its own process (triage → priority | bulk
+  lanes, a classifier group per lane, deliver and cleanup apart);
+* ``naive``: one consumer that classifies and then delivers or quarantines, in turn — the
+  single queue of 2008.
+
+First the pipeline's capacity is measured on this machine (mixed corpus mail through the
+priority lane as fast as it goes). Then steady mixed mail runs at a quarter of that rate;
+during the flood window spam arrives on top at 20× the base rate — five times capacity —
+first as one campaign from a few bots, then as diverse spam from a few dozen; then recovery.
+Every message's end-to-end latency (accepted at ingress → durably in a Maildir, or in the
+quarantine) is measured, per phase, with consumer lag over time and the accounting of every
+message. Results: ``reports/flood.json`` and ``reports/flood.png``.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import shutil
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from models import corpus
+from pipeline import accounting, kafka, traffic
+from pipeline.config import Settings
+from pipeline.kafka import topics
+from pipeline.lag import LagMonitor
+from pipeline.workers import WorkerSet
+
+REPORTS = Path("reports")
+CALIBRATION_MESSAGES = 1500
+LAG_SAMPLE_S = 0.5
+DRAIN_TIMEOUT_S = 900.0
+
+
+@dataclass
+class Scenario:
+    pre_s: float = 20.0
+    flood_s: float = 20.0
+    post_s: float = 20.0
+    base_fraction: float = 0.25  # base rate = this × capacity
+    flood_multiple: float = 20.0  # flood rate = this × base rate (= 5 × capacity)
+    capacity: float | None = None  # messages/s; measured when None
+    seed: int = 7
+
+
+@dataclass
+class ConfigResult:
+    name: str
+    ledger: str
+    ok: bool
+    lost: int
+    duplicated: int
+    phases: dict[str, dict[str, Any]]
+    drain_s: float | None
+    series: list[tuple[float, str, float]] = field(default_factory=list)  # (t, kind, latency)
+    lag: list[tuple[float, str, int]] = field(default_factory=list)  # (t, group, lag)
+    generator_behind_max_s: float = 0.0
+
+
+def private(settings: Settings, name: str, workdir: Path) -> Settings:
+    """Settings with their own topics, groups, Maildirs and quarantine."""
+    tag = f"{name}-{uuid.uuid4().hex[:6]}"
+    return replace(
+        settings,
+        kafka=replace(settings.kafka, topic_prefix=f"{tag}.", group_prefix=tag),
+        paths=replace(settings.paths, maildir_root=workdir / name / "maildirs",
+                      quarantine_db=workdir / name / "quarantine.sqlite3"),
+    )
+
+
+def load_mail(data_dir: Path) -> tuple[list[corpus.Message], list[corpus.Message]]:
+    """Held-out corpus mail (the newer groups: the model was trained on the older ones)."""
+    msgs = list(corpus.load_spamassassin(data_dir, groups=("easy_ham_2", "spam_2")))
+    return [m for m in msgs if m.label == "ham"], [m for m in msgs if m.label == "spam"]
+
+
+def wait_placed(settings: Settings, ids: set[str], timeout: float) -> float | None:
+    """Wait until every id is in a Maildir or the quarantine; the time the last one landed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = accounting.Found()
+        accounting.scan_maildirs(settings.paths.maildir_root, found)
+        accounting.scan_quarantine(settings.paths.quarantine_db, found)
+        if ids <= (set(found.delivered) | set(found.quarantined)):
+            return time.time()
+        time.sleep(0.5)  # polling interval of a deadline-bounded wait
+    return None
+
+
+def measure_capacity(settings: Settings, workers: WorkerSet, ham: list, spam: list) -> float:
+    """Messages/s the priority path sustains here: a burst of mixed mail, timed to the last landing."""
+    rng = random.Random(1)
+    mixed = [(m, "ham") for m in ham] + [(m, "spam") for m in spam]
+    rng.shuffle(mixed)
+    plan = [traffic.Planned(0.0, m.raw, label, "calibration",
+                            traffic.envelope_for(m.raw, rng, client=traffic.client_for(f"c{i}")))
+            for i, (m, label) in enumerate(mixed[:CALIBRATION_MESSAGES])]
+    producer = kafka.producer(settings)
+    start = time.time()
+    sent = traffic.send(producer, settings.topic("priority"), plan)  # straight into the lane
+    done = wait_placed(settings, set(sent.kinds), DRAIN_TIMEOUT_S)
+    if done is None:
+        raise RuntimeError("calibration did not finish")
+    return len(plan) / (done - start)
+
+
+class LagSampler(threading.Thread):
+    def __init__(self, settings: Settings, groups: list[str], t0: float) -> None:
+        super().__init__(name="lag-sampler", daemon=True)
+        self.monitor = LagMonitor(settings, groups)
+        self.t0 = t0
+        self.samples: list[tuple[float, str, int]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(LAG_SAMPLE_S):
+            try:
+                rows = self.monitor.sample()
+            except Exception:  # a slow admin call must not end the benchmark
+                continue
+            now = time.time() - self.t0
+            per_group: dict[str, int] = {}
+            for r in rows:
+                per_group[r.group] = per_group.get(r.group, 0) + r.lag
+            self.samples += [(round(now, 2), g, lag) for g, lag in per_group.items()]
+
+    def finish(self) -> list[tuple[float, str, int]]:
+        self.stop.set()
+        self.join(10)
+        self.monitor.close()
+        return self.samples
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    return {"n": len(values),
+            "p50": percentile(values, 0.5), "p99": percentile(values, 0.99),
+            "max": max(values) if values else None,
+            "mean": statistics.fmean(values) if values else None}
+
+
+def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic.Planned],
+               workdir: Path, start_workers) -> ConfigResult:  # type: ignore[no-untyped-def]
+    settings = private(base, name, workdir)
+    admin = kafka.admin(settings)
+    topics.apply(settings, admin)
+    workers = WorkerSet(settings, workdir / name / "logs", base_port=9500 if name == "naive" else 9400)
+    try:
+        groups = start_workers(workers, settings)
+        t0 = time.time()
+        sampler = LagSampler(settings, groups, t0)
+        sampler.start()
+        sent = traffic.send(kafka.producer(settings), settings.topic("inbound"), plan)
+        wait_placed(settings, set(sent.acked), DRAIN_TIMEOUT_S)
+        lag = sampler.finish()
+    finally:
+        workers.stop_all()
+    found = accounting.scan(settings)
+    ledger = accounting.reconcile(sent.acked, found)
+    phase_of = _phases(scenario)
+    series: list[tuple[float, str, float]] = []
+    buckets: dict[str, dict[str, list[float]]] = {}
+    last_spam = 0.0
+    for event_id in sent.kinds:
+        accepted = sent.accepted[event_id]
+        if event_id in found.delivered:
+            landed, path = min(found.delivered[event_id]), "ham"
+        elif event_id in found.quarantined:
+            landed, path = found.quarantined[event_id], "spam"
+            last_spam = max(last_spam, landed)
+        else:
+            continue
+        latency = max(0.0, landed - accepted)
+        series.append((round(accepted - t0, 3), path, round(latency, 4)))
+        buckets.setdefault(phase_of(accepted - sent.start), {}).setdefault(path, []).append(latency)
+    flood_end = sent.start + scenario.pre_s + scenario.flood_s
+    topics.delete(settings, admin)
+    return ConfigResult(
+        name=name, ledger=ledger.summary(), ok=ledger.ok, lost=len(ledger.lost), duplicated=len(ledger.duplicated),
+        phases={ph: {path: stats(v) for path, v in paths.items()} for ph, paths in sorted(buckets.items())},
+        drain_s=round(last_spam - flood_end, 2) if last_spam else None,
+        series=series, lag=lag, generator_behind_max_s=round(sent.behind_max_s, 3),
+    )
+
+
+def _phases(s: Scenario):  # type: ignore[no-untyped-def]
+    def phase(t: float) -> str:
+        if t < s.pre_s:
+            return "1-before"
+        if t < s.pre_s + s.flood_s:
+            return "2-during"
+        return "3-after"
+    return phase
+
+
+def start_floodgate(workers: WorkerSet, settings: Settings) -> list[str]:
+    workers.start_standard()
+    return [settings.group(g) for g in ("triage", "classify-priority", "classify-bulk", "deliver", "cleanup")]
+
+
+def start_naive(workers: WorkerSet, settings: Settings) -> list[str]:
+    workers.start("naive", ["naive"])
+    workers.wait_ready()
+    return [settings.group("naive")]
+
+
+def run(settings: Settings, scenario: Scenario, configs: tuple[str, ...] = ("floodgate", "naive"),
+        out: Path = REPORTS) -> dict[str, Any]:
+    ham, spam = load_mail(settings.paths.data)
+    workdir = Path(settings.paths.maildir_root).parent / f"flood-{uuid.uuid4().hex[:6]}"
+    if scenario.capacity is None:
+        cal = private(settings, "calibration", workdir)
+        topics.apply(cal, kafka.admin(cal))
+        workers = WorkerSet(cal, workdir / "calibration" / "logs")
+        try:
+            workers.start_standard()
+            scenario.capacity = measure_capacity(cal, workers, ham, spam)
+        finally:
+            workers.stop_all()
+            topics.delete(cal, kafka.admin(cal))
+    base_rate = scenario.capacity * scenario.base_fraction
+    flood_rate = base_rate * scenario.flood_multiple
+    plan = traffic.plan(ham, spam, base_rate=base_rate, flood_rate=flood_rate, pre_s=scenario.pre_s,
+                        flood_s=scenario.flood_s, post_s=scenario.post_s, seed=scenario.seed)
+    results = {}
+    for name in configs:
+        starter = start_floodgate if name == "floodgate" else start_naive
+        results[name] = run_config(name, settings, scenario, plan, workdir, starter)
+    shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "scenario": {**scenario.__dict__, "base_rate": round(base_rate, 1), "flood_rate": round(flood_rate, 1),
+                     "messages": len(plan)},
+        "machine": {"cpu": _cpu(), "cores": _cores(), "python": platform.python_version()},
+        "results": {n: {k: v for k, v in r.__dict__.items() if k not in ("series", "lag")}
+                    for n, r in results.items()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flood.json").write_bytes(orjson.dumps(
+        report | {"series": {n: {"latency": r.series, "lag": r.lag} for n, r in results.items()}}))
+    plot(results, scenario, out / "flood.png")
+    return report
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def plot(results: dict[str, ConfigResult], s: Scenario, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(7 * len(results), 8), squeeze=False, sharex="col")
+    for col, (name, r) in enumerate(results.items()):
+        ax = axes[0][col]
+        for path, color in (("spam", "tab:red"), ("ham", "tab:blue")):
+            pts = [(t, lat) for t, p, lat in r.series if p == path]
+            if pts:
+                ax.scatter([t for t, _ in pts], [lat for _, lat in pts], s=2, c=color, label=path, alpha=0.5)
+        ax.set_yscale("log")
+        ax.set_ylabel("end-to-end latency (s)")
+        ax.set_title(f"{name}: latency by acceptance time")
+        ax.axvspan(s.pre_s, s.pre_s + s.flood_s, color="orange", alpha=0.15, label="flood")
+        ax.legend(loc="upper left")
+        ax = axes[1][col]
+        for group in sorted({g for _, g, _ in r.lag}):
+            pts = [(t, lag) for t, g, lag in r.lag if g == group]
+            ax.plot([t for t, _ in pts], [lag for _, lag in pts], label=group.split(".", 1)[-1])
+        ax.axvspan(s.pre_s, s.pre_s + s.flood_s, color="orange", alpha=0.15)
+        ax.set_xlabel("seconds since start")
+        ax.set_ylabel("consumer lag (messages)")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def summary(report: dict[str, Any]) -> str:
+    s = report["scenario"]
+    lines = [f"capacity {s['capacity']:.0f} msg/s; base {s['base_rate']} msg/s; flood {s['flood_rate']} msg/s "
+             f"for {s['flood_s']:.0f} s; {s['messages']} messages",
+             f"{'config':10} {'phase':9} {'ham p50':>9} {'ham p99':>9} {'ham max':>9} {'spam p50':>9} {'n ham':>6}"]
+    for name, r in report["results"].items():
+        for phase, paths in r["phases"].items():
+            h, sp = paths.get("ham", {}), paths.get("spam", {})
+
+            def f(v: float | None) -> str:
+                return "-" if v is None else f"{v:.3f}"
+            lines.append(f"{name:10} {phase[2:]:9} {f(h.get('p50')):>9} {f(h.get('p99')):>9} {f(h.get('max')):>9} "
+                         f"{f(sp.get('p50')):>9} {h.get('n', 0):>6}")
+        lines.append(f"{name:10} accounting: {r['ledger']}; spam drained {r['drain_s']} s after the flood")
+    return "\n".join(lines)
