@@ -1,0 +1,95 @@
+"""Running sink workers in tests: a worker loop in a thread, classified events, group lag."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from confluent_kafka import TopicPartition
+
+from pipeline import events, kafka
+from pipeline.config import Settings
+from pipeline.events import Envelope, MailEvent
+from pipeline.kafka.loop import Loop
+from pipeline.service import Service
+from tests.kafka_helpers import wait_for
+
+RAW = (b"From: sender@example.org\r\nTo: {rcpt}\r\nSubject: {subject}\r\nMessage-ID: <{n}@example.org>\r\n"
+       b"\r\nHello number {n}.\r\n")
+
+
+def classified(verdict: str, n: int = 0, rcpt: Iterable[str] = ("bob@example.com",), lane: str = "priority",
+               subject: str = "hello") -> MailEvent:
+    rcpts = tuple(rcpt)
+    raw = (RAW.replace(b"{rcpt}", ", ".join(rcpts).encode(errors="replace"))
+           .replace(b"{subject}", subject.encode()).replace(b"{n}", str(n).encode()))
+    event = events.new_event(Envelope("sender@example.org", rcpts, "192.0.2.7", "mx.example.org"), raw)
+    score = 0.93 if verdict == "spam" else 0.04
+    return replace(event.classified(verdict, score, "test-1"), lane=lane)
+
+
+def produce(settings: Settings, topic_key: str, records: Iterable[MailEvent | bytes]) -> None:
+    """Produce events (or raw record values) and wait for every acknowledgement."""
+    producer = kafka.producer(settings)
+    errors: list[object] = []
+    for r in records:
+        key, value = (r.key, events.encode(r)) if isinstance(r, MailEvent) else (b"bad", r)
+        producer.produce(settings.topic(topic_key), key=key, value=value,
+                         on_delivery=lambda err, _m: errors.append(err) if err else None)
+    assert producer.flush(30) == 0
+    assert errors == []
+
+
+@contextmanager
+def running(settings: Settings, build: Callable[[Service], tuple[Loop, object]], name: str) -> Iterator[Loop]:
+    """A worker loop in a thread; stopped through its service when the block ends."""
+    service = Service(name, settings)
+    loop, sink = build(service)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.run()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        wait_for(service.ready.is_set, 30, what=f"{name} ready")
+        yield loop
+    finally:
+        service.stopping.set()
+        thread.join(30)
+        getattr(sink, "close", lambda: None)()
+    assert not thread.is_alive(), f"{name} did not stop"
+    assert not errors, f"{name} died: {errors[0]!r}"
+
+
+def group_lag(settings: Settings, group: str, topic_key: str) -> int:
+    """Records on the topic that the group has not committed yet (all of them if it never committed)."""
+    topic = settings.topic(topic_key)
+    consumer = kafka.consumer(settings, group)
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        lag = 0
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+            lag += high - (tp.offset if tp.offset >= 0 else low)
+        return lag
+    finally:
+        consumer.close()
+
+
+def delivered_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for sub in ("new", "cur") for p in root.glob(f"*/*/{sub}/*.floodgate*")]
+
+
+def event_ids(files: Iterable[Path]) -> list[str]:
+    return [p.name.split(".")[1] for p in files]
