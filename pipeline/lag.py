@@ -48,6 +48,7 @@ GROUP_INPUTS: dict[str, tuple[str, ...]] = {
     "classify-bulk": ("bulk",),
     "deliver": ("ham",),
     "cleanup": ("spam",),
+    "reputation": ("feedback", "ham", "spam"),  # Faust; its internal topics show up via their commits
 }
 # Admin requests answer in milliseconds on a healthy cluster; a sample that cannot finish in
 # this long reports an error rather than hanging the monitor.
