@@ -18,6 +18,7 @@ message. Results: ``reports/flood.json`` and ``reports/flood.png``.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import random
 import shutil
@@ -122,6 +123,7 @@ class LagSampler(threading.Thread):
         self.monitor = LagMonitor(settings, groups)
         self.t0 = t0
         self.samples: list[tuple[float, str, int]] = []
+        self.rows: list = []  # the latest sample, for a live view
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -130,11 +132,29 @@ class LagSampler(threading.Thread):
                 rows = self.monitor.sample()
             except Exception:  # a slow admin call must not end the benchmark
                 continue
+            self.rows = rows
             now = time.time() - self.t0
             per_group: dict[str, int] = {}
             for r in rows:
                 per_group[r.group] = per_group.get(r.group, 0) + r.lag
             self.samples += [(round(now, 2), g, lag) for g, lag in per_group.items()]
+
+    def view(self):  # type: ignore[no-untyped-def]
+        """A per-group live table: Burrow-style status, lag in messages and seconds."""
+        from rich.table import Table
+
+        rows = self.rows
+        status = self.monitor.status(rows) if rows else {}
+        t = Table(title=f"consumer lag, t={time.time() - self.t0:5.1f} s")
+        for col in ("group", "status", "lag (msgs)", "lag (s)"):
+            t.add_column(col, justify="left" if col in ("group", "status") else "right")
+        for group in self.monitor.groups:
+            mine = [r for r in rows if r.group == group]
+            secs = [r.lag_seconds for r in mine if r.lag_seconds is not None]
+            st = status.get(group)
+            t.add_row(group.split(".", 1)[-1], st.name if st else "-", str(sum(r.lag for r in mine)),
+                      f"{max(secs):.1f}" if secs else "-")
+        return t
 
     def finish(self) -> list[tuple[float, str, int]]:
         self.stop.set()
@@ -158,7 +178,7 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 
 def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic.Planned],
-               workdir: Path, start_workers) -> ConfigResult:  # type: ignore[no-untyped-def]
+               workdir: Path, start_workers, live: bool = False) -> ConfigResult:  # type: ignore[no-untyped-def]
     settings = private(base, name, workdir)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
@@ -168,8 +188,13 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
         t0 = time.time()
         sampler = LagSampler(settings, groups, t0)
         sampler.start()
-        sent = traffic.send(kafka.producer(settings), settings.topic("inbound"), plan)
-        wait_placed(settings, set(sent.acked), DRAIN_TIMEOUT_S)
+        with contextlib.ExitStack() as stack:
+            if live:
+                from rich.live import Live
+
+                stack.enter_context(Live(get_renderable=sampler.view, refresh_per_second=2))
+            sent = traffic.send(kafka.producer(settings), settings.topic("inbound"), plan)
+            wait_placed(settings, set(sent.acked), DRAIN_TIMEOUT_S)
         lag = sampler.finish()
     finally:
         workers.stop_all()
@@ -223,7 +248,7 @@ def start_naive(workers: WorkerSet, settings: Settings) -> list[str]:
 
 
 def run(settings: Settings, scenario: Scenario, configs: tuple[str, ...] = ("floodgate", "naive"),
-        out: Path = REPORTS) -> dict[str, Any]:
+        out: Path = REPORTS, live: bool = False) -> dict[str, Any]:
     ham, spam = load_mail(settings.paths.data)
     workdir = Path(settings.paths.maildir_root).parent / f"flood-{uuid.uuid4().hex[:6]}"
     if scenario.capacity is None:
@@ -243,7 +268,7 @@ def run(settings: Settings, scenario: Scenario, configs: tuple[str, ...] = ("flo
     results = {}
     for name in configs:
         starter = start_floodgate if name == "floodgate" else start_naive
-        results[name] = run_config(name, settings, scenario, plan, workdir, starter)
+        results[name] = run_config(name, settings, scenario, plan, workdir, starter, live=live)
     shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "scenario": {**scenario.__dict__, "base_rate": round(base_rate, 1), "flood_rate": round(flood_rate, 1),
