@@ -100,3 +100,18 @@ def topic_settings(settings: config.Settings) -> Iterator[config.Settings]:
     topics.apply(settings, admin)
     yield settings
     topics.delete(settings, admin)
+
+
+@pytest.fixture(scope="session")
+def trained_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model registry with a champion trained on part of the corpus's older groups (seconds)."""
+    import random
+
+    from models import corpus
+    from models.train import train_and_register
+
+    msgs = list(corpus.load_spamassassin(config.ROOT / "data", groups=("easy_ham", "hard_ham", "spam")))
+    random.Random(11).shuffle(msgs)
+    registry = tmp_path_factory.mktemp("registry")
+    train_and_register(msgs[:1500], registry, promote=True)
+    return registry

@@ -1,0 +1,192 @@
+"""The product end to end, every worker its own process, on the real broker.
+
+Corpus mail replayed into ``inbound`` must end exactly once in a Maildir, the quarantine or
+the dead-letter topic — also when a classifier is SIGKILLed or SIGTERMed mid-stream — and
+every routing on the ham/spam topics must exist exactly once (exactly-once transactions).
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from models import corpus
+from pipeline import accounting, config, events, kafka, traffic
+from pipeline.kafka import topics
+from pipeline.workers import WorkerSet, settings_env
+from tests.kafka_helpers import wait_for
+
+pytestmark = pytest.mark.kafka
+DATA = config.ROOT / "data"
+
+
+@pytest.fixture(scope="module")
+def mail() -> tuple[list[corpus.Message], list[corpus.Message]]:
+    msgs = list(corpus.load_spamassassin(DATA, groups=("easy_ham_2", "spam_2")))
+    rng = random.Random(3)
+    rng.shuffle(msgs)
+    return [m for m in msgs if m.label == "ham"], [m for m in msgs if m.label == "spam"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(bootstrap: str, trained_registry: Path, tmp_path_factory: pytest.TempPathFactory):
+    """All workers of the standard deployment, as processes, on private topics."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    run = uuid.uuid4().hex[:8]
+    base = config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap})
+    settings = replace(
+        base,
+        kafka=replace(base.kafka, topic_prefix=f"e2e{run}.", group_prefix=f"e2e{run}"),
+        paths=replace(base.paths, maildir_root=tmp / "maildirs", quarantine_db=tmp / "q.sqlite3",
+                      registry=trained_registry),
+    )
+    admin = kafka.admin(settings)
+    topics.apply(settings, admin)
+    workers = WorkerSet(settings, tmp / "logs", base_port=9600)
+    workers.start_standard()
+    yield settings, workers
+    codes = workers.stop_all()
+    topics.delete(settings, admin)
+    assert all(c == 0 for c in codes.values()), f"workers did not exit cleanly on SIGTERM: {codes}"
+
+
+def replay(settings, msgs: list[corpus.Message], seed: int) -> traffic.Sent:
+    rng = random.Random(seed)
+    plan = [traffic.Planned(0.0, m.raw, m.label or "ham", "base", traffic.envelope_for(m.raw, rng)) for m in msgs]
+    return traffic.send(kafka.producer(settings), settings.topic("inbound"), plan)
+
+
+def placed(settings, ids: set[str]) -> accounting.Found | None:
+    found = accounting.Found()
+    accounting.scan_maildirs(settings.paths.maildir_root, found)
+    accounting.scan_quarantine(settings.paths.quarantine_db, found)
+    return found if ids <= (set(found.delivered) | set(found.quarantined) | set(found.dead)) else None
+
+
+def routed_ids(settings, keys=("ham", "spam")) -> Counter:
+    """Every event id on the ham and spam topics, as a read_committed consumer sees them."""
+    consumer = kafka.consumer(settings, group=f"check-{uuid.uuid4().hex[:6]}")
+    counts: Counter = Counter()
+    try:
+        assignment = []
+        ends = {}
+        for key in keys:
+            topic = settings.topic(key)
+            for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
+                tp = TopicPartition(topic, p)
+                low, high = consumer.get_watermark_offsets(tp, timeout=10)
+                if high > low:
+                    ends[(topic, p)] = high
+                    assignment.append(TopicPartition(topic, p, low))
+        consumer.assign(assignment)
+        positions_done: set = set()
+
+        def drained() -> bool:
+            for m in consumer.consume(500, 0.5):
+                if m.error():
+                    continue
+                counts[events.decode(m.value()).id] += 1
+            for tp in consumer.position(assignment):
+                # read_committed stops at the last stable offset; markers occupy offsets too
+                if tp.offset >= ends[(tp.topic, tp.partition)] - 1:
+                    positions_done.add((tp.topic, tp.partition))
+            return len(positions_done) == len(ends)
+
+        wait_for(drained, timeout=60, what="ham and spam topics read to their end")
+    finally:
+        consumer.close()
+    return counts
+
+
+def test_replayed_corpus_is_accounted_exactly_once(pipeline, mail):
+    settings, _ = pipeline
+    ham, spam = mail
+    sent = replay(settings, ham[:120] + spam[:80], seed=1)
+    assert len(sent.acked) == 200
+    found = wait_for(lambda: placed(settings, sent.acked), timeout=120, what="200 messages placed")
+    ledger = accounting.reconcile(sent.acked, found)
+    assert ledger.ok, ledger.summary()
+    assert ledger.placed["mailbox"] + ledger.placed["quarantine"] == 200
+    # The classifier is good: most truth-ham is delivered, most truth-spam quarantined.
+    ham_ids = {i for i in sent.acked if sent.labels[i] == "ham"}
+    assert len(ham_ids & set(found.delivered)) >= 110
+    assert len((set(sent.acked) - ham_ids) & set(found.quarantined)) >= 60
+
+
+def test_classifier_killed_mid_stream_loses_and_duplicates_nothing(pipeline, mail):
+    settings, workers = pipeline
+    ham, spam = mail
+    msgs = ham[120:420] + spam[80:280]
+    random.Random(5).shuffle(msgs)
+    before = routed_ids(settings)
+    sent = replay(settings, msgs[:250], seed=2)
+    # Kill as soon as part of this batch has been routed, so the kill lands mid-stream.
+    wait_for(lambda: len(set(routed_ids(settings)) & sent.acked) >= 20, timeout=60, what="routing under way")
+    workers.kill("classify-priority")
+    more = replay(settings, msgs[250:], seed=3)
+    workers.restart("classify-priority")
+    workers.wait_ready()
+    ids = sent.acked | more.acked
+    found = wait_for(lambda: placed(settings, ids), timeout=180, what="all messages placed after the kill")
+    ledger = accounting.reconcile(ids, found)
+    assert ledger.ok, ledger.summary()
+    routed = routed_ids(settings) - before
+    assert {i: n for i, n in routed.items() if i in ids and n != 1} == {}, "an event routed twice"
+    assert ids <= set(routed) | set(found.dead)
+
+
+def test_sigterm_mid_batch_exits_zero_and_keeps_exactly_once(pipeline, mail):
+    settings, workers = pipeline
+    ham, spam = mail
+    before = routed_ids(settings)
+    sent = replay(settings, ham[420:620] + spam[280:380], seed=4)
+    wait_for(lambda: len(set(routed_ids(settings)) & sent.acked) >= 10, timeout=60, what="routing under way")
+    assert workers.stop("classify-priority") == 0
+    workers.restart("classify-priority")
+    workers.wait_ready()
+    found = wait_for(lambda: placed(settings, sent.acked), timeout=180, what="all placed after SIGTERM")
+    assert accounting.reconcile(sent.acked, found).ok
+    routed = routed_ids(settings) - before
+    assert all(routed[i] == 1 for i in sent.acked if i in routed)
+
+
+def test_malformed_records_are_dead_lettered_with_a_reason_and_work_goes_on(pipeline, mail):
+    settings, _ = pipeline
+    producer = kafka.producer(settings)
+    producer.produce(settings.topic("inbound"), key=b"junk-1", value=b"\x00\x01 not an event")
+    producer.produce(settings.topic("priority"), key=b"junk-2", value=b'{"v":1,"id":"x"}\nno envelope')
+    assert producer.flush(30) == 0
+    # Mail that is hostile but a valid event is classified, not dropped.
+    env = events.Envelope("x@spam.example", ("user1@example.com",), "203.0.113.77")
+    hostile = events.new_event(env, b"Content-Type: multipart/mixed; boundary=\"\r\n\r\n--\x00\xff" * 50)
+    producer.produce(settings.topic("inbound"), key=hostile.key, value=events.encode(hostile))
+    assert producer.flush(30) == 0
+    after = replay(settings, mail[0][620:640], seed=6)
+
+    def dead_and_done() -> accounting.Found | None:
+        found = accounting.scan(settings)
+        reasons = [r for r in found.dead.values()]
+        ok = (any(r.startswith("triage: not a mail event") for r in reasons)
+              and any(r.startswith("classify: not a mail event") for r in reasons)
+              and placed(settings, after.acked | {hostile.id}) is not None)
+        return found if ok else None
+
+    found = wait_for(dead_and_done, timeout=120, what="dead letters with reasons, later mail placed")
+    assert hostile.id in set(found.delivered) | set(found.quarantined)
+
+
+def test_classify_refuses_to_start_without_a_model(topic_settings, tmp_path):
+    env = {**settings_env(replace(topic_settings, paths=replace(topic_settings.paths, registry=tmp_path / "empty"))),
+           "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "classify", "--lane", "priority"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "no model in the registry" in proc.stdout + proc.stderr
