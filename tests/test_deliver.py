@@ -1,0 +1,206 @@
+"""``floodgate deliver`` on the real broker: once per event, contained paths, dead letters, LMTP, independence."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import replace
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.lmtp import LMTP
+from prometheus_client import REGISTRY
+
+from pipeline import cleanup, deliver, events, kafka
+from pipeline.kafka.loop import TransientError
+from pipeline.sinks import lmtp, stamp
+from pipeline.sinks.quarantine import Quarantine
+from tests.kafka_helpers import consume_n, wait_for
+from tests.test_maildir import HOSTILE
+from tests.worker_helpers import classified, delivered_files, event_ids, group_lag, produce, running
+
+pytestmark = pytest.mark.kafka
+
+
+def _e2e_count(verdict: str, lane: str = "priority") -> float:
+    return REGISTRY.get_sample_value("floodgate_end_to_end_latency_seconds_count",
+                                     {"lane": lane, "verdict": verdict}) or 0.0
+
+
+def _dead_letters(settings, n: int) -> list:
+    consumer = kafka.consumer(settings, f"dl-{uuid.uuid4().hex}")
+    consumer.subscribe([settings.topic("dead_letter")])
+    try:
+        return consume_n(consumer, n)
+    finally:
+        consumer.close()
+
+
+def test_each_ham_event_is_delivered_once_even_when_consumed_twice(topic_settings):
+    s = topic_settings
+    root = s.paths.maildir_root
+    batch = [classified("ham", i, rcpt=(f"user{i % 5}@example.com",)) for i in range(40)]
+    sent = sorted(e.id for e in batch)
+    before = _e2e_count("ham")
+    produce(s, "ham", batch)
+    with running(s, deliver.build, "deliver"):
+        wait_for(lambda: len(delivered_files(root)) >= len(batch), what="all ham delivered")
+        wait_for(lambda: group_lag(s, s.group("deliver"), "ham") == 0, what="offsets committed")
+    assert sorted(event_ids(delivered_files(root))) == sent
+    assert _e2e_count("ham") - before == len(batch)
+    # Mail clients move what they have seen to cur/ with flags; a replay must find those too.
+    for path in delivered_files(root)[:10]:
+        os.rename(path, path.parent.parent / "cur" / f"{path.name}:2,S")
+
+    # The same records once more, read from the start by a second worker with a new group.
+    again = replace(s, kafka=replace(s.kafka, group_prefix=s.kafka.group_prefix + "-again"))
+    with running(again, deliver.build, "deliver-again"):
+        wait_for(lambda: group_lag(again, again.group("deliver"), "ham") == 0, what="replay consumed")
+    files = delivered_files(root)
+    assert sorted(event_ids(files)) == sent
+    assert len(files) == len(batch)
+    # Each recipient's mailbox holds exactly its own messages, with the trace headers on top.
+    one = batch[7]
+    [path] = [p for p in files if one.id in p.name]
+    assert path.read_bytes() == stamp(one)
+    assert len({p.parent.parent for p in files}) == 5
+
+
+def test_hostile_recipients_through_kafka_stay_inside_the_root(topic_settings):
+    s = topic_settings
+    root = s.paths.maildir_root
+    root.mkdir(parents=True)
+    outside = set(root.parent.iterdir())
+    hostile = [a for a in HOSTILE if a.isascii() or a.encode(errors="ignore").decode() == a]  # JSON-encodable
+    event = classified("ham", 1, rcpt=hostile)
+    produce(s, "ham", [event])
+    boxes = {deliver.maildir.mailbox_path(root, r) for r in hostile}
+    with running(s, deliver.build, "deliver"):
+        wait_for(lambda: len(delivered_files(root)) >= len(boxes), what="copies in every mailbox")
+        wait_for(lambda: group_lag(s, s.group("deliver"), "ham") == 0, what="offsets committed")
+    files = delivered_files(root)
+    assert len(files) == len(boxes)
+    assert all(p.resolve().is_relative_to(root.resolve()) for p in files)
+    assert set(root.parent.iterdir()) == outside  # nothing written beside the root
+
+
+def test_bad_records_go_to_dead_letter_and_the_worker_carries_on(topic_settings):
+    s = topic_settings
+    good = classified("ham", 1)
+    spam_on_ham = classified("spam", 2)
+    no_rcpt = replace(classified("ham", 3), envelope=events.Envelope("a@example.org", ()))
+    produce(s, "ham", [b"this is not an event", b'{"v":99}\nraw', spam_on_ham, no_rcpt])
+    produce(s, "ham", [good])
+    with running(s, deliver.build, "deliver"):
+        wait_for(lambda: len(delivered_files(s.paths.maildir_root)) == 1, what="the good event delivered")
+        wait_for(lambda: group_lag(s, s.group("deliver"), "ham") == 0, what="offsets committed")
+    assert event_ids(delivered_files(s.paths.maildir_root)) == [good.id]
+    dead = _dead_letters(s, 4)
+    reasons = sorted(dict(m.headers())["floodgate-reason"].decode() for m in dead)
+    assert reasons == sorted([
+        "deliver: event has no recipients",
+        "deliver: not a mail event: no metadata line",
+        "deliver: not a mail event: unknown schema version 99",
+        "deliver: verdict 'spam' on the ham topic",
+    ])
+    assert all(dict(m.headers())["floodgate-stage"] == b"deliver" for m in dead)
+    assert {m.value() for m in dead} >= {b"this is not an event", events.encode(spam_on_ham)}
+
+
+def test_ham_is_delivered_while_cleanup_is_stopped(topic_settings):
+    """The product's reason to exist: a spam backlog does not hold ham back."""
+    s = topic_settings
+    spam = [classified("spam", i, lane="bulk") for i in range(300)]
+    ham = [classified("ham", i) for i in range(20)]
+    produce(s, "spam", spam[:150])
+    produce(s, "ham", ham[:10])
+    produce(s, "spam", spam[150:])
+    produce(s, "ham", ham[10:])
+    with running(s, deliver.build, "deliver"):
+        wait_for(lambda: len(delivered_files(s.paths.maildir_root)) == len(ham), what="all ham delivered")
+        spam_lag = group_lag(s, s.group("cleanup"), "spam")
+    assert spam_lag == len(spam)  # not one spam message handled, and every ham message delivered
+    assert sorted(event_ids(delivered_files(s.paths.maildir_root))) == sorted(e.id for e in ham)
+    assert not s.paths.quarantine_db.exists() or Quarantine(s.paths.quarantine_db).count() == 0
+    # Cleanup catches up on its own once it runs.
+    with running(s, cleanup.build, "cleanup"):
+        wait_for(lambda: group_lag(s, s.group("cleanup"), "spam") == 0, what="spam backlog drained")
+    assert Quarantine(s.paths.quarantine_db).count() == len(spam)
+
+
+# -- delivery to a downstream server over LMTP -------------------------------------------------
+
+class Recorder:
+    """An LMTP server's mailbox: rejects ``reject*`` recipients for good, defers all when told to."""
+
+    def __init__(self) -> None:
+        self.delivered: list[tuple[str, str, bytes]] = []
+        self.attempts = 0
+        self.defer = False
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.attempts += 1
+        rcpt = envelope.rcpt_tos[0]
+        if len(envelope.rcpt_tos) != 1:
+            return "503 5.5.1 one recipient per transaction expected"
+        if rcpt.startswith("reject"):
+            return f"550 5.1.1 <{rcpt}>: no such user"
+        if self.defer:
+            return "451 4.3.0 mailbox temporarily unavailable"
+        self.delivered.append((envelope.mail_from, rcpt, envelope.original_content))
+        return "250 2.0.0 delivered"
+
+
+class LMTPController(Controller):
+    def factory(self) -> LMTP:
+        return LMTP(self.handler, **self.SMTP_kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def lmtp_server():
+    recorder = Recorder()
+    controller = LMTPController(recorder, hostname="127.0.0.1", port=_free_port())
+    controller.start()
+    yield recorder, controller.port
+    controller.stop()
+
+
+def test_lmtp_delivery_retries_deferrals_and_dead_letters_rejections(topic_settings, lmtp_server):
+    recorder, port = lmtp_server
+    s = replace(topic_settings, delivery=replace(topic_settings.delivery, mode="lmtp", port=port, timeout_s=10))
+    first = classified("ham", 1, rcpt=("alice@example.com",))
+    recorder.defer = True
+    produce(s, "ham", [first])
+    with running(s, deliver.build, "deliver-lmtp"):
+        wait_for(lambda: recorder.attempts >= 2, what="a deferred delivery retried")
+        assert recorder.delivered == []
+        assert group_lag(s, s.group("deliver"), "ham") == 1  # nothing committed while deferred
+        recorder.defer = False
+        wait_for(lambda: len(recorder.delivered) == 1, what="delivery once the server accepts")
+        rejected = classified("ham", 2, rcpt=("reject-me@example.com",))
+        several = classified("ham", 3, rcpt=("bob@example.com", "carol@example.com"))
+        produce(s, "ham", [rejected, several])
+        wait_for(lambda: group_lag(s, s.group("deliver"), "ham") == 0, what="all offsets committed")
+    assert [(f, r) for f, r, _ in recorder.delivered] == [
+        ("sender@example.org", "alice@example.com"),
+        ("sender@example.org", "bob@example.com"),
+        ("sender@example.org", "carol@example.com"),
+    ]
+    assert recorder.delivered[0][2] == stamp(first)  # CRLF on the wire, exactly as stamped
+    [dead] = _dead_letters(s, 1)
+    assert dead.key() == rejected.key
+    assert "550 5.1.1 <reject-me@example.com>: no such user" in dict(dead.headers())["floodgate-reason"].decode()
+    assert events.peek_id(dead.value()) == rejected.id
+
+
+def test_a_downstream_that_is_down_is_transient(topic_settings):
+    s = replace(topic_settings.delivery, mode="smtp", port=_free_port(), timeout_s=2)
+    with pytest.raises(TransientError, match="unavailable"):
+        lmtp.Downstream(s).send("a@example.org", "b@example.com", b"Subject: x\r\n\r\nbody\r\n")
