@@ -20,6 +20,7 @@ from pipeline.replay import (
     EnvelopeSynth,
     TokenBucket,
     client_address,
+    header_block,
     replay,
     sanitize_address,
     select,
@@ -112,10 +113,27 @@ def test_envelope_prefers_return_path_and_is_deterministic() -> None:
     assert domain in DOMAINS and local.startswith("user") and int(local[4:]) < 50
 
 
+def test_envelope_headers_are_unfolded_and_undecodable_bytes_refused() -> None:
+    synth = EnvelopeSynth(DOMAINS)
+    folded = b'Subject: x\r\nFROM: "A Very Long Display Name"\r\n\t<long@fold.test>\r\n\r\nbody\r\n'
+    assert synth.envelope(folded, "n").mail_from == "long@fold.test"
+    latin1 = b"Return-Path: <j\xf6rg@latin1.test>\nFrom: ok@utf8.test\n\nbody\n"
+    assert synth.envelope(latin1, "n").mail_from == "ok@utf8.test"
+
+
 def test_envelope_without_a_usable_sender() -> None:
     env = EnvelopeSynth(DOMAINS).envelope(_mail("undisclosed-recipients:;", "two"), "x")
     assert env.mail_from == ""  # the null reverse-path
     assert env.helo == "mail.mx.test"  # the domain of the Message-ID
+
+
+def test_envelope_reads_headers_only() -> None:
+    synth = EnvelopeSynth(DOMAINS)
+    for eol in (b"\n", b"\r\n"):
+        raw = eol.join([b"Subject: hi", b"Message-ID: <1@mid.test>", b"", b"From: body@inbody.test", b""])
+        assert header_block(raw) == eol.join([b"Subject: hi", b"Message-ID: <1@mid.test>", b""])
+        env = synth.envelope(raw, "n")
+        assert (env.mail_from, env.helo) == ("", "mail.mid.test")
 
 
 def test_recipients_spread_over_users_and_domains_and_follow_the_seed() -> None:
