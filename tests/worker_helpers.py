@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline import events, kafka
 from pipeline.config import Settings
@@ -69,6 +69,18 @@ def running(settings: Settings, build: Callable[[Service], tuple[Loop, object]],
     assert not errors, f"{name} died: {errors[0]!r}"
 
 
+def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
+    """Watermarks, waiting out a freshly created topic whose partitions have no leader yet."""
+    def ask() -> tuple[int, int] | None:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=10)
+        except KafkaException as e:
+            if e.args[0].retriable() or e.args[0].code() == KafkaError.NOT_LEADER_FOR_PARTITION:
+                return None
+            raise
+    return wait_for(ask, 30, interval=0.1, what=f"a leader for {tp.topic}/{tp.partition}")
+
+
 def group_lag(settings: Settings, group: str, topic_key: str) -> int:
     """Records on the topic that the group has not committed yet (all of them if it never committed)."""
     topic = settings.topic(topic_key)
@@ -78,9 +90,20 @@ def group_lag(settings: Settings, group: str, topic_key: str) -> int:
         committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
         lag = 0
         for tp in committed:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+            low, high = _watermarks(consumer, TopicPartition(topic, tp.partition))
             lag += high - (tp.offset if tp.offset >= 0 else low)
         return lag
+    finally:
+        consumer.close()
+
+
+def end_offsets(settings: Settings, topic_key: str) -> int:
+    """How many records the topic holds (the sum of its partitions' end offsets)."""
+    topic = settings.topic(topic_key)
+    consumer = kafka.consumer(settings, f"{settings.kafka.group_prefix}.probe")
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(_watermarks(consumer, TopicPartition(topic, p))[1] for p in parts)
     finally:
         consumer.close()
 

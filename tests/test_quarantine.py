@@ -1,0 +1,190 @@
+"""The quarantine store, releases and reports (feedback on the real broker), and the operator commands."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import deliver, events, kafka, review
+from pipeline.cli import app
+from pipeline.sinks import maildir, stamp
+from pipeline.sinks.quarantine import DAY_S, Quarantine, subject_of
+from tests.kafka_helpers import consume_n, wait_for
+from tests.worker_helpers import classified, delivered_files, end_offsets, event_ids, group_lag, running
+
+NOW = 1_800_000_000.0
+
+
+def _read(settings, topic_key: str, n: int) -> list[events.MailEvent]:
+    consumer = kafka.consumer(settings, f"read-{uuid.uuid4().hex}")
+    consumer.subscribe([settings.topic(topic_key)])
+    try:
+        return [events.decode(m.value()) for m in consume_n(consumer, n)]
+    finally:
+        consumer.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    q = Quarantine(tmp_path / "q.sqlite3")
+    yield q
+    q.close()
+
+
+def test_add_is_idempotent_and_purge_removes_old_rows_only(store):
+    old = [classified("spam", i) for i in range(3)]
+    new = [classified("spam", i) for i in range(3, 5)]
+    assert store.add(old, now=NOW - 31 * DAY_S) == {e.id for e in old}
+    assert store.add(new + old, now=NOW) == {e.id for e in new}
+    assert store.count() == 5
+    assert store.purge(30, now=NOW) == 3
+    assert {e.event_id for e in store.entries()} == {e.id for e in new}
+    assert store.purge(30, now=NOW) == 0
+
+
+def test_released_once_only(store):
+    event = classified("spam")
+    store.add([event])
+    assert store.mark_released(event.id, "ops", now=NOW)
+    assert not store.mark_released(event.id, "ops", now=NOW + 1)
+    entry = store.entry(event.id)
+    assert entry.released_at == NOW and entry.released_by == "ops"
+    assert store.entries(include_released=False) == []
+
+
+@pytest.mark.parametrize(("raw", "subject"), [
+    (b"Subject: plain\r\n\r\nbody", "plain"),
+    (b"Subject: =?iso-8859-1?b?UOJ0ZQ==?=\r\n\r\n", "P\xe2te"),
+    (b"Subject: " + b"x" * 5000 + b"\r\n\r\n", "x" * 200),
+    (b"Subject: a\x00b\x1bc\r\n\r\n", "a b c"),
+    (b"no headers at all", ""),
+    (b"", ""),
+    (b"Subject: =?utf-8?q?broken", "=?utf-8?q?broken"),
+])
+def test_subjects_are_decoded_cleaned_and_truncated(raw, subject):
+    assert subject_of(raw) == subject
+
+
+def test_release_requires_an_operator_and_the_token_when_one_is_set():
+    with pytest.raises(review.ReviewError, match="operator name is required"):
+        review.authorize("  ", None, env={})
+    review.authorize("ops", None, env={})
+    with pytest.raises(review.ReviewError, match="not authorized"):
+        review.authorize("ops", None, env={review.TOKEN_ENV: "s3cret"})
+    with pytest.raises(review.ReviewError, match="not authorized"):
+        review.authorize("ops", "s3cre", env={review.TOKEN_ENV: "s3cret"})
+    review.authorize("ops", "s3cret", env={review.TOKEN_ENV: "s3cret"})
+
+
+@pytest.mark.kafka
+def test_release_reinjects_into_ham_with_feedback_and_is_delivered_once(topic_settings):
+    s = topic_settings
+    event = classified("spam", 1, rcpt=("bob@example.com",))
+    other = classified("spam", 2)
+    q = Quarantine(s.paths.quarantine_db)
+    q.add([event, other])
+    q.close()
+    env = {review.TOKEN_ENV: "s3cret"}
+    with pytest.raises(review.ReviewError, match="not authorized"):
+        review.release(s, event.id, "ops", "wrong", env=env)
+    assert end_offsets(s, "ham") == 0
+
+    released = review.release(s, event.id, "ops", "s3cret", env=env)
+    [ham] = _read(s, "ham", 1)
+    [feedback] = _read(s, "feedback", 1)
+    assert ham == released
+    assert (ham.id, ham.verdict, ham.source, ham.raw) == (event.id, "ham", "release", event.raw)
+    assert (feedback.id, feedback.label, feedback.verdict, feedback.raw) == (event.id, "ham", "spam", event.raw)
+    assert feedback.extra == {"feedback": "quarantine-release", "by": "ops"}
+
+    with pytest.raises(review.ReviewError, match="already released by ops"):
+        review.release(s, event.id, "ops", "s3cret", env=env)
+    with pytest.raises(review.ReviewError, match="no quarantined message"):
+        review.release(s, "0" * 32, "ops", "s3cret", env=env)
+    assert end_offsets(s, "ham") == 1 and end_offsets(s, "feedback") == 1
+
+    # Re-injected twice (a release that crashed before marking, then ran again): delivered once.
+    review.publish(s, [("ham", released)])
+    with running(s, deliver.build, "deliver"):
+        wait_for(lambda: group_lag(s, s.group("deliver"), "ham") == 0, what="released mail consumed")
+    assert event_ids(delivered_files(s.paths.maildir_root)) == [event.id]
+    [path] = delivered_files(s.paths.maildir_root)
+    assert path.read_bytes() == stamp(released)
+
+
+@pytest.mark.kafka
+def test_reports_find_the_message_in_the_quarantine_or_the_maildirs(topic_settings):
+    s = topic_settings
+    spam = classified("spam", 1)
+    q = Quarantine(s.paths.quarantine_db)
+    q.add([spam])
+    q.close()
+    ham = classified("ham", 2, rcpt=("bob@example.com",))
+    maildir.deliver(maildir.mailbox_path(s.paths.maildir_root, "bob@example.com"), maildir.file_name(ham), stamp(ham))
+
+    review.report(s, spam.id, "ham", by="bob@example.com")
+    review.report(s, ham.id, "spam", by="bob@example.com")
+    with pytest.raises(review.ReviewError, match="neither in the quarantine nor in any Maildir"):
+        review.report(s, "f" * 32, "spam")
+    with pytest.raises(review.ReviewError, match="label must be"):
+        review.report(s, ham.id, "phishing")
+    got = {e.id: e for e in _read(s, "feedback", 2)}
+    assert got[spam.id].label == "ham" and got[spam.id].raw == spam.raw
+    from_maildir = got[ham.id]
+    assert from_maildir.label == "spam" and from_maildir.raw == ham.raw  # our headers taken off again
+    assert from_maildir.extra == {"feedback": "user-report", "by": "bob@example.com"}
+    assert (from_maildir.score, from_maildir.model_version, from_maildir.lane) == (0.04, "test-1", "priority")
+    assert from_maildir.accepted_at == pytest.approx(ham.accepted_at, abs=0.001)
+
+
+@pytest.mark.kafka
+def test_operator_commands(topic_settings, tmp_path):
+    s = topic_settings
+    big = classified("spam", 1, subject="Cheap pills")
+    big = events.MailEvent(**{**{f: getattr(big, f) for f in big.__dataclass_fields__},
+                              "raw": big.raw + b"BODYLINE\r\n" * 20_000})
+    small = classified("spam", 2, subject="Old news")
+    q = Quarantine(s.paths.quarantine_db)
+    q.add([small], now=time.time() - 40 * DAY_S)  # longer ago than the retention
+    q.add([big])
+    q.close()
+    env = {"FLOODGATE_CONFIG": str(tmp_path / "none.toml"),
+           "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+           "FLOODGATE_KAFKA_TOPIC_PREFIX": s.kafka.topic_prefix, "FLOODGATE_KAFKA_GROUP_PREFIX": s.kafka.group_prefix,
+           "FLOODGATE_PATHS_MAILDIR_ROOT": str(s.paths.maildir_root),
+           "FLOODGATE_PATHS_QUARANTINE_DB": str(s.paths.quarantine_db), review.TOKEN_ENV: "s3cret"}
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0):
+        result = runner.invoke(app, list(args), env=env)
+        assert result.exit_code == code, result.output
+        return result
+
+    listed = [orjson.loads(line) for line in run("quarantine", "list", "--json").stdout.splitlines()]
+    assert [e["event_id"] for e in listed] == [big.id, small.id]
+    assert listed[0]["subject"] == "Cheap pills" and "raw" not in listed[0]
+    assert "2 message(s)" in run("quarantine", "list").stdout
+
+    shown = run("quarantine", "show", big.id).stdout
+    assert "Subject: Cheap pills" in shown and shown.splitlines()[0].split() == ["event:", big.id]
+    assert "BODYLINE" not in shown and "body not shown" in shown
+    assert run("quarantine", "show", big.id, "--raw").stdout_bytes == big.raw
+    assert "no quarantined message" in run("quarantine", "show", "nope", code=1).output
+
+    assert "--token does not match" in run("quarantine", "release", big.id, "--by", "ops", code=1).output
+    assert "released" in run("quarantine", "release", big.id, "--by", "ops", "--token", "s3cret").stdout
+    assert "already released" in run("quarantine", "release", big.id, "--by", "ops", "--token", "s3cret",
+                                      code=1).output
+    assert end_offsets(s, "ham") == 1
+
+    assert "purged 1 message(s)" in run("quarantine", "purge").stdout  # retention: 30 days by default
+    assert [e["event_id"] for e in map(orjson.loads, run("quarantine", "list", "--json").stdout.splitlines())] == [
+        big.id]
+    assert "purged 0 message(s)" in run("quarantine", "purge", "--older-than", "1").stdout
+
+    assert "reported" in run("report", "spam", big.id, "--by", "carol").stdout
+    assert end_offsets(s, "feedback") == 2  # the release's and the report's
