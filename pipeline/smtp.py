@@ -52,6 +52,11 @@ POLL_INTERVAL_S = 0.1
 # On shutdown, sessions waiting for an ack get this long beyond the ack timeout to finish.
 SHUTDOWN_GRACE_S = 2.0
 IDENT = "Floodgate ESMTP"
+# RFC 5321 caps lines at 1000 octets, but real mail breaks it (HTML on one line; clients that
+# end lines with a bare LF, which makes the whole message one "line"). aiosmtpd refuses such
+# mail with 500; we accept lines up to this length instead, and store them unchanged. The end
+# of DATA is still only CRLF.CRLF (no SMTP smuggling). It also bounds a connection's buffer.
+LINE_LENGTH_LIMIT = 1024 * 1024
 
 REPLY_OK = "250 2.0.0 OK: queued as {id}"
 REPLY_RCPT_OK = "250 2.1.5 OK"
@@ -149,6 +154,8 @@ class KafkaBridge:
 
 class _Server(SMTP):
     """aiosmtpd's SMTP with enhanced size replies, connection tracking and a message counter."""
+
+    line_length_limit = LINE_LENGTH_LIMIT
 
     def __init__(self, ingress: SmtpIngress, **kwargs: Any) -> None:
         super().__init__(ingress.handler, **kwargs)

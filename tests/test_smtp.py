@@ -97,6 +97,26 @@ def test_local_mail_becomes_an_event_with_envelope_and_exact_bytes(server: int, 
                                              client_address="127.0.0.1", helo="mx.sender.test")
 
 
+def test_long_lines_and_bare_newlines_are_kept_as_sent(server: int, smtp_settings: Settings) -> None:
+    raws = [b"Subject: html\r\n\r\n<p>" + b"x" * 5000 + b"</p>\r\n",
+            b"Subject: bare\n\nbare newlines\nkept as they are\n\r\n"]
+    with smtplib.SMTP("127.0.0.1", server) as s:
+        s.ehlo("mx.sender.test")
+        ids = []
+        for raw in raws:
+            s.mail("alice@sender.test")
+            s.rcpt("bob@example.com")
+            code, reply = s.data(raw)
+            assert code == 250
+            ids.append(_event_id(reply))
+    c = _inbound(smtp_settings)
+    try:
+        got = {e.id: e.raw for e in (events.decode(m.value()) for m in consume_n(c, 2))}
+    finally:
+        c.close()
+    assert [got[i] for i in ids] == raws
+
+
 def test_relay_to_a_foreign_domain_is_refused(server: int, smtp_settings: Settings) -> None:
     with smtplib.SMTP("127.0.0.1", server) as s:
         s.ehlo("mx.sender.test")
