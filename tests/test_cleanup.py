@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from dataclasses import replace
 
@@ -12,7 +13,7 @@ from prometheus_client import REGISTRY
 from pipeline import cleanup, deliver, kafka
 from pipeline.sinks.quarantine import Quarantine
 from tests.kafka_helpers import consume_n, wait_for
-from tests.worker_helpers import classified, delivered_files, group_lag, produce, running
+from tests.worker_helpers import classified, delivered_files, group_lag, process, produce, running
 
 pytestmark = pytest.mark.kafka
 
@@ -108,3 +109,12 @@ def test_rcpt_to_is_stored_as_json(tmp_path):
         assert orjson.loads(raw) == ['we"ird@example.com', "b@example.com"]
     finally:
         store.close()
+
+
+def test_the_cleanup_command_quarantines_and_exits_0_on_sigterm(topic_settings):
+    s = topic_settings
+    produce(s, "spam", [classified("spam", i) for i in range(3)])
+    with process(s, "cleanup") as (proc, _port):
+        wait_for(lambda: _rows(s) == 3, what="quarantined by the process")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

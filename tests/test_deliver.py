@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
+import signal
+import urllib.request
 import uuid
 from dataclasses import replace
 
@@ -18,7 +19,16 @@ from pipeline.sinks import lmtp, stamp
 from pipeline.sinks.quarantine import Quarantine
 from tests.kafka_helpers import consume_n, wait_for
 from tests.test_maildir import HOSTILE
-from tests.worker_helpers import classified, delivered_files, event_ids, group_lag, produce, running
+from tests.worker_helpers import (
+    classified,
+    delivered_files,
+    event_ids,
+    free_port,
+    group_lag,
+    process,
+    produce,
+    running,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -157,16 +167,10 @@ class LMTPController(Controller):
         return LMTP(self.handler, **self.SMTP_kwargs)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def lmtp_server():
     recorder = Recorder()
-    controller = LMTPController(recorder, hostname="127.0.0.1", port=_free_port())
+    controller = LMTPController(recorder, hostname="127.0.0.1", port=free_port())
     controller.start()
     yield recorder, controller.port
     controller.stop()
@@ -201,6 +205,21 @@ def test_lmtp_delivery_retries_deferrals_and_dead_letters_rejections(topic_setti
 
 
 def test_a_downstream_that_is_down_is_transient(topic_settings):
-    s = replace(topic_settings.delivery, mode="smtp", port=_free_port(), timeout_s=2)
+    s = replace(topic_settings.delivery, mode="smtp", port=free_port(), timeout_s=2)
     with pytest.raises(TransientError, match="unavailable"):
         lmtp.Downstream(s).send("a@example.org", "b@example.com", b"Subject: x\r\n\r\nbody\r\n")
+
+
+def test_the_deliver_command_delivers_serves_metrics_and_exits_0_on_sigterm(topic_settings):
+    s = topic_settings
+    event = classified("ham", 1)
+    produce(s, "ham", [event])
+    with process(s, "deliver") as (proc, port):
+        wait_for(lambda: len(delivered_files(s.paths.maildir_root)) == 1, what="delivered by the process")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            exposed = r.read().decode()
+        assert 'floodgate_messages_total{lane="priority",outcome="delivered",stage="deliver"} 1.0' in exposed
+        assert 'floodgate_end_to_end_latency_seconds_count{lane="priority",verdict="ham"} 1.0' in exposed
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert event_ids(delivered_files(s.paths.maildir_root)) == [event.id]

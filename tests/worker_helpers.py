@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -116,3 +121,45 @@ def delivered_files(root: Path) -> list[Path]:
 
 def event_ids(files: Iterable[Path]) -> list[str]:
     return [p.name.split(".")[1] for p in files]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def settings_env(settings: Settings, metrics_port: int) -> dict[str, str]:
+    """The environment in which ``floodgate`` loads exactly these settings (and no floodgate.toml)."""
+    k, p = settings.kafka, settings.paths
+    return {**os.environ,
+            "FLOODGATE_CONFIG": str(p.quarantine_db.parent / "no-such-floodgate.toml"),
+            "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers, "FLOODGATE_KAFKA_TOPIC_PREFIX": k.topic_prefix,
+            "FLOODGATE_KAFKA_GROUP_PREFIX": k.group_prefix, "FLOODGATE_PATHS_MAILDIR_ROOT": str(p.maildir_root),
+            "FLOODGATE_PATHS_QUARANTINE_DB": str(p.quarantine_db), "FLOODGATE_WORKER_METRICS_PORT": str(metrics_port)}
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def process(settings: Settings, command: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``floodgate <command>`` as its own process, ready to work; killed if the block does not stop it."""
+    port = free_port()
+    log_path = settings.paths.quarantine_db.parent / f"{command}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", command], env=settings_env(settings, port),
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: ready(port) or proc.poll() is not None, 60, what=f"floodgate {command} ready")
+        assert proc.poll() is None, log_path.read_text()
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
