@@ -1,0 +1,224 @@
+"""The deployment files in infra/, checked without running them (no Docker engine or Kubernetes
+cluster exists on the development machines): Prometheus rules and config with promtool, the
+Grafana dashboard's queries against pipeline/metrics.py, Kubernetes manifests against the
+Kubernetes schemas, and the ScaledObjects, Compose services and Dockerfile against the code's
+own group, topic and command names."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import typer.main
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from pipeline import metrics
+from pipeline.cli import app
+from pipeline.config import Settings
+from pipeline.lag import GROUP_INPUTS
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+K8S = INFRA / "k8s"
+PROM = INFRA / "prometheus"
+K8S_VERSION = "1.33"  # a Kubernetes release the manifests must be valid for
+METRIC_NAME = re.compile(r"\b(?:floodgate|kafka)_[a-zA-Z0-9_]+")
+# The workers whose group KEDA scales; reputation (Faust tables) is deliberately not autoscaled.
+SCALED = ("triage", "classify-priority", "classify-bulk", "deliver", "cleanup")
+WORKERS = ("smtp", "triage", "reputation", "classify-priority", "classify-bulk", "deliver", "cleanup", "lag")
+
+
+def known_metrics() -> set[str]:
+    """Every series name pipeline/metrics.py can expose."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "info": ("_info",), "gauge": ("",)}
+    names: set[str] = set()
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            names |= {value._name + s for s in suffixes[value._type]}
+    return names
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(METRIC_NAME.findall(expr))
+
+
+def cli_commands() -> set[str]:
+    return set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    return [(f.name, d) for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def of_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for _, d in k8s_docs() if d["kind"] == kind}
+
+
+def configmap() -> dict[str, str]:
+    return of_kind("ConfigMap")["floodgate-config"]["data"]
+
+
+def deployed_settings() -> Settings:
+    """The settings the Kubernetes workers run with (prefixes from the ConfigMap)."""
+    data, base = configmap(), Settings()
+    return replace(base, kafka=replace(base.kafka, topic_prefix=data["FLOODGATE_KAFKA_TOPIC_PREFIX"],
+                                       group_prefix=data["FLOODGATE_KAFKA_GROUP_PREFIX"]))
+
+
+def worker_of(args: list[str]) -> str:
+    """The worker a container's arguments run: its command, with the lane for classify."""
+    return f"classify-{args[args.index('--lane') + 1]}" if args[0] == "classify" else args[0]
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+promtool = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(promtool is None, reason="promtool not installed (`make tools` installs it)")
+
+
+@needs_promtool
+@pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
+                                  ["test", "rules", "alerts_test.yml"]], ids=" ".join)
+def test_promtool(args: list[str]) -> None:
+    done = subprocess.run([promtool, *args], cwd=PROM, capture_output=True, text=True, timeout=60)  # type: ignore[list-item]
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_alerts_name_known_metrics() -> None:
+    rules = [r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    assert {"FloodgateHamLatencyOverObjective", "FloodgateHamLagOverObjective", "FloodgateHamGroupStalled",
+            "FloodgateDeadLetters", "FloodgateNoModelLoaded", "FloodgateWorkerDown"} <= {r["alert"] for r in rules}
+    for r in rules:
+        assert metric_names(r["expr"]) <= known_metrics(), r["alert"]
+
+
+def test_prometheus_scrapes_every_compose_worker() -> None:
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {f"{w}:9400" for w in WORKERS}
+
+
+# -- Grafana ------------------------------------------------------------------------------------
+def test_grafana_dashboard_queries_known_metrics() -> None:
+    dashboard = json.loads((INFRA / "grafana" / "floodgate.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    used: set[str] = set()
+    for p in panels:
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            names = metric_names(t["expr"])
+            assert names, f"{p['title']}: {t['expr']}"
+            assert names <= known_metrics(), f"{p['title']}: unknown {names - known_metrics()}"
+            used |= names
+    assert {"kafka_consumergroup_lag", "kafka_consumergroup_group_lag_seconds",
+            "floodgate_end_to_end_latency_seconds_bucket", "floodgate_messages_total",
+            "floodgate_dead_letters_total", "floodgate_model_info", "floodgate_consumergroup_status"} <= used
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------
+def test_manifests_are_valid_kubernetes() -> None:
+    docs = k8s_docs()
+    assert docs
+    for name, doc in docs:
+        if doc["kind"] in ("ScaledObject", "Kustomization"):  # custom resources: checked below
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["metadata"].get("namespace", "floodgate") == "floodgate", name
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(f.name for f in K8S.glob("*.yaml") if f.name != "kustomization.yaml")
+
+
+def test_a_deployment_per_worker_with_probes() -> None:
+    deployments = of_kind("Deployment")
+    port = int(configmap()["FLOODGATE_WORKER_METRICS_PORT"])
+    commands = cli_commands()
+    assert set(deployments) == {f"floodgate-{w}" for w in WORKERS}
+    for name, d in deployments.items():
+        (container,) = d["spec"]["template"]["spec"]["containers"]
+        assert container["args"][0] in commands, name
+        assert worker_of(container["args"]) == name.removeprefix("floodgate-")
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["metrics"] == port
+        live, ready = container["livenessProbe"], container["readinessProbe"]
+        if name == "floodgate-reputation":  # Faust's web server: no /healthz or /readyz
+            assert live["tcpSocket"]["port"] == ready["tcpSocket"]["port"] == "metrics"
+            continue
+        assert (live["httpGet"]["path"], live["httpGet"]["port"]) == ("/healthz", "metrics"), name
+        assert (ready["httpGet"]["path"], ready["httpGet"]["port"]) == ("/readyz", "metrics"), name
+        assert d["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_scaled_objects_name_the_workers_groups_and_topics() -> None:
+    s = deployed_settings()
+    spec = tomllib.loads((INFRA / "topics.toml").read_text())["topics"]
+    deployments = of_kind("Deployment")
+    scaled = of_kind("ScaledObject")
+    assert len(scaled) == len(SCALED)
+    seen = set()
+    for so in scaled.values():
+        target = so["spec"]["scaleTargetRef"]["name"]
+        worker = worker_of(deployments[target]["spec"]["template"]["spec"]["containers"][0]["args"])
+        (trigger,) = so["spec"]["triggers"]
+        meta = trigger["metadata"]
+        (topic_key,) = GROUP_INPUTS[worker]
+        assert trigger["type"] == "kafka"
+        assert meta["consumerGroup"] == s.group(worker)
+        assert meta["topic"] == s.topic(topic_key)
+        assert meta["bootstrapServers"] == configmap()["FLOODGATE_KAFKA_BOOTSTRAP_SERVERS"]
+        partitions = spec[topic_key]["partitions"]
+        # One replica per partition at most; cleanup stays at one (its SQLite quarantine).
+        assert so["spec"]["maxReplicaCount"] == (1 if worker == "cleanup" else partitions)
+        assert int(meta["lagThreshold"]) > 0 and int(meta["activationLagThreshold"]) >= 0
+        # Above the lag that transaction markers leave on a caught-up group (one per partition).
+        assert int(meta["activationLagThreshold"]) > partitions or so["spec"]["minReplicaCount"] >= 1
+        assert meta["excludePersistentLag"] == "true"
+        seen.add(worker)
+    assert seen == set(SCALED)
+    # Ham-side lanes never scale to zero; each lane has its own ScaledObject.
+    for worker in ("triage", "classify-priority", "deliver"):
+        assert next(so for so in scaled.values()
+                    if so["spec"]["scaleTargetRef"]["name"] == f"floodgate-{worker}")["spec"]["minReplicaCount"] >= 1
+
+
+# -- Compose and Dockerfile ---------------------------------------------------------------------
+def test_compose_runs_kafka_4_kraft_topics_workers_and_prometheus() -> None:
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    services = compose["services"]
+    kafka = services["kafka"]
+    assert kafka["image"] == "apache/kafka:4.1.2"
+    assert set(kafka["environment"]["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert services["topics"]["command"] == ["topics", "apply"]
+    assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    commands = cli_commands()
+    for w in WORKERS:
+        svc = services[w]
+        assert svc["command"][0] in commands and worker_of(svc["command"]) == w
+        assert svc["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+        assert svc["environment"]["FLOODGATE_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+        assert svc["build"]["dockerfile"] == "infra/Dockerfile"
+    assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+
+
+def test_dockerfile_slim_non_root_floodgate_entrypoint() -> None:
+    text = "\n".join(ln for ln in (INFRA / "Dockerfile").read_text().splitlines() if not ln.lstrip().startswith("#"))
+    logical = [" ".join(ln.split()) for ln in text.replace("\\\n", " ").splitlines() if ln.strip()]
+    instructions = [ln.split(None, 1) for ln in logical]
+    assert instructions[0] == ["FROM", "python:3.11-slim"]
+    users = [i for i, (op, _) in enumerate(instructions) if op == "USER"]
+    runs = [i for i, (op, _) in enumerate(instructions) if op == "RUN"]
+    assert users and users[-1] > runs[-1] and instructions[users[-1]][1] not in ("root", "0")
+    assert ["ENTRYPOINT", '["floodgate"]'] in instructions
+    assert ["COPY", "infra/topics.toml ./infra/topics.toml"] in instructions  # the settings read it
+    assert "FLOODGATE_WORKER_METRICS_PORT=9400" in text and "FLOODGATE_WORKER_METRICS_HOST=0.0.0.0" in text
