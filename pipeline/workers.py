@@ -118,15 +118,21 @@ class WorkerSet:
             w.proc.send_signal(sig)  # type: ignore[union-attr]
 
     def stop(self, name: str, timeout: float = 30.0) -> int | None:
+        """SIGTERM once, then wait; SIGKILL after ``timeout``. Returns the exit code."""
+        self.signal(name, signal.SIGTERM)
+        return self._wait(name, timeout)
+
+    def _wait(self, name: str, timeout: float) -> int | None:
+        # Never signal twice: a second SIGTERM that lands while the interpreter is exiting
+        # (handlers already reset) would kill a worker that was shutting down cleanly.
         w = self.workers[name]
-        if not w.alive():
-            return w.proc.returncode if w.proc else None
-        w.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        if w.proc is None:
+            return None
         try:
-            return w.proc.wait(timeout)  # type: ignore[union-attr]
+            return w.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            w.proc.kill()  # type: ignore[union-attr]
-            return w.proc.wait()  # type: ignore[union-attr]
+            w.proc.kill()
+            return w.proc.wait()
 
     def kill(self, name: str) -> None:
         w = self.workers[name]
@@ -137,8 +143,7 @@ class WorkerSet:
     def restart(self, name: str) -> Worker:
         return self.start(name, self.workers[name].argv)
 
-    def stop_all(self) -> dict[str, int | None]:
-        for w in self.workers.values():
-            if w.alive():
-                w.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-        return {name: self.stop(name) for name in self.workers}
+    def stop_all(self, timeout: float = 30.0) -> dict[str, int | None]:
+        for name in self.workers:
+            self.signal(name, signal.SIGTERM)
+        return {name: self._wait(name, timeout) for name in self.workers}
