@@ -41,7 +41,7 @@ producer per input partition) reads ``read_committed`` and makes counts exact.
 
 Web (optional, ``--web-port`` or ``FLOODGATE_WORKER_METRICS_PORT``; loopback by default):
 ``/reputation/senders/{key}/`` (routed to the worker that owns the key),
-``/reputation/traffic/`` (this worker's senders in the current window, busiest first),
+``/reputation/traffic/`` (this worker's busiest senders over the kept windows),
 ``/reputation/stats/`` and ``/metrics`` (Prometheus).
 """
 
@@ -75,6 +75,8 @@ DEFAULT_PARTITIONS = 6
 # How many senders the traffic view lists.
 TRAFFIC_TOP = 100
 DEFAULT_DATADIR = ROOT / ".run" / "reputation"
+# Observations are tallied within seconds; a week (like inbound) lets a stopped worker catch up.
+OBSERVATIONS_RETENTION_MS = 7 * 24 * 3600 * 1000
 
 HAM, SPAM, FEEDBACK_HAM, FEEDBACK_SPAM = "ham", "spam", "feedback_ham", "feedback_spam"
 KINDS = (HAM, SPAM, FEEDBACK_HAM, FEEDBACK_SPAM)
@@ -154,6 +156,33 @@ def replication_factor(settings: Settings) -> int:
     return next(t.replication_factor for t in topics.desired(settings) if t.name == settings.topic("reputation"))
 
 
+def observations_topic(settings: Settings) -> str:
+    return f"{settings.group(STAGE)}-observations"
+
+
+def declare_observations(settings: Settings, partitions: int) -> None:
+    """Create the observations topic before the worker subscribes.
+
+    Faust creates its internal topics concurrently with its first group join; a topic created a
+    moment too late is left out of the assignment ("Ignoring missing topic") until a metadata
+    refresh minutes later, and nothing is tallied meanwhile.
+    """
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    from pipeline import kafka
+
+    name = observations_topic(settings)
+    spec = NewTopic(name, partitions, replication_factor(settings),
+                    config={"retention.ms": str(OBSERVATIONS_RETENTION_MS)})
+    admin = kafka.admin(settings)  # kept in a name: a collected client fails its futures
+    try:
+        admin.create_topics([spec])[name].result(30)
+    except KafkaException as e:
+        if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+
+
 def build_app(settings: Settings, *, web_port: int | None = None, partitions: int = DEFAULT_PARTITIONS,
               store: str = "memory", datadir: Path = DEFAULT_DATADIR,
               guarantee: str = "at_least_once") -> faust.App:
@@ -179,17 +208,18 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
     lg = log.get(STAGE)
     stats: Counter[str] = Counter()
 
-    def skip(reason: str, **extra: Any) -> None:
-        stats[f"skipped_{reason}"] += 1
-        metrics.MESSAGES.labels(stage=STAGE, lane="", outcome=f"skipped_{reason}").inc()
-        if reason == "undecodable":
-            metrics.ERRORS.labels(stage=STAGE, kind=reason).inc()
-            lg.warning("record is not a mail event; skipped", extra=extra)
+    def skip(why: str, **extra: Any) -> None:
+        """Count a record that contributes nothing; log the ones that point at a fault."""
+        stats[f"skipped_{why}"] += 1
+        metrics.MESSAGES.labels(stage=STAGE, lane="", outcome=f"skipped_{why}").inc()
+        if why in ("undecodable", "error"):
+            metrics.ERRORS.labels(stage=STAGE, kind=why).inc()
+            lg.warning("record skipped", extra={"why": why, **extra}, exc_info=why == "error")
 
     raw = {"key_type": bytes, "value_type": bytes, "value_serializer": "raw"}
     feedback_topic = app.topic(settings.topic("feedback"), **raw)
     verdict_topic = app.topic(settings.topic("ham"), settings.topic("spam"), **raw)
-    observed = app.topic(f"{app_id}-observations", internal=True, partitions=partitions,
+    observed = app.topic(observations_topic(settings), internal=True, partitions=partitions,
                          key_serializer="raw", **raw)
     reputation_topic = app.topic(settings.topic("reputation"), key_serializer="raw", **raw)
     # Keys are raw sender-key bytes, as on the observations topic, so that a key hashes to the
@@ -202,19 +232,23 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
     async def observe(stream: faust.StreamT, feedback: bool) -> None:
         async for event in stream.events():
             msg = event.message
+            where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
             try:
                 ev = events.decode(event.value)
             except events.EventError as e:
-                skip("undecodable", topic=msg.topic, partition=msg.partition, offset=msg.offset, reason=str(e))
+                skip("undecodable", reason=str(e), **where)
                 continue
-            found = observations(ev, feedback)
-            if isinstance(found, str):
-                skip(found, event_id=ev.id)
-                continue
-            stats["feedback" if feedback else "verdicts"] += 1
-            for key, kind in found:
-                # Record time travels along, so traffic windows follow when mail was classified.
-                await observed.send(key=key.encode(), value=kind.encode(), timestamp=msg.timestamp)
+            try:
+                found = observations(ev, feedback)
+                if isinstance(found, str):
+                    skip(found, event_id=ev.id)
+                    continue
+                for key, kind in found:
+                    # Record time travels along, so traffic windows follow when mail was classified.
+                    await observed.send(key=key.encode(), value=kind.encode(), timestamp=msg.timestamp)
+                stats["feedback" if feedback else "verdicts"] += 1
+            except Exception:  # one record never stops the worker
+                skip("error", event_id=ev.id, **where)
 
     @app.agent(feedback_topic, name="feedback")
     async def read_feedback(stream: faust.StreamT) -> None:
@@ -224,6 +258,23 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
     async def read_verdicts(stream: faust.StreamT) -> None:
         await observe(stream, feedback=False)
 
+    async def tally_one(key: bytes, kind: str) -> None:
+        if kind in VERDICT_KINDS:
+            traffic[key] += 1
+        entry, good = tally(totals.get(key) or new_entry(), kind)
+        if good != entry["good"]:
+            standing = senders.Standing(key=key.decode(errors="replace"), good=good, ham=entry[HAM],
+                                        spam=entry[SPAM], feedback_ham=entry[FEEDBACK_HAM],
+                                        feedback_spam=entry[FEEDBACK_SPAM], updated_at=time.time())
+            k, v = senders.encode_standing(standing)
+            # Acknowledged before the table says "published": a crash repeats, never loses, it.
+            await (await reputation_topic.send(key=k, value=v))
+            stats["published"] += 1
+            lg.info("standing changed", extra={"sender": standing.key, "good": good})
+        entry["good"] = good
+        totals[key] = entry
+        stats["observations"] += 1
+
     @app.agent(observed, name="tally")
     async def tally_observations(stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -231,26 +282,22 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
             if not key or kind not in KINDS:
                 skip("bad_observation")
                 continue
-            if kind in VERDICT_KINDS:
-                traffic[key] += 1
-            entry, good = tally(totals.get(key) or new_entry(), kind)
-            if good != entry["good"]:
-                standing = senders.Standing(key=key.decode(errors="replace"), good=good, ham=entry[HAM],
-                                            spam=entry[SPAM], feedback_ham=entry[FEEDBACK_HAM],
-                                            feedback_spam=entry[FEEDBACK_SPAM], updated_at=time.time())
-                k, v = senders.encode_standing(standing)
-                # Acknowledged before the table says "published": a crash repeats, never loses, it.
-                await (await reputation_topic.send(key=k, value=v))
-                stats["published"] += 1
-                lg.info("standing changed", extra={"sender": standing.key, "good": good})
-            entry["good"] = good
-            totals[key] = entry
-            stats["observations"] += 1
+            try:
+                await tally_one(key, kind)
+            except Exception:  # one record never stops the worker
+                msg = event.message
+                skip("error", topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
     if web_port:
         from faust.sensors.prometheus import setup_prometheus_sensors
 
         setup_prometheus_sensors(app, name_prefix="faust_reputation")
+
+        def recent_windows() -> list[Any]:
+            """The traffic table as of each kept window (views need no stream event)."""
+            now = time.time()
+            return [traffic.relative_to(now - i * TRAFFIC_WINDOW_S)
+                    for i in range(int(TRAFFIC_EXPIRES_S // TRAFFIC_WINDOW_S))]
 
         @app.page("/reputation/senders/{key}/")
         @app.table_route(table=totals, match_info="key")
@@ -258,14 +305,22 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
             entry = totals.get(key.encode())
             if entry is None:
                 return web.json({"key": key, "known": False})
-            return web.json({"key": key, "known": True, **entry,
-                             "traffic_now": traffic[key.encode()].now()})
+            return web.json({"key": key, "known": True, **entry, "traffic_now": traffic[key.encode()].now(),
+                             "traffic_recent": sum(w[key.encode()].value() for w in recent_windows())})
 
         @app.page("/reputation/traffic/")
         async def traffic_view(web: View, request: Request) -> Response:
-            now = sorted(traffic.items().now(), key=lambda kv: kv[1], reverse=True)[:TRAFFIC_TOP]
-            return web.json({"window_s": TRAFFIC_WINDOW_S,
-                             "senders": [{"key": k.decode(errors="replace"), "messages": n} for k, n in now]})
+            """This worker's busiest senders over the kept windows (the last ``TRAFFIC_EXPIRES_S``)."""
+            # The underlying table is keyed by (sender key, (window start, end)); iterating it
+            # needs no key index (which would grow with every sender ever seen).
+            recent: Counter[bytes] = Counter()
+            cutoff = time.time() - TRAFFIC_EXPIRES_S
+            for (key, (start, _end)), n in list(traffic.table.items()):
+                if start >= cutoff:
+                    recent[key] += n
+            return web.json({"window_s": TRAFFIC_WINDOW_S, "span_s": TRAFFIC_EXPIRES_S,
+                             "senders": [{"key": k.decode(errors="replace"), "messages": n}
+                                         for k, n in recent.most_common(TRAFFIC_TOP)]})
 
         @app.page("/reputation/stats/")
         async def stats_view(web: View, request: Request) -> Response:
@@ -289,6 +344,7 @@ def logging_config(level: str) -> dict[str, Any]:
 def run(settings: Settings, *, loglevel: str = "info", **options: Any) -> None:
     """Run the worker until SIGTERM or SIGINT (Faust's worker handles both and exits 0)."""
     app = build_app(settings, **options)
+    declare_observations(settings, options.get("partitions", DEFAULT_PARTITIONS))
     worker = faust.Worker(app, loglevel=loglevel, logging_config=logging_config(loglevel),
                           redirect_stdouts=False)
     worker.execute_from_commandline()
