@@ -12,8 +12,14 @@ in Burrow's order (``core/internal/evaluator``):
 5. the offset advances but the lag never falls from one entry to the next → WARN;
 6. otherwise → OK.
 
-One difference: rules 4 and 5 need two entries (Burrow would call a lone lagging entry
-STALL until rule 3 turns it into STOP a moment later).
+Two differences, both for partitions Burrow cannot see well:
+
+* rules 4 and 5 need two entries (Burrow would call a lone lagging entry STALL until rule 3
+  turns it into STOP a moment later);
+* rule 3 is checked before rule 1 when no live member owns the partition. Entries keep the
+  lag they had when written, so a consumer that was caught up and then died leaves a window
+  full of zero lag, and Burrow's rule 1 calls it OK forever while its backlog grows. With
+  nobody consuming, a backlog older than the window's span is STOP whatever the window holds.
 
 A group takes the worst status of its partitions. Burrow reads every commit from
 ``__consumer_offsets``; :class:`Window` instead takes polled samples and decides which of
@@ -49,15 +55,21 @@ class Entry:
     lag: int  # log end offset − committed offset at that time
 
 
-def evaluate(entries: Sequence[Entry], current_lag: int, now: float) -> Status:
-    """Burrow's partition status for a window of entries, oldest first."""
-    if not entries or current_lag <= 0 or any(e.lag == 0 for e in entries):
+def evaluate(entries: Sequence[Entry], current_lag: int, now: float, owned: bool = True) -> Status:
+    """Burrow's partition status for a window of entries, oldest first; ``owned``: a live
+    member of the group holds the partition."""
+    if not entries or current_lag <= 0:
+        return Status.OK
+    first, last = entries[0], entries[-1]
+    silent = now - last.time > last.time - first.time
+    if not owned and silent:
+        return Status.STOP
+    if any(e.lag == 0 for e in entries):
         return Status.OK
     pairs = list(itertools.pairwise(entries))
     if any(b.offset < a.offset for a, b in pairs):
         return Status.REWIND
-    first, last = entries[0], entries[-1]
-    if now - last.time > last.time - first.time:
+    if silent:
         return Status.STOP
     # A trend needs two entries: one entry alone shows neither a stall nor a slow consumer.
     if pairs and all(b.offset == a.offset for a, b in pairs):
@@ -87,12 +99,14 @@ class Window:
             raise ValueError("a window needs at least two entries to show a trend")
         self.entries: deque[Entry] = deque(maxlen=size)
         self.current_lag = 0
+        self.owned = False
 
     def observe(self, time: float, offset: int, lag: int, owned: bool) -> None:
         self.current_lag = lag
+        self.owned = owned
         moved = not self.entries or self.entries[-1].offset != offset
         if moved or owned:
             self.entries.append(Entry(time, offset, lag))
 
     def status(self, now: float) -> Status:
-        return evaluate(list(self.entries), self.current_lag, now)
+        return evaluate(list(self.entries), self.current_lag, now, self.owned)

@@ -30,11 +30,24 @@ CASES = [
     ("stalled with lag steady", w((0, 10, 5), (1, 10, 5)), 5, 1, Status.STALL),
     ("advancing, lag never falls", w((0, 10, 5), (1, 15, 5), (2, 20, 8)), 8, 2, Status.WARN),
 ]
+# Partitions no live member owns: a backlog that outlasts the window is STOP even when the
+# window still shows the zero lag of before the consumer died (Burrow would say OK).
+UNOWNED = [
+    ("died caught up, backlog older than the window", w((0, 10, 0), (1, 12, 0)), 7, 3, Status.STOP),
+    ("died caught up, not yet the window's span", w((0, 10, 0), (1, 12, 0)), 7, 2, Status.OK),
+    ("nobody there and nothing waiting", w((0, 10, 0), (1, 12, 0)), 0, 9, Status.OK),
+    ("nobody there, rewound before leaving", w((0, 50, 5), (1, 20, 45)), 45, 1.5, Status.REWIND),
+]
 
 
 @pytest.mark.parametrize(("name", "window", "lag", "now", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_evaluate(name: str, window: list[Entry], lag: int, now: float, expected: Status) -> None:
     assert evaluate(window, lag, now) is expected
+
+
+@pytest.mark.parametrize(("name", "window", "lag", "now", "expected"), UNOWNED, ids=[c[0] for c in UNOWNED])
+def test_evaluate_unowned(name: str, window: list[Entry], lag: int, now: float, expected: Status) -> None:
+    assert evaluate(window, lag, now, owned=False) is expected
 
 
 def test_group_takes_the_worst_partition() -> None:
@@ -63,3 +76,13 @@ def test_window_counts_only_moves_or_live_owners() -> None:
 def test_window_refuses_a_single_entry_size() -> None:
     with pytest.raises(ValueError, match="two entries"):
         Window(size=1)
+
+
+def test_window_of_a_consumer_that_died_caught_up() -> None:
+    win = Window(size=3)
+    for t in range(3):
+        win.observe(t, 10 * t, 0, owned=True)  # keeping up
+    win.observe(3, 20, 5, owned=False)  # gone; mail keeps arriving
+    assert win.status(3) is Status.OK  # silent 1 s of a 2 s span
+    win.observe(5, 20, 9, owned=False)
+    assert win.status(5) is Status.STOP
