@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from confluent_kafka import Message
 
@@ -41,52 +43,59 @@ class Deliverer:
             raise ValueError(f"delivery mode {mode!r} is not maildir, lmtp or smtp")
         self.downstream = lmtp.Downstream(settings.delivery) if mode in lmtp.MODES else None
         self._sent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.pool = ThreadPoolExecutor(maildir.PARALLEL_WRITES, thread_name_prefix="maildir")
 
     def close(self) -> None:
+        self.pool.shutdown()
         if self.downstream:
             self.downstream.close()
 
     def handle(self, msgs: Sequence[Message]) -> list[Output]:
         outputs: list[Output] = []
+        todo: list[tuple[MailEvent, list[tuple[Path, str, bytes]]]] = []
         for m in msgs:
             try:
                 event = events.decode(m.value())
             except EventError as e:
                 outputs.append(self._dead(m, "EventError", f"not a mail event: {e}"))
                 continue
-            lane = event.lane or "unknown"
             if event.verdict != "ham":
                 outputs.append(self._dead(m, "not_ham", f"verdict {event.verdict!r} on the ham topic"))
                 continue
             if not event.envelope.rcpt_to:
                 outputs.append(self._dead(m, "no_recipients", "event has no recipients"))
                 continue
-            try:
-                fresh = self._deliver(event)
-            except lmtp.Rejected as e:
-                outputs.append(self._dead(m, "rejected", str(e)))
+            if self.downstream is not None:
+                try:
+                    self._done(event, self._send(event, stamp(event)))
+                except lmtp.Rejected as e:
+                    outputs.append(self._dead(m, "rejected", str(e)))
                 continue
-            if fresh:
-                metrics.END_TO_END.labels(lane, "ham").observe(max(0.0, time.time() - event.accepted_at))
-                metrics.MESSAGES.labels(STAGE, lane, "delivered").inc()
-            else:
-                metrics.MESSAGES.labels(STAGE, lane, "duplicate").inc()
+            try:
+                name = maildir.file_name(event)
+                boxes = dict.fromkeys(maildir.mailbox_path(self.root, r) for r in event.envelope.rcpt_to)
+            except ValueError as e:  # an event id or address no file name can carry
+                outputs.append(self._dead(m, "unsafe", str(e)))
+                continue
+            data = stamp(event)
+            todo.append((event, [(box, name, data) for box in boxes]))
+        if todo:
+            items = [item for _, its in todo for item in its]
+            try:
+                written = iter(maildir.deliver_many(items, self.pool))
+            except OSError as e:  # disk full, permissions, I/O error: a sink problem, not the messages'
+                raise TransientError(f"maildir: {e}") from e
+            for event, its in todo:
+                self._done(event, any([next(written) for _ in its]))
         return outputs
 
-    def _deliver(self, event: MailEvent) -> bool:
-        """Deliver to every recipient; True if anything new was written or sent."""
-        data = stamp(event)
-        if self.downstream is not None:
-            return self._send(event, data)
-        name = maildir.file_name(event)
-        boxes = dict.fromkeys(maildir.mailbox_path(self.root, r) for r in event.envelope.rcpt_to)
-        fresh = False
-        for box in boxes:
-            try:
-                fresh |= maildir.deliver(box, name, data)
-            except OSError as e:  # disk full, permissions, I/O error: a sink problem, not the message's
-                raise TransientError(f"maildir {box}: {e}") from e
-        return fresh
+    def _done(self, event: MailEvent, fresh: bool) -> None:
+        lane = event.lane or "unknown"
+        if fresh:
+            metrics.END_TO_END.labels(lane, "ham").observe(max(0.0, time.time() - event.accepted_at))
+            metrics.MESSAGES.labels(STAGE, lane, "delivered").inc()
+        else:
+            metrics.MESSAGES.labels(STAGE, lane, "duplicate").inc()
 
     def _send(self, event: MailEvent, data: bytes) -> bool:
         assert self.downstream is not None

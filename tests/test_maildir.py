@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,3 +143,20 @@ def test_events_round_trip_through_the_maildir_find(tmp_path):
     assert len(copies) == 2
     assert unstamp(copies[0].read_bytes())[1] == event.raw
     assert events.decode(events.encode(event)) == event
+
+
+def test_deliver_many_writes_a_batch_once_and_reports_the_first_error_after_the_rest(tmp_path):
+    batch = [classified("ham", i, rcpt=(f"u{i % 3}@example.com",)) for i in range(12)]
+    items = [(maildir.mailbox_path(tmp_path, e.envelope.rcpt_to[0]), maildir.file_name(e), stamp(e)) for e in batch]
+    with ThreadPoolExecutor(maildir.PARALLEL_WRITES) as pool:
+        twice = items + items[:4]  # the same event twice in one batch (a re-injected release, a replay)
+        assert sorted(maildir.deliver_many(twice, pool)) == [False] * 4 + [True] * 12
+        assert maildir.deliver_many(items, pool) == [False] * 12
+        blocked = tmp_path / "blocked"
+        blocked.write_bytes(b"a file where a mailbox directory would go")
+        late = classified("ham", 99)
+        with pytest.raises(OSError):
+            maildir.deliver_many([(blocked / "box", "x.floodgate", b"x"),
+                                  (items[0][0], maildir.file_name(late), stamp(late))], pool)
+    assert len(maildir.find(tmp_path, late.id)) == 1  # the good item of the failed batch is in place
+    assert sum(len(maildir.find(tmp_path, e.id)) for e in batch) == 12
