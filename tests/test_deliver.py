@@ -148,6 +148,7 @@ class Recorder:
         self.delivered: list[tuple[str, str, bytes]] = []
         self.attempts = 0
         self.defer = False
+        self.defer_rcpts: set[str] = set()
 
     async def handle_DATA(self, server, session, envelope) -> str:
         self.attempts += 1
@@ -156,7 +157,7 @@ class Recorder:
             return "503 5.5.1 one recipient per transaction expected"
         if rcpt.startswith("reject"):
             return f"550 5.1.1 <{rcpt}>: no such user"
-        if self.defer:
+        if self.defer or rcpt in self.defer_rcpts:
             return "451 4.3.0 mailbox temporarily unavailable"
         self.delivered.append((envelope.mail_from, rcpt, envelope.original_content))
         return "250 2.0.0 delivered"
@@ -202,6 +203,23 @@ def test_lmtp_delivery_retries_deferrals_and_dead_letters_rejections(topic_setti
     assert dead.key() == rejected.key
     assert "550 5.1.1 <reject-me@example.com>: no such user" in dict(dead.headers())["floodgate-reason"].decode()
     assert events.peek_id(dead.value()) == rejected.id
+
+
+def test_a_partly_deferred_event_is_not_sent_twice_to_the_recipients_that_took_it(settings, lmtp_server):
+    recorder, port = lmtp_server
+    s = replace(settings, delivery=replace(settings.delivery, mode="lmtp", port=port, timeout_s=10))
+    deliverer = deliver.Deliverer(s)
+    event = classified("ham", 1, rcpt=("a@example.com", "b@example.com", "c@example.com"))
+    recorder.defer_rcpts = {"b@example.com"}
+    try:
+        with pytest.raises(TransientError, match="451"):
+            deliverer._send(event, stamp(event))
+        recorder.defer_rcpts = set()
+        assert deliverer._send(event, stamp(event)) is True
+        assert deliverer._send(event, stamp(event)) is False
+    finally:
+        deliverer.close()
+    assert [r for _, r, _ in recorder.delivered] == ["a@example.com", "b@example.com", "c@example.com"]
 
 
 def test_a_downstream_that_is_down_is_transient(topic_settings):
