@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import smtplib
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -208,3 +213,50 @@ def test_unreachable_broker_gives_451_to_data(settings: Settings) -> None:
         assert (code, reply[:5]) == (451, b"4.3.0")
     finally:
         ingress.stop()
+
+
+def test_floodgate_smtp_stops_cleanly_on_sigterm(smtp_settings: Settings) -> None:
+    """The real command: mail accepted before SIGTERM is on the topic, idle sessions get 421, exit 0."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {
+        "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": smtp_settings.kafka.bootstrap_servers,
+        "FLOODGATE_KAFKA_TOPIC_PREFIX": smtp_settings.kafka.topic_prefix,
+        "FLOODGATE_SMTP_HOST": "127.0.0.1",
+        "FLOODGATE_SMTP_PORT": str(port),
+        "FLOODGATE_SMTP_DOMAINS": "example.com",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "smtp"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        s = wait_for(lambda: _connect(port), timeout=60, what="floodgate smtp to listen")
+        s.ehlo("mx.sender.test")
+        s.mail("alice@sender.test")
+        s.rcpt("bob@example.com")
+        code, reply = s.data(RAW)
+        assert code == 250
+        proc.send_signal(signal.SIGTERM)
+        assert s.getreply()[0] == 421  # unasked: the server says goodbye, then hangs up
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            s.getreply()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert '"msg":"stopped"' in stderr
+    c = _inbound(smtp_settings)
+    try:
+        [msg] = consume_n(c, 1)
+    finally:
+        c.close()
+    assert events.decode(msg.value()).id == _event_id(reply)
+
+
+def _connect(port: int) -> smtplib.SMTP | None:
+    try:
+        return smtplib.SMTP("127.0.0.1", port, timeout=30)
+    except OSError:
+        return None
