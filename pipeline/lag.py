@@ -293,7 +293,18 @@ def run(settings: Settings, groups: Sequence[str], *, watch: bool, as_json: bool
             live.start()
         try:
             while True:
-                samples = monitor.sample()
+                try:
+                    samples = monitor.sample()
+                except KafkaException as e:
+                    if not loop:
+                        raise SystemExit(f"floodgate lag: cannot read the cluster: {e}") from e
+                    # The cluster is unreachable or slow: say so, keep the last gauges, try again.
+                    service.ready.clear()
+                    metrics.ERRORS.labels(stage="lag", kind="kafka").inc()
+                    service.log.warning("sample failed", extra={"error": str(e)})
+                    if service.stopping.wait(interval):
+                        break
+                    continue
                 monitor.publish(samples)
                 service.ready.set()
                 if as_json:
