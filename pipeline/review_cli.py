@@ -6,6 +6,7 @@ Light to import (typer only); the work happens in :mod:`pipeline.review` and the
 from __future__ import annotations
 
 import enum
+import re
 import sys
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,13 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, help="The spam quarantine: list, show, release, purge.")
 # ``show`` prints at most this much of the header block; the body only with --raw.
 SHOW_HEADER_MAX = 64 * 1024
+# Spam is written by attackers: control characters (terminal escape sequences among them) are
+# never printed to an operator's terminal, except tab and line ends.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _printable(value: object) -> str:
+    return _CONTROL.sub("?", str(value))
 
 
 class Label(enum.StrEnum):
@@ -61,8 +69,8 @@ def list_entries(limit: int = typer.Option(50, min=1, help="at most this many, n
         score = "-" if e.score is None else f"{e.score:.3f}"
         state = "released" if e.released_at else "held"
         rcpt = ",".join(e.rcpt_to)[:40]
-        typer.echo(f"{e.event_id}  {iso(e.quarantined_at)}  {score:>5}  {state:8}  {e.mail_from[:40]:40}  "
-                   f"{rcpt:40}  {e.subject[:60]}")
+        typer.echo(_printable(f"{e.event_id}  {iso(e.quarantined_at)}  {score:>5}  {state:8}  {e.mail_from[:40]:40}  "
+                              f"{rcpt:40}  {e.subject[:60]}"))
     if not as_json:
         typer.echo(f"{len(entries)} message(s)")
 
@@ -91,14 +99,14 @@ def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the
                         ("score", entry.score), ("model", entry.model_version), ("lane", event.lane),
                         ("size", f"{entry.size} bytes"), ("subject", entry.subject),
                         ("released", released)):
-        typer.echo(f"{name + ':':13} {value}")
+        typer.echo(_printable(f"{name + ':':13} {value}"))
     head = event.raw[:SHOW_HEADER_MAX]
     for sep in (b"\r\n\r\n", b"\n\n"):
         if sep in head:
             head = head.split(sep, 1)[0]
             break
     typer.echo("")
-    typer.echo(head.decode("utf-8", errors="replace"))
+    typer.echo(_printable(head.decode("utf-8", errors="replace")))
     typer.echo(f"\n[body not shown: {entry.size} bytes in all; --raw writes the whole message]")
 
 

@@ -7,6 +7,7 @@ import uuid
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from pipeline import deliver, events, kafka, review
@@ -109,11 +110,15 @@ def test_release_reinjects_into_ham_with_feedback_and_is_delivered_once(topic_se
 
     # Re-injected twice (a release that crashed before marking, then ran again): delivered once.
     review.publish(s, [("ham", released)])
+    e2e = {"lane": "priority", "verdict": "ham"}
+    e2e_before = REGISTRY.get_sample_value("floodgate_end_to_end_latency_seconds_count", e2e) or 0.0
     with running(s, deliver.build, "deliver"):
         wait_for(lambda: group_lag(s, s.group("deliver"), "ham") == 0, what="released mail consumed")
     assert event_ids(delivered_files(s.paths.maildir_root)) == [event.id]
     [path] = delivered_files(s.paths.maildir_root)
     assert path.read_bytes() == stamp(released)
+    # An operator's delay is not the pipeline's: releases stay out of the end-to-end latency.
+    assert (REGISTRY.get_sample_value("floodgate_end_to_end_latency_seconds_count", e2e) or 0.0) == e2e_before
 
 
 @pytest.mark.kafka
@@ -146,7 +151,7 @@ def test_operator_commands(topic_settings, tmp_path):
     s = topic_settings
     big = classified("spam", 1, subject="Cheap pills")
     big = events.MailEvent(**{**{f: getattr(big, f) for f in big.__dataclass_fields__},
-                              "raw": big.raw + b"BODYLINE\r\n" * 20_000})
+                              "raw": b"X-Evil: \x1b]0;owned\x07\x1b[2J\r\n" + big.raw + b"BODYLINE\r\n" * 20_000})
     small = classified("spam", 2, subject="Old news")
     q = Quarantine(s.paths.quarantine_db)
     q.add([small], now=time.time() - 40 * DAY_S)  # longer ago than the retention
@@ -172,6 +177,7 @@ def test_operator_commands(topic_settings, tmp_path):
     shown = run("quarantine", "show", big.id).stdout
     assert "Subject: Cheap pills" in shown and shown.splitlines()[0].split() == ["event:", big.id]
     assert "BODYLINE" not in shown and "body not shown" in shown
+    assert "X-Evil: ?]0;owned??[2J" in shown  # no terminal escape reaches the operator's screen
     assert run("quarantine", "show", big.id, "--raw").stdout_bytes == big.raw
     assert "no quarantined message" in run("quarantine", "show", "nope", code=1).output
 
