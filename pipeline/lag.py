@@ -251,10 +251,11 @@ def document(monitor: LagMonitor, samples: Sequence[PartitionLag]) -> dict[str, 
     }
 
 
-def table(monitor: LagMonitor, samples: Sequence[PartitionLag]) -> Table:
+def table(monitor: LagMonitor, samples: Sequence[PartitionLag], caption: str | None = None) -> Table:
     """The live view: one row per partition, group status in the first column."""
     groups = monitor.status(samples)
-    t = Table(title=f"consumer lag at {time.strftime('%H:%M:%S', time.localtime(monitor.clock()))}")
+    t = Table(title=f"consumer lag at {time.strftime('%H:%M:%S', time.localtime(monitor.clock()))}",
+              caption=caption or (None if samples else "no partitions: no such group, or its topics are missing"))
     for name, justify in (("group", "left"), ("status", "left"), ("topic", "left"), ("part", "right"),
                           ("committed", "right"), ("end", "right"), ("lag", "right"), ("lag s", "right"),
                           ("partition status", "left")):
@@ -312,7 +313,8 @@ def run(settings: Settings, groups: Sequence[str], *, watch: bool, as_json: bool
                 elif live:
                     live.update(table(monitor, samples), refresh=True)
                 elif not serve:
-                    console.print(table(monitor, samples))
+                    console.print(table(monitor, samples, caption="one sample: a status needs a window of "
+                                                                  "samples over time (--watch)"))
                 if not loop or service.stopping.wait(interval):
                     break
         except KeyboardInterrupt:
