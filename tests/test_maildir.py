@@ -103,6 +103,9 @@ def test_hostile_event_ids_are_refused_as_file_names():
     for bad in ("../../x", "a/b", "", "a\x00b", "x" * 200):
         with pytest.raises(ValueError):
             maildir.file_name(replace(classified("ham"), id=bad))
+    for bad_time in (float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            maildir.file_name(replace(classified("ham"), accepted_at=bad_time))
     assert maildir.find(Path("/"), "../../etc") == []
 
 

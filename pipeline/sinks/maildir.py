@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -85,6 +86,8 @@ def mailbox_path(root: Path, address: str) -> Path:
 def file_name(event: MailEvent) -> str:
     if not EVENT_ID.match(event.id):
         raise ValueError(f"event id {event.id[:80]!r} is not usable as a file name")
+    if not math.isfinite(event.accepted_at):
+        raise ValueError(f"accepted_at {event.accepted_at!r} is not a time")
     return f"{int(event.accepted_at)}.{event.id}{SUFFIX}"
 
 
