@@ -102,18 +102,41 @@ class KafkaBridge:
     """Produce from asyncio and await the broker's acknowledgement."""
 
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
         self.loop = loop
         self.ack_timeout_s = settings.smtp.ack_timeout_s
-        # librdkafka gives up on a message after the same timeout, so that a message we
-        # answered 451 for is not still being retried behind our back (see ``_late``).
-        self.producer = kafka.producer(settings, **{"message.timeout.ms": max(1, int(self.ack_timeout_s * 1000))})
+        self._fatal = threading.Event()
+        self.producer = self._new_producer()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="smtp-kafka-poll", daemon=True)
         self._thread.start()
 
+    def _new_producer(self) -> Any:
+        def on_error(err: KafkaError) -> None:
+            if err.fatal():
+                self._fatal.set()
+            log.warning("kafka error", extra={"error": str(err), "fatal": err.fatal()})
+
+        # librdkafka gives up on a message after the same timeout, so that a message we
+        # answered 451 for is rarely still in flight behind our back (see ``resolve``).
+        return kafka.producer(self.settings, **{"message.timeout.ms": max(1, int(self.ack_timeout_s * 1000)),
+                                                "error_cb": on_error})
+
     def _serve(self) -> None:
         while not self._stop.is_set():
+            if self._fatal.is_set():
+                self._replace_producer()
             self.producer.poll(POLL_INTERVAL_S)
+
+    def _replace_producer(self) -> None:
+        """An idempotent producer that hit a fatal error (e.g. a sequence gap after broker data
+        loss) refuses everything from then on: start a new one rather than 451 all mail forever."""
+        self._fatal.clear()
+        old, self.producer = self.producer, self._new_producer()
+        metrics.ERRORS.labels(STAGE, "producer_fatal").inc()
+        log.error("producer hit a fatal error; replaced it")
+        old.purge()  # its undelivered events fail now, and their sessions get 451
+        old.flush(0)
 
     async def send(self, topic: str, key: bytes, value: bytes) -> None:
         fut: asyncio.Future[None] = self.loop.create_future()
