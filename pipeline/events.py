@@ -35,6 +35,7 @@ out of band and carry a reference instead (a claim check); that is not built.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -125,9 +126,14 @@ def decode(value: bytes | None) -> MailEvent:
         raise EventError(f"unknown schema version {meta.get('v')!r}")
     try:
         env = meta["envelope"]
+        accepted_at = float(meta["accepted_at"])
+        if not math.isfinite(accepted_at):  # "nan" or "1e999" as a string: no time, no file name
+            raise ValueError(f"accepted_at {meta['accepted_at']!r} is not a finite time")
+        if not isinstance(env["rcpt_to"], list):  # a string would become one recipient per character
+            raise TypeError("envelope.rcpt_to is not a list")
         return MailEvent(
             id=str(meta["id"]),
-            accepted_at=float(meta["accepted_at"]),
+            accepted_at=accepted_at,
             envelope=Envelope(
                 mail_from=str(env["mail_from"]),
                 rcpt_to=tuple(str(r) for r in env["rcpt_to"]),

@@ -21,6 +21,9 @@ def test_round_trip_keeps_raw_bytes_exactly():
     (b"", "empty"), (b"no newline at all", "no metadata"), (b"{not json\nbody", "not JSON"),
     (b'{"v":99,"id":"x"}\nbody', "unknown schema"), (b'{"v":1,"id":"x"}\nbody', "bad metadata"),
     (b"[1,2]\nbody", "not an object"),
+    (b'{"v":1,"id":"x","accepted_at":"nan","envelope":{"mail_from":"","rcpt_to":[]}}\n', "not a finite time"),
+    (b'{"v":1,"id":"x","accepted_at":"1e999","envelope":{"mail_from":"","rcpt_to":[]}}\n', "not a finite time"),
+    (b'{"v":1,"id":"x","accepted_at":1,"envelope":{"mail_from":"","rcpt_to":"bob@example.com"}}\n', "not a list"),
 ])
 def test_bad_records_raise_event_error_with_reason(value, reason):
     with pytest.raises(events.EventError, match=reason):
