@@ -57,7 +57,16 @@ REQUEST_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 2.0
 # End-offset history per partition for the interpolation fallback: an hour at 5 s samples.
 HISTORY = 720
-NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: the group never committed this partition
+# The probe reads one record per lagging partition: small fetches and no prefetching, so that
+# sampling a flood's backlog does not pull megabytes of mail per partition. (A record larger
+# than the fetch size still comes back whole.) EOF events tell "only markers left".
+PROBE = {
+    "enable.partition.eof": True,
+    "max.partition.fetch.bytes": 64 * 1024,
+    "fetch.max.bytes": 1024 * 1024,
+    "queued.min.messages": 1,
+    "queued.max.messages.kbytes": 1024,
+}
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ class LagMonitor:
         self.clock = clock
         self.probe_timeout = probe_timeout
         self.admin = kafka.admin(settings)
-        self._probe = kafka.consumer(settings, settings.group("lag-probe"), **{"enable.partition.eof": True})
+        self._probe = kafka.consumer(settings, settings.group("lag-probe"), **PROBE)
         self._windows: dict[tuple[str, str, int], Window] = {}
         self._history: dict[tuple[str, int], deque[tuple[float, int]]] = {}
         self._inputs = {settings.group(name): [settings.topic(k) for k in keys] for name, keys in GROUP_INPUTS.items()}
@@ -155,11 +164,23 @@ class LagMonitor:
                                           request_timeout=REQUEST_TIMEOUT_S)
         return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
-    def _read_at(self, positions: dict[tuple[str, int], int]) -> dict[tuple[str, int], float | None]:
-        """The timestamp (s) of the first readable record at each position; None when the
-        partition ends before any (only markers or aborted records). Missing: no answer in time."""
-        if not positions:
-            return {}
+    def _read_at(self, wanted: set[tuple[str, int, int]]) -> dict[tuple[str, int, int], float | None]:
+        """For each (topic, partition, offset): the timestamp (s) of the first readable record
+        from that offset on; None when the partition ends before any (only transaction markers
+        or aborted records). Missing: no answer within the probe timeout."""
+        by_partition: dict[tuple[str, int], list[int]] = {}
+        for t, p, o in sorted(wanted):
+            by_partition.setdefault((t, p), []).append(o)
+        found: dict[tuple[str, int, int], float | None] = {}
+        # A consumer holds a partition once, so groups at different offsets of one partition
+        # (deliver and reputation both read ham) are read in successive rounds.
+        for i in range(max((len(v) for v in by_partition.values()), default=0)):
+            positions = {tp: offs[i] for tp, offs in by_partition.items() if len(offs) > i}
+            for tp, ts in self._read_round(positions).items():
+                found[(*tp, positions[tp])] = ts
+        return found
+
+    def _read_round(self, positions: dict[tuple[str, int], int]) -> dict[tuple[str, int], float | None]:
         self._probe.assign([TopicPartition(t, p, o) for (t, p), o in positions.items()])
         found: dict[tuple[str, int], float | None] = {}
         deadline = time.monotonic() + self.probe_timeout
@@ -197,8 +218,7 @@ class LagMonitor:
             for tp, off in offsets.items():
                 if tp in ends:
                     position[(group, *tp)] = off if off is not None else starts.get(tp, 0)
-        behind = {(t, p): pos for (_, t, p), pos in position.items() if ends[(t, p)] > pos}
-        read = self._read_at(behind)
+        read = self._read_at({(t, p, pos) for (_, t, p), pos in position.items() if ends[(t, p)] > pos})
 
         out: list[PartitionLag] = []
         for (group, topic, part), pos in sorted(position.items()):
@@ -206,10 +226,11 @@ class LagMonitor:
             end = ends[tp]
             lag = max(0, end - pos)
             seconds: float | None = 0.0
-            if lag and tp in read and read[tp] is None:
+            at = (topic, part, pos)
+            if lag and at in read and read[at] is None:
                 lag = 0  # nothing but transaction markers past the committed offset
             elif lag:
-                written = read.get(tp)
+                written = read.get(at)
                 if written is None:
                     written = interpolate_time(list(self._history[tp]), pos)
                 seconds = max(0.0, now - written) if written is not None else None

@@ -154,6 +154,26 @@ def test_transaction_markers_are_not_lag(topic_settings: Settings, monitor: tupl
         consumer.close()
 
 
+def test_groups_at_different_offsets_of_one_partition(topic_settings: Settings) -> None:
+    """deliver and reputation both read ham: each group's lag is its own."""
+    s = topic_settings
+    ham = s.topic("ham")
+    produce(s, ham, 0, 5, transactional=True)
+    caught_up, behind = s.group("deliver"), s.group("reputation")
+    for group, offset in ((caught_up, 5), (behind, 2)):
+        c = kafka.consumer(s, group)
+        c.commit(offsets=[TopicPartition(ham, 0, offset)], asynchronous=False)
+        c.close()
+    mon = LagMonitor(s, [caught_up, behind])
+    try:
+        rows = [r for r in mon.sample() if r.topic == ham and r.partition == 0]
+    finally:
+        mon.close()
+    by_group = {r.group: r for r in rows}
+    assert by_group[caught_up].lag == 0  # only the commit marker is left
+    assert by_group[behind].lag == 4 and by_group[behind].lag_seconds is not None  # 3 records + marker
+
+
 @pytest.mark.parametrize(("history", "offset", "expected"), [
     ([(0.0, 0), (10.0, 10)], 4, 5.0),  # the 5th of 10 records written in 10 s
     ([(0.0, 10), (10.0, 20)], 5, 0.0),  # written before the first sample: its time bounds the age
