@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import threading
 import time
@@ -202,8 +203,14 @@ class _Server(SMTP):
 
 
 def _client(session: Session | None) -> str:
+    """The peer's IP address (an IPv4 client of a dual-stack listener as plain IPv4)."""
     peer = session.peer if session else None
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+    host = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(host)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+    return host
 
 
 class Handler:
@@ -308,7 +315,15 @@ class SmtpIngress:
         self.bridge = KafkaBridge(self.settings, self.loop)
         self._thread = threading.Thread(target=self.loop.run_forever, name="smtp", daemon=True)
         self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(10)
+        try:
+            self.port = asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(10)
+        except Exception:  # e.g. the port is taken: leave no thread or producer behind
+            self.bridge.close(0)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self.loop.close()
+            self._thread = None
+            raise
         log.info("listening", extra={"host": self.host, "port": self.port,
                                      "domains": list(self.settings.smtp.domains)})
         return self.port
