@@ -7,6 +7,11 @@ is harmless: each event has one deterministic file name per mailbox and is found
 Per record: not a mail event, not ham, or no recipients → dead-letter with the reason; a disk
 error or an unavailable downstream → :class:`TransientError` (the batch is retried later, nothing
 committed); a permanent downstream rejection → dead-letter with the server's reply.
+
+Downstream delivery cannot look into the server's mailboxes: within one worker a retried batch
+skips recipients already accepted, but a worker that dies after the server's 250 and before its
+offset commit makes its successor send that message again. The ``X-Floodgate-Trace`` header
+carries the event id for a downstream that wants to deduplicate.
 """
 
 from __future__ import annotations
