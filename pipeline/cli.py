@@ -102,7 +102,6 @@ def reputation(
     partitions: int = typer.Option(6, help="partitions of its internal topics and tables (max. workers)"),
     store: str = typer.Option("memory", help="table store: memory, or rocksdb (needs rocksdict)"),
     datadir: str = typer.Option("", help="Faust's data directory (default .run/reputation)"),
-    guarantee: str = typer.Option("at_least_once", help="at_least_once or exactly_once"),
     loglevel: str = typer.Option("info", help="log level"),
 ) -> None:
     """Keep per-sender ham/spam tables (Faust); publish who is known-good to the reputation topic."""
@@ -111,8 +110,7 @@ def reputation(
     from pipeline import reputation as stage
 
     stage.run(config.load(), loglevel=loglevel, web_port=None if web_port < 0 else web_port,
-              partitions=partitions, store=store, datadir=Path(datadir) if datadir else stage.DEFAULT_DATADIR,
-              guarantee=guarantee)
+              partitions=partitions, store=store, datadir=Path(datadir) if datadir else stage.DEFAULT_DATADIR)
 
 
 @app.command()

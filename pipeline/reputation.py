@@ -30,14 +30,21 @@ Both tables have changelog topics on the broker, so a restarted or rebalanced wo
 recovers them (the in-memory store replays the changelog at start; ``rocksdb://`` keeps a
 local copy and replays only the tail, if ``rocksdict`` is installed).
 
-Delivery: at-least-once by default. Faust flushes its producer (observations, changelogs,
-standings) before it commits input offsets, so nothing is lost; a crash can count a few
-records twice, which an advisory count tolerates. A standing is published and acknowledged
-before the table records it as published, so a crash never leaves a change unpublished.
+Delivery: at-least-once. Faust flushes its producer (observations, changelogs, standings)
+before it commits input offsets, so nothing is lost; a crash can count a few records twice,
+which an advisory count tolerates. A standing is published and acknowledged before the table
+records it as published, so a crash never leaves a change unpublished (it may repeat one).
+
+Not exactly-once, because Faust's ``exactly_once`` cannot carry this topology: it picks the
+transactional producer for a send by the *destination* partition, but commits only the
+transactions of input partitions whose offsets moved. Observations (a repartition by sender
+key) land in transactions that are never committed, and ``tally`` (``read_committed``) never
+sees them: on this broker nothing was ever tallied. Counts are advisory, so at-least-once is
+the right trade here anyway.
+
 Caveat: Faust's at-least-once consumer reads ``read_uncommitted``, so records of a classify
-transaction that was later aborted (and retried) are counted too, i.e. double counts after a
-classifier crash. ``--guarantee exactly_once`` (Faust over aiokafka transactions, one
-producer per input partition) reads ``read_committed`` and makes counts exact.
+transaction that was later aborted (and retried) are counted too: a few double counts after a
+classifier crash, never a missed one.
 
 Web (optional, ``--web-port`` or ``FLOODGATE_WORKER_METRICS_PORT``; loopback by default):
 ``/reputation/senders/{key}/`` (routed to the worker that owns the key),
@@ -184,8 +191,7 @@ def declare_observations(settings: Settings, partitions: int) -> None:
 
 
 def build_app(settings: Settings, *, web_port: int | None = None, partitions: int = DEFAULT_PARTITIONS,
-              store: str = "memory", datadir: Path = DEFAULT_DATADIR,
-              guarantee: str = "at_least_once") -> faust.App:
+              store: str = "memory", datadir: Path = DEFAULT_DATADIR) -> faust.App:
     """The Faust app; ``web_port`` None means the configured metrics port (0: no web server)."""
     if web_port is None:
         web_port = settings.worker.metrics_port
@@ -196,7 +202,7 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
         broker_credentials=broker_credentials(settings),
         store=store_url(store),
         datadir=str(datadir),
-        processing_guarantee=guarantee,
+        processing_guarantee="at_least_once",  # see the module docstring
         topic_partitions=partitions,
         topic_replication_factor=replication_factor(settings),
         web_enabled=web_port != 0,
