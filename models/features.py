@@ -38,7 +38,11 @@ MAX_PART_BYTES = 12_000
 MAX_TEXT_CHARS = 12_000
 MAX_PARTS = 24  # MIME parts looked at per message; a bomb of thousands of parts costs no more
 MAX_DEPTH = 4  # nesting of multiparts / message/rfc822
+# Only this much of a message is looked at (headers and the first parts); a bigger message is
+# mostly attachment, and the cap bounds the cost of any input, 10 MiB attachment bombs included.
+MAX_MESSAGE_BYTES = 256_000
 MAX_HEAD_BYTES = 32_000  # a header block beyond this is garbage or an attack; the rest is body
+MAX_HEADER_CHARS = 1_000  # of a Subject or From value: a longer one is an attack, its start says enough
 
 # Where the SpamAssassin corpus was collected: these hosts appear in its ham and spam for reasons
 # unrelated to spamminess (list servers, the collector's own domains, anonymised addresses).
@@ -58,6 +62,7 @@ _ADDR_DOMAIN = re.compile(r"@([a-z0-9.-]+\.[a-z]{2,})", re.I)
 # These run on lower-cased text: case-insensitive patterns cost several times more.
 _URL = re.compile(r"(?:https?://|www\.)([a-z0-9.-]+)[^\s\"'<>]*")
 _EMAIL_DOMAIN = re.compile(r"@([a-z0-9-]+(?:\.[a-z0-9-]+)+)")  # anchored on '@': a fast scan, no backtracking
+_LOCAL_PART_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._+-=")
 _IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 # Words: letters then letters, digits, ' or $; money amounts; each CJK character on its own (those
 # scripts do not separate words with spaces). Bare numbers are left out.
@@ -109,8 +114,13 @@ def _b64(data: bytes) -> bytes:
 
 
 def _headers(head: bytes) -> dict[str, str]:
+    head = head[:MAX_HEAD_BYTES]
+    try:
+        text = head.decode("utf-8")  # raw UTF-8 headers (RFC 6532) are common; fails fast when not
+    except UnicodeDecodeError:
+        text = head.decode("latin-1")
     out: dict[str, str] = {}
-    for name, value in _HEADER.findall(head[:MAX_HEAD_BYTES].decode("latin-1")):
+    for name, value in _HEADER.findall(text):
         key = name.lower()
         if key not in out:
             out[key] = _FOLD.sub(" ", value).strip()
@@ -269,13 +279,29 @@ class _Extractor:
                 self._host("url", host)
             text = _URL.sub(" ", text)
         if "@" in text:
-            for host in _EMAIL_DOMAIN.findall(text):
-                self._host("email", host)
-            text = _EMAIL_DOMAIN.sub(" ", text)
+            text = self._addresses(text)
         self.text.append(text)
+
+    def _addresses(self, text: str) -> str:
+        """Mail addresses -> ``email:<domain>`` tokens; the local part is dropped too (anonymised
+        ``zzzz@`` in the corpus, personal names elsewhere). Scans back from each '@' by hand: a regex
+        that starts at the local part backtracks at every word and costs 100 µs a message."""
+        pieces = []
+        pos = 0
+        for m in _EMAIL_DOMAIN.finditer(text):
+            self._host("email", m.group(1))
+            start = m.start()
+            floor = max(pos, start - 64)
+            while start > floor and text[start - 1] in _LOCAL_PART_CHARS:
+                start -= 1
+            pieces.append(text[pos:start])
+            pos = m.end()
+        pieces.append(text[pos:])
+        return " ".join(pieces)
 
 
 def _message_tokens(raw: bytes) -> str:
+    raw = raw[:MAX_MESSAGE_BYTES]
     if raw.startswith(b"From "):  # an mbox separator line: envelope sender and date, not the message
         raw = raw[raw.find(b"\n") + 1:]
     head, body = _split(raw)
@@ -286,13 +312,13 @@ def _message_tokens(raw: bytes) -> str:
         body = head
     ex.part(headers, body, 0)
     tokens = ex.tokens
-    subject = _SUBJECT_TAG.sub("", _decode_words(headers.get("subject", "")))
+    subject = _SUBJECT_TAG.sub("", _decode_words(headers.get("subject", "")[:MAX_HEADER_CHARS]))
     tokens.extend("s:" + w for w in _WORDS.findall(subject.lower()))
     if not subject:
         tokens.append("s:__empty")
     elif len(subject) > 8 and sum(c.isupper() for c in subject) > 0.6 * sum(c.isalpha() for c in subject):
         tokens.append("s:__shouting")
-    sender = _decode_words(headers.get("from", ""))
+    sender = _decode_words(headers.get("from", "")[:MAX_HEADER_CHARS])
     m = _ADDR_DOMAIN.search(sender)
     if m:
         ex._host("from", m.group(1))

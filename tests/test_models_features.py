@@ -1,0 +1,99 @@
+"""MailText: what it reads, what it must ignore, and that no bytes make it raise."""
+
+from __future__ import annotations
+
+import base64
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from models.features import MailText, message_tokens
+from tests import hostile
+
+
+def tokens(raw: bytes) -> list[str]:
+    return message_tokens(raw).split()
+
+
+PLAIN = (b"From: Alice Example <alice@mail.example.org>\r\nTo: bob@example.net\r\nSubject: Lunch on Friday\r\n"
+         b"Content-Type: text/plain; charset=us-ascii\r\n\r\nShall we meet at noon? See http://www.cafe.example.ie/menu\r\n")
+
+
+def test_plain_message_tokens() -> None:
+    got = tokens(PLAIN)
+    for t in ("s:lunch", "s:friday", "shall", "meet", "noon", "ct:text/plain", "cs:us-ascii",
+              "from:mail.example.org", "fromreg:example.org", "fromname:alice", "url:cafe.example.ie",
+              "urlreg:example.ie"):
+        assert t in got, t
+    assert "http" not in got and "www" not in got  # URLs become host tokens, not words
+
+
+def test_verdicts_of_other_filters_are_ignored() -> None:
+    forged = (b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes, score=99.0\r\nX-Spam-Level: ***************\r\n"
+              b"X-Barracuda-Spam-Status: Yes\r\nX-Barracuda-Spam-Score: 9.9\r\n") + PLAIN
+    assert message_tokens(forged) == message_tokens(PLAIN)
+    for tag in (b"[SPAM] ", b"***SPAM*** ", b"[Spam?] ", b"{Spam?} ", b"Re: [SAtalk] "):
+        tagged = PLAIN.replace(b"Subject: ", b"Subject: " + tag)
+        assert message_tokens(tagged) == message_tokens(PLAIN), tag
+
+
+def test_collection_artefacts_are_ignored() -> None:
+    routed = (b"From exmh-workers-admin@redhat.com  Thu Aug 22 12:36:23 2002\n"
+              b"Return-Path: <exmh-workers-admin@spamassassin.taint.org>\nDelivered-To: zzzz@localhost.netnoteinc.com\n"
+              b"Received: from listman.spamassassin.taint.org by dogma.slashnull.org; Thu, 22 Aug 2002 12:36:16\n"
+              b"Date: Thu, 22 Aug 2002 12:36:16 +0100\n") + PLAIN.replace(b"\r\n", b"\n")
+    footer = (b"\n\n_______________________________________________\nExmh-workers mailing list\n"
+              b"Exmh-workers@spamassassin.taint.org\nhttps://listman.spamassassin.taint.org/mailman/listinfo/exmh-workers\n")
+    got = tokens(routed + b"It was 2002 then, write to zzzz@spamassassin.taint.org" + footer)
+    joined = " ".join(got)
+    for artefact in ("taint", "netnoteinc", "slashnull", "zzzz", "2002", "listinfo", "mailman", "mailing", "delivered"):
+        assert artefact not in joined, artefact
+    assert "shall" in got and "url:cafe.example.ie" in got
+
+
+def test_html_and_transfer_encodings() -> None:
+    html = b"<html><style>p {color:red}</style><body><p>Cheap <b>meds</b> &amp; more <a href='http://x.biz/a'>here</a>"
+    raw = (b"From: a@b.example\r\nSubject: =?utf-8?B?" + base64.b64encode("Grüße".encode()) + b"?=\r\n"
+           b"Content-Type: multipart/alternative; boundary=\"XX\"\r\n\r\n"
+           b"--XX\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+           b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+           b"Caf=E9 cr=E8me\r\n"
+           b"--XX\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(html)
+           + b"--XX\r\nContent-Type: application/pdf; name=\"invoice.pdf\"\r\n\r\nJVBERi0=\r\n"
+           b"--XX--\r\n")
+    got = tokens(raw)
+    for t in ("s:grüße", "café", "crème", "cheap", "meds", "more", "url:x.biz", "tag:a", "tag:p",
+              "ct:multipart/alternative", "ct:text/html", "cte:base64", "cte:quoted-printable", "att:pdf"):
+        assert t in got, t
+    assert "color" not in got and "href" not in got  # style sheets and markup are not text
+
+
+def test_cjk_is_tokenized_by_character() -> None:
+    raw = "Subject: 你好\r\nContent-Type: text/plain; charset=gb2312\r\n\r\n".encode() + "野蛮女友".encode("gb2312")
+    got = tokens(raw)
+    assert {"野", "蛮", "女", "友", "s:你", "cs:gb2312"} <= set(got)
+
+
+def test_every_hostile_message_gives_features() -> None:
+    cases = hostile.all_cases()
+    out = MailText().transform([c.raw for c in cases])
+    assert len(out) == len(cases)
+    for case, doc in zip(cases, out, strict=True):
+        assert isinstance(doc, str) and doc, case.name
+        assert doc != "mime:unparsable", case.name  # the fallback exists, but no known case should need it
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_any_bytes_give_a_string(raw: bytes) -> None:
+    assert isinstance(message_tokens(raw), str)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"Content-Type: multipart/mixed; boundary=b\r\n", b"--b\r\n", b"--b--\r\n",
+                                 b"Content-Transfer-Encoding: base64\r\n", b"Content-Type: text/html\r\n",
+                                 b"Content-Type: message/rfc822\r\n", b"\r\n", b"<a href=http://", b"=?utf-8?q?=",
+                                 b"\xff\xfe", b"Subject: x\r\n", b"@", b"&#x", b"\x00"]), max_size=60))
+def test_mime_shaped_garbage_gives_a_string(pieces: list[bytes]) -> None:
+    assert isinstance(message_tokens(b"".join(pieces)), str)
