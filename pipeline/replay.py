@@ -156,7 +156,8 @@ class EnvelopeSynth:
         n = int.from_bytes(_digest("rcpt", self.seed, name), "big") % self.users
         return f"user{n:04d}@{self.domains[n % len(self.domains)]}"
 
-    def envelope(self, raw: bytes, name: str) -> events.Envelope:
+    def envelope(self, raw: bytes, name: str, client: str | None = None) -> events.Envelope:
+        """``client`` overrides the client address (a load generator's bots share one)."""
         headers = envelope_headers(raw)
         mail_from = next((a for h in _SENDER_HEADERS for v in headers.get(h, ()) if (a := sanitize_address(v))), None)
         if mail_from:
@@ -165,10 +166,13 @@ class EnvelopeSynth:
             mid = _MESSAGE_ID_DOMAIN.search(next(iter(headers.get("message-id", ())), ""))
             domain = mid.group(1).lower() if mid and _DOMAIN.match(mid.group(1)) else UNKNOWN_DOMAIN
         return events.Envelope(mail_from=mail_from or "", rcpt_to=(self.recipient(name),),
-                               client_address=client_address(domain), helo=f"mail.{domain}")
+                               client_address=client or client_address(domain), helo=f"mail.{domain}")
 
 
 # -- replay ---------------------------------------------------------------------------------
+EnvelopeFor = Callable[["Message"], events.Envelope]
+
+
 @dataclass
 class ReplayResult:
     sent: int = 0  # handed to the producer
@@ -197,10 +201,11 @@ def select(messages: Iterable[Message], limit: int | None = None, shuffle: bool 
 def replay(settings: Settings, messages: Iterable[Message], rate: float | None = None, *,
            label_from_corpus: bool = False, users: int = DEFAULT_USERS, seed: int = 0,
            progress: bool = False, total: int | None = None, stop: threading.Event | None = None,
-           delivery_timeout_s: float = DELIVERY_TIMEOUT_S,
+           delivery_timeout_s: float = DELIVERY_TIMEOUT_S, envelope_for: EnvelopeFor | None = None,
            clock: Callable[[], float] = time.monotonic) -> ReplayResult:
     """Produce ``messages`` to the inbound topic at ``rate`` a second (None: as fast as possible)
-    and wait for every acknowledgement. ``stop`` ends the replay early (what was sent is flushed)."""
+    and wait for every acknowledgement. ``stop`` ends the replay early (what was sent is flushed).
+    ``envelope_for`` replaces the synthesised envelopes (e.g. a flood from a few bot clients)."""
     topic = settings.topic("inbound")
     synth = EnvelopeSynth(settings.smtp.domains, users, seed)
     max_bytes = settings.smtp.max_message_bytes
@@ -239,7 +244,8 @@ def replay(settings: Settings, messages: Iterable[Message], rate: float | None =
                 if wait > 0:
                     producer.poll(0)
                     time.sleep(wait)
-            event = events.new_event(synth.envelope(message.raw, message.name), message.raw, source=SOURCE,
+            envelope = envelope_for(message) if envelope_for else synth.envelope(message.raw, message.name)
+            event = events.new_event(envelope, message.raw, source=SOURCE,
                                      label=message.label if label_from_corpus else None)
             event = replace(event, extra={"corpus": {"group": message.group, "name": message.name}})
             labels[event.id] = event.label

@@ -178,6 +178,20 @@ def _write_sources(tmp_path: Path) -> tuple[Path, Path]:
     return box_path, eml
 
 
+def _inbound_events(settings: Settings, n: int) -> list[events.MailEvent]:
+    """Exactly ``n`` events on the inbound topic, read from every partition's start, and no more."""
+    c = kafka.consumer(settings, settings.group("test-replay"))
+    topic = settings.topic("inbound")
+    parts = kafka.admin(settings).list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    try:
+        got = [events.decode(m.value()) for m in consume_n(c, n)]
+        assert not [m for m in c.consume(10, timeout=1.0) if not m.error()]  # and nothing more
+    finally:
+        c.close()
+    return got
+
+
 @pytest.mark.kafka
 def test_replay_puts_exactly_those_messages_on_the_inbound_topic(topic_settings: Settings, tmp_path: Path) -> None:
     settings = replace(topic_settings, smtp=replace(topic_settings.smtp, domains=DOMAINS, max_message_bytes=1000))
@@ -189,15 +203,7 @@ def test_replay_puts_exactly_those_messages_on_the_inbound_topic(topic_settings:
 
     assert (result.sent, result.delivered, result.failed, result.skipped) == (4, 4, 0, 1)
     assert result.labels == {"spam": 2, "ham": 2}
-    c = kafka.consumer(settings, settings.group("test-replay"))
-    topic = settings.topic("inbound")
-    parts = kafka.admin(settings).list_topics(topic, timeout=10).topics[topic].partitions
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    try:
-        got = {e.id: e for e in (events.decode(m.value()) for m in consume_n(c, 4))}
-        assert not [m for m in c.consume(10, timeout=1.0) if not m.error()]  # and nothing more
-    finally:
-        c.close()
+    got = {e.id: e for e in _inbound_events(settings, 4)}
     assert set(got) == set(result.event_ids)
     by_name = {e.extra["corpus"]["name"]: e for e in got.values()}
     assert set(by_name) == {"spam.mbox:0", "spam.mbox:1", "ham/1.eml", "ham/2.eml"}
@@ -213,7 +219,14 @@ def test_replay_puts_exactly_those_messages_on_the_inbound_topic(topic_settings:
 
 
 @pytest.mark.kafka
-def test_replay_without_ground_truth_carries_no_label(topic_settings: Settings, tmp_path: Path) -> None:
+def test_replay_without_ground_truth_and_with_given_envelopes(topic_settings: Settings, tmp_path: Path) -> None:
     box_path, _ = _write_sources(tmp_path)
-    result = replay(topic_settings, iter_messages(box_path), rate=1000.0)
+    synth = EnvelopeSynth(topic_settings.smtp.domains)
+    bot = "203.0.113.66"
+    result = replay(topic_settings, iter_messages(box_path), rate=1000.0,
+                    envelope_for=lambda m: synth.envelope(m.raw, m.name, client=bot))
     assert result.delivered == 2 and result.labels == {"unlabelled": 2}
+    got = _inbound_events(topic_settings, 2)
+    assert {e.label for e in got} == {None}
+    assert {e.envelope.client_address for e in got} == {bot}
+    assert {e.envelope.mail_from for e in got} == {"winner@lottery.test", "pills@pharma.test"}
