@@ -37,6 +37,11 @@ STAGE = "deliver"
 # recipient was deferred does not hand the others their copy again. Bounded: a batch is at most
 # a few hundred events; this covers many batches.
 SENT_MEMORY = 100_000
+# A crashed worker keeps its partitions until the broker gives up on it (librdkafka's default
+# session timeout is 45 s): 45 s of undelivered ham. 10 s hands them over sooner while staying
+# above the brokers' minimum (group.min.session.timeout.ms, 6 s by default); heartbeats come from
+# librdkafka's own thread, so slow batches do not count against it.
+CONSUMER = {"session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000}
 
 
 class Deliverer:
@@ -131,7 +136,9 @@ class Deliverer:
 def build(service: Service) -> tuple[Loop, Deliverer]:
     s = service.settings
     deliverer = Deliverer(s)
-    return Loop(service, STAGE, s.group(STAGE), [s.topic("ham")], deliverer.handle, transactional=False), deliverer
+    worker = Loop(service, STAGE, s.group(STAGE), [s.topic("ham")], deliverer.handle, transactional=False,
+                  consumer_overrides=CONSUMER)
+    return worker, deliverer
 
 
 def serve(service: Service) -> None:

@@ -241,3 +241,21 @@ def test_the_deliver_command_delivers_serves_metrics_and_exits_0_on_sigterm(topi
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert event_ids(delivered_files(s.paths.maildir_root)) == [event.id]
+
+
+def test_a_killed_deliver_process_loses_nothing_and_duplicates_nothing(topic_settings):
+    s = replace(topic_settings, worker=replace(topic_settings.worker, batch_size=20))
+    root = s.paths.maildir_root
+    ham = [classified("ham", i, rcpt=(f"user{i % 7}@example.com",)) for i in range(400)]
+    produce(s, "ham", ham)
+    with process(s, "deliver") as (proc, _port):
+        wait_for(lambda: len(delivered_files(root)) > 0, what="delivery under way")
+        proc.kill()  # SIGKILL: no batch finished, no offsets committed on the way out
+        proc.wait(30)
+    killed_at = len(delivered_files(root))
+    with process(s, "deliver") as (proc, _port):
+        wait_for(lambda: group_lag(s, s.group("deliver"), "ham") == 0, 120, what="the rest delivered")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    ids = event_ids(delivered_files(root))
+    assert sorted(ids) == sorted(e.id for e in ham), f"killed after {killed_at} files"

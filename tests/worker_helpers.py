@@ -136,7 +136,8 @@ def settings_env(settings: Settings, metrics_port: int) -> dict[str, str]:
             "FLOODGATE_CONFIG": str(p.quarantine_db.parent / "no-such-floodgate.toml"),
             "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers, "FLOODGATE_KAFKA_TOPIC_PREFIX": k.topic_prefix,
             "FLOODGATE_KAFKA_GROUP_PREFIX": k.group_prefix, "FLOODGATE_PATHS_MAILDIR_ROOT": str(p.maildir_root),
-            "FLOODGATE_PATHS_QUARANTINE_DB": str(p.quarantine_db), "FLOODGATE_WORKER_METRICS_PORT": str(metrics_port)}
+            "FLOODGATE_PATHS_QUARANTINE_DB": str(p.quarantine_db), "FLOODGATE_WORKER_METRICS_PORT": str(metrics_port),
+            "FLOODGATE_WORKER_BATCH_SIZE": str(settings.worker.batch_size)}
 
 
 def ready(port: int) -> bool:
