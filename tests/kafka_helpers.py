@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 T = TypeVar("T")
 
@@ -36,3 +37,23 @@ def consume_n(consumer: Consumer, n: int, timeout: float = 30.0) -> list[Message
                 raise AssertionError(f"consume error: {msg.error()}")
             got.append(msg)
     return got
+
+
+def records_on(admin: AdminClient, topic: str, timeout: float = 30.0) -> int:
+    """Records on ``topic`` (sum of its partitions' end offsets), in one ListOffsets request.
+
+    Retries while a freshly created topic's partitions still elect their leaders.
+    (``Consumer.get_watermark_offsets`` asks one partition at a time: ~0.5 s each.)
+    """
+    def count() -> list[int] | None:
+        parts = admin.list_topics(topic, timeout=10).topics[topic].partitions
+        futures = admin.list_offsets({TopicPartition(topic, p): OffsetSpec.latest() for p in parts},
+                                     request_timeout=10)
+        try:
+            return [sum(f.result().offset for f in futures.values())]
+        except KafkaException as e:
+            if e.args[0].retriable() or e.args[0].code() == KafkaError.NOT_LEADER_FOR_PARTITION:
+                return None
+            raise
+
+    return wait_for(count, timeout, what=f"end offsets of {topic}")[0]

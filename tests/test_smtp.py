@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline import events, kafka
 from pipeline.config import Settings
 from pipeline.smtp import SmtpIngress
-from tests.kafka_helpers import consume_n, wait_for
+from tests.kafka_helpers import consume_n, records_on, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -57,21 +57,7 @@ def _inbound(settings: Settings) -> Consumer:
 
 
 def _inbound_count(settings: Settings) -> int:
-    """Records on the inbound topic (retrying while fresh partitions still elect their leaders)."""
-    c = _inbound(settings)
-
-    def count() -> list[int] | None:
-        try:
-            return [sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in c.assignment())]
-        except KafkaException as e:
-            if e.args[0].retriable() or e.args[0].code() == KafkaError.NOT_LEADER_FOR_PARTITION:
-                return None
-            raise
-
-    try:
-        return wait_for(count, what="inbound watermarks")[0]
-    finally:
-        c.close()
+    return records_on(kafka.admin(settings), settings.topic("inbound"))
 
 
 def _event_id(reply: bytes) -> str:
