@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline import events, kafka
 from pipeline.config import Settings
-from pipeline.smtp import SmtpIngress
+from pipeline.smtp import SmtpIngress, normalize_domain
 from tests.kafka_helpers import consume_n, records_on, wait_for
 
 pytestmark = pytest.mark.kafka
@@ -170,6 +170,17 @@ def test_smtputf8_addresses_are_accepted_for_local_domains(server: int, smtp_set
         c.close()
     env = events.decode(msg.value()).envelope
     assert (env.mail_from, env.rcpt_to) == ("jörg@absender.test", ("zoë@example.com",))
+
+
+@pytest.mark.parametrize(("domain", "expected"), [
+    ("Example.COM.", "example.com"),
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+    ("[192.0.2.1]", None),
+    ("", None),
+])
+def test_normalize_domain(domain: str, expected: str | None) -> None:
+    assert normalize_domain(domain) == expected
 
 
 def test_per_connection_message_limit(smtp_settings: Settings) -> None:
