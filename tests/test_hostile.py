@@ -1,0 +1,461 @@
+"""Hostile mail through Floodgate: in-process stage handlers, the real pipeline, SMTP, entry points.
+
+The corpus is :mod:`tests.hostile` (built at test time). What must hold for every message:
+
+* it is classified (ham or spam, a probability in [0, 1]) or dead-lettered with a reason, never dropped;
+* no worker crashes or stalls: after the hostile run the workers are alive, every group's lag
+  returns to 0, and normal mail sent afterwards is still placed;
+* recipients crafted to escape the Maildir root get mailboxes inside it (checked on disk);
+* no message text, and no Kafka password, ever reaches a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import smtplib
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Message
+
+from models import corpus, registry
+from pipeline import accounting, config, events, kafka, review, traffic
+from pipeline.classify import Classifier
+from pipeline.cleanup import Cleanup
+from pipeline.deliver import Deliverer
+from pipeline.kafka import topics
+from pipeline.service import Service
+from pipeline.sinks import maildir
+from pipeline.sinks.quarantine import Quarantine
+from pipeline.smtp import SmtpIngress
+from pipeline.triage import Triage
+from pipeline.workers import STANDARD, WorkerSet
+from tests import hostile
+from tests.kafka_helpers import consume_n, wait_for
+from tests.worker_helpers import group_lag
+
+SECRET = "QX7SASLPASSWORD-do-not-log"
+
+
+def _message(topic: str, event: events.MailEvent | bytes, offset: int) -> Message:
+    value = events.encode(event) if isinstance(event, events.MailEvent) else event
+    key = event.key if isinstance(event, events.MailEvent) else b"junk"
+    return Message(topic=topic, partition=0, offset=offset, key=key, value=value)
+
+
+def _files_under(root: Path) -> list[Path]:
+    return [Path(d) / f for d, _, files in os.walk(root) for f in files]
+
+
+# --- in-process: every stage handler on every hostile message ---------------------------------
+
+@pytest.fixture(scope="module")
+def local_settings(trained_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> config.Settings:
+    tmp = tmp_path_factory.mktemp("hostile-local")
+    base = config.load(env={})
+    return replace(base, paths=replace(base.paths, maildir_root=tmp / "root" / "maildirs",
+                                       quarantine_db=tmp / "root" / "q.sqlite3", registry=trained_registry))
+
+
+@pytest.fixture(scope="module")
+def routed(local_settings: config.Settings) -> dict[str, events.MailEvent]:
+    """Every hostile case through triage and classify, in process: case name -> classified event."""
+    s = local_settings
+    service = Service("hostile", s)
+    cases = hostile.all_cases()
+    sent = {c.name: c.event() for c in cases}
+    triage = Triage(s, service)
+    laned = triage.handle([_message(s.topic("inbound"), ev, i) for i, ev in enumerate(sent.values())])
+    assert {o.topic for o in laned} <= {s.topic("priority"), s.topic("bulk")}, "triage dead-lettered a valid event"
+    out: dict[str, events.MailEvent] = {}
+    by_id = {ev.id: name for name, ev in sent.items()}
+    for lane in ("priority", "bulk"):
+        msgs = [Message(topic=o.topic, partition=0, offset=i, key=o.key, value=o.value)
+                for i, o in enumerate(laned) if o.topic == s.topic(lane)]
+        if not msgs:
+            continue
+        for o in Classifier(s, lane, service).handle(msgs):
+            assert o.topic in (s.topic("ham"), s.topic("spam")), f"classify put a valid event on {o.topic}"
+            ev = events.decode(o.value)
+            out[by_id[ev.id]] = ev
+    assert set(out) == set(sent), f"events lost in triage or classify: {set(sent) - set(out)}"
+    return out
+
+
+def test_every_hostile_message_is_classified_with_a_probability(routed: dict[str, events.MailEvent]) -> None:
+    for name, ev in routed.items():
+        assert ev.verdict in ("ham", "spam"), name
+        assert ev.score is not None and math.isfinite(ev.score) and 0.0 <= ev.score <= 1.0, name
+        assert ev.model_version and ev.lane in ("priority", "bulk"), name
+    # The bytes are carried verbatim: nothing was "repaired" on the way.
+    by_name = {c.name: c.raw for c in hostile.all_cases()}
+    assert all(ev.raw == by_name[name] for name, ev in routed.items())
+
+
+def test_forged_verdict_headers_do_not_move_the_score(trained_registry: Path) -> None:
+    """X-Spam-*, X-Barracuda-* and our own X-Floodgate-* from a sender are ignored by the model."""
+    model = registry.load_champion(trained_registry)
+    [case] = [c for c in hostile.all_cases() if c.name == "forged_verdict_headers"]
+    body_only = case.raw[case.raw.index(b"From: "):]
+    assert case.raw != body_only and b"X-Spam-Status" in case.raw
+    forged, clean = model.score([case.raw, body_only])
+    assert forged == pytest.approx(clean, abs=1e-9)
+
+
+def test_hostile_mail_as_ham_lands_inside_the_maildir_root(local_settings: config.Settings,
+                                                           routed: dict[str, events.MailEvent]) -> None:
+    """Every hostile event delivered as ham (whatever its verdict): contained, one copy per mailbox."""
+    s = local_settings
+    deliverer = Deliverer(s)
+    hams = [replace(ev, verdict="ham") for ev in routed.values()]
+    outputs = deliverer.handle([_message(s.topic("ham"), ev, i) for i, ev in enumerate(hams)])
+    assert outputs == [], [dict(o.headers).get("floodgate-reason") for o in outputs]
+    root = s.paths.maildir_root.resolve()
+    files = _files_under(s.paths.maildir_root.parent)
+    assert all(f.resolve().is_relative_to(root) for f in files if f.name.endswith(maildir.SUFFIX))
+    # Nothing but the Maildir tree and the quarantine appeared beside the root (no ../../etc/passwd).
+    assert {p.name for p in s.paths.maildir_root.parent.iterdir()} <= {"maildirs", "q.sqlite3", "q.sqlite3-wal",
+                                                                       "q.sqlite3-shm"}
+    for ev in hams:
+        boxes = {maildir.mailbox_path(s.paths.maildir_root, r) for r in ev.envelope.rcpt_to}
+        found = maildir.find(s.paths.maildir_root, ev.id)
+        assert len(found) == len(boxes), ev.envelope.rcpt_to[:3]
+    escape = routed["path_escape_recipients"]
+    assert len({maildir.mailbox_path(s.paths.maildir_root, r) for r in escape.envelope.rcpt_to}) == len(
+        hostile.PATH_ESCAPES), "distinct hostile recipients must not share a mailbox"
+    # Delivered bytes are our two trace headers over the original, even for a 1 MiB header block.
+    [copy] = maildir.find(s.paths.maildir_root, routed["huge_single_line_header"].id)
+    assert copy.read_bytes().endswith(routed["huge_single_line_header"].raw)
+
+
+def test_hostile_mail_as_spam_is_quarantined(local_settings: config.Settings,
+                                             routed: dict[str, events.MailEvent]) -> None:
+    s = local_settings
+    cleanup = Cleanup(s)
+    try:
+        spams = [replace(ev, verdict="spam") for ev in routed.values()]
+        assert cleanup.handle([_message(s.topic("spam"), ev, i) for i, ev in enumerate(spams)]) == []
+    finally:
+        cleanup.close()
+    store = Quarantine(s.paths.quarantine_db)
+    try:
+        assert store.count() == len(spams)
+        for ev in spams:
+            entry = store.entry(ev.id)
+            assert entry is not None and len(entry.subject) <= 200 and "\x00" not in entry.subject
+            assert store.event(ev.id) == ev  # a release would re-inject the very same event
+    finally:
+        store.close()
+
+
+def test_malformed_records_are_dead_lettered_with_reasons_in_process(local_settings: config.Settings) -> None:
+    s = local_settings
+    service = Service("hostile-junk", s)
+    junk = [b"", b"\x00" * 10, b"no newline", b"{}\n", b"[]\nx", b'{"v":1}\n', b'{"v":2,"id":"a"}\nx',
+            b'{"v":1,"id":"a","accepted_at":"nan","envelope":{"mail_from":"","rcpt_to":[]}}\n',
+            b'{"v":1,"id":"a","accepted_at":1,"envelope":{"mail_from":"","rcpt_to":"bob@example.com"}}\n']
+    for topic, handler in (("inbound", Triage(s, service).handle),
+                           ("priority", Classifier(s, "priority", service).handle),
+                           ("ham", Deliverer(s).handle)):
+        outputs = handler([_message(s.topic(topic), v, i) for i, v in enumerate(junk)])
+        assert [o.topic for o in outputs] == [s.topic("dead_letter")] * len(junk)
+        reasons = [dict(o.headers)["floodgate-reason"].decode() for o in outputs]
+        assert all("not a mail event" in r for r in reasons), reasons
+
+
+# --- the real pipeline: worker processes on the broker -----------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline(bootstrap: str, trained_registry: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[config.Settings, WorkerSet, Path]]:
+    tmp = tmp_path_factory.mktemp("hostile-e2e")
+    run = uuid.uuid4().hex[:8]
+    base = config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap})
+    settings = replace(
+        base,
+        kafka=replace(base.kafka, topic_prefix=f"hx{run}.", group_prefix=f"hx{run}"),
+        paths=replace(base.paths, maildir_root=tmp / "root" / "maildirs", quarantine_db=tmp / "root" / "q.sqlite3",
+                      registry=trained_registry),
+    )
+    admin = kafka.admin(settings)
+    topics.apply(settings, admin)
+    workers = WorkerSet(settings, tmp / "logs", base_port=9680)
+    # A Kafka password in every worker's environment: it must never be logged (no mechanism is set,
+    # so the local PLAINTEXT broker does not try to use it).
+    for name, argv in STANDARD.items():
+        workers.start(name, argv, extra_env={"FLOODGATE_KAFKA_SASL_PASSWORD": SECRET})
+    try:
+        workers.wait_ready()
+        yield settings, workers, tmp
+    finally:
+        codes = workers.stop_all()
+        topics.delete(settings, admin)
+    assert all(c == 0 for c in codes.values()), f"workers did not exit cleanly on SIGTERM: {codes}"
+
+
+def _send(settings: config.Settings, values: list[tuple[bytes, bytes]]) -> None:
+    producer = kafka.producer(settings)
+    errors: list[object] = []
+    for key, value in values:
+        producer.produce(settings.topic("inbound"), key=key, value=value,
+                         on_delivery=lambda err, _m: errors.append(err) if err else None)
+    assert producer.flush(60) == 0 and errors == []
+
+
+def test_hostile_corpus_through_the_real_pipeline(pipeline: tuple[config.Settings, WorkerSet, Path]) -> None:
+    settings, workers, tmp = pipeline
+    cases = hostile.all_cases()
+    sent = [c.event() for c in cases]
+    junk = [b"\x00\xff", b'{"v":1}\nbody', b"{broken\n" + hostile.marker("junk")]
+    _send(settings, [(ev.key, events.encode(ev)) for ev in sent] + [(b"junk", j) for j in junk])
+    ids = {ev.id for ev in sent}
+    root = settings.paths.maildir_root
+    # Mailbox copies per event: one per distinct mailbox of its recipients (when it is delivered).
+    copies = {ev.id: len({maildir.mailbox_path(root, r) for r in ev.envelope.rcpt_to}) for ev in sent}
+
+    def all_placed() -> accounting.Found | None:
+        found = accounting.scan(settings)
+        junk_dead = sum(1 for r in found.dead.values() if r.startswith("triage: not a mail event"))
+        return found if ids <= set(found.delivered) | set(found.quarantined) | set(found.dead) and junk_dead == 3 \
+            else None
+
+    found = wait_for(all_placed, timeout=120, what="every hostile event placed, junk dead-lettered")
+    ledger = accounting.reconcile(ids, found, copies)
+    assert ledger.ok, ledger.summary()
+    # Valid events with hostile bodies are classified, not dead-lettered.
+    assert not ids & set(found.dead), {i: found.dead[i] for i in ids & set(found.dead)}
+
+    # Normal mail sent after the hostile run still flows.
+    msgs = list(corpus.load_spamassassin(config.ROOT / "data", groups=("easy_ham_2",)))[:10]
+    rng = random.Random(7)
+    plan = [traffic.Planned(0.0, m.raw, "ham", "base", traffic.envelope_for(m.raw, rng)) for m in msgs]
+    after = traffic.send(kafka.producer(settings), settings.topic("inbound"), plan)
+
+    def later_placed() -> bool:
+        now = accounting.scan(settings, dead_letters=False)
+        return after.acked <= set(now.delivered) | set(now.quarantined)
+
+    wait_for(later_placed, timeout=60, what="later mail placed")
+
+    # No worker died or stalls: all alive, every group's lag back to 0.
+    assert all(w.alive() for w in workers.workers.values()), {n: w.alive() for n, w in workers.workers.items()}
+    groups = {"triage": "inbound", "classify-priority": "priority", "classify-bulk": "bulk", "deliver": "ham",
+              "cleanup": "spam"}
+    wait_for(lambda: all(group_lag(settings, settings.group(g), t) == 0 for g, t in groups.items()),
+             timeout=60, what="every group's lag back to 0")
+
+    # Path-escaping recipients: every file the workers wrote is inside the Maildir root or the quarantine.
+    real_root = root.resolve()
+    for f in _files_under(tmp / "root"):
+        assert f.resolve().is_relative_to(real_root) or f.name.startswith("q.sqlite3"), f
+    escape = next(ev for ev in sent if ev.envelope.rcpt_to == hostile.PATH_ESCAPES)
+    if escape.id in found.delivered:
+        assert len(maildir.find(root, escape.id)) == len(hostile.PATH_ESCAPES)
+
+    # Logs: JSON lines, no message text, no password.
+    logs = {p.name: p.read_text(errors="replace") for p in (tmp / "logs").glob("*.log")}
+    assert set(logs) == {f"{n}.log" for n in STANDARD}
+    for name, text in logs.items():
+        assert hostile.MARKER not in text, f"{name} logged message text"
+        assert SECRET not in text, f"{name} logged the Kafka password"
+        for line in text.splitlines():
+            if line.startswith("{"):
+                json.loads(line)  # structured lines stay parseable, whatever the mail held
+
+
+# --- SMTP: hostile conversations with the in-process server --------------------------------------
+
+@pytest.fixture
+def smtp_server(topic_settings: config.Settings) -> Iterator[tuple[config.Settings, int]]:
+    ingress = SmtpIngress(topic_settings, host="127.0.0.1", port=0)  # default limits (10 MiB)
+    port = ingress.start()
+    try:
+        yield topic_settings, port
+    finally:
+        ingress.stop()
+
+
+def _inbound_events(settings: config.Settings, n: int) -> list[events.MailEvent]:
+    c = kafka.consumer(settings, settings.group(f"check-{uuid.uuid4().hex[:6]}"))
+    c.subscribe([settings.topic("inbound")])
+    try:
+        return [events.decode(m.value()) for m in consume_n(c, n)]
+    finally:
+        c.close()
+
+
+def test_broker_message_size_is_never_reached_smtp_refuses_with_552(smtp_server) -> None:
+    settings, port = smtp_server
+    broker_max = int(config.topic_spec()["defaults"]["max_message_bytes"])
+    producer_max = kafka.DURABLE_PRODUCER["message.max.bytes"]
+    # Mail one byte above what one record can hold: refused at SMTP, never truncated, never a 451 loop.
+    huge = b"Subject: too big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (broker_max // 1000 + 1)
+    assert len(huge) > broker_max
+    with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
+        s.ehlo("mx.sender.test")
+        assert s.mail("a@sender.test", [f"SIZE={len(huge)}"])[0] == 552  # declared: refused at MAIL
+        assert s.mail("a@sender.test")[0] == 250  # undeclared: read to the end, refused after DATA
+        assert s.rcpt(f"bob@{hostile.DOMAIN}")[0] == 250
+        code, reply = s.data(huge)
+        assert (code, reply[:5]) == (552, b"5.3.4")
+        assert s.noop()[0] == 250  # the session survives
+    # The SMTP limit leaves room for the event metadata (100 recipients of 256 bytes) below both limits.
+    headroom = 100 * 256 + 4096
+    assert settings.smtp.max_message_bytes + headroom <= min(broker_max, producer_max)
+
+
+def test_hostile_smtp_conversation_then_normal_mail_flows(smtp_server) -> None:
+    settings, port = smtp_server
+    accepted: list[str] = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+        s.ehlo("mx.sender.test")
+        # Relay tricks: source routes, a local domain as a suffix or in the local part, literals.
+        for rcpt in ("victim@evil.test", "<@example.com:victim@evil.test>", "victim@example.com@evil.test",
+                     "victim@example.com.evil.test", "victim@[192.0.2.1]", "victim@evil.test.", "victim"):
+            s.rset()
+            assert s.mail("spammer@sender.test")[0] == 250
+            assert s.rcpt(rcpt)[0] in (550, 553), rcpt  # relay denied, or not an address at all
+        # Path-escaping recipients at a local domain are accepted; their containment is the sink's job.
+        s.rset()
+        assert s.mail("a@sender.test")[0] == 250
+        for rcpt in (f"../../etc/passwd@{hostile.DOMAIN}", f"{'x' * 200}@{hostile.DOMAIN}"):
+            assert s.rcpt(rcpt)[0] == 250
+            accepted.append(rcpt)
+        # 8-bit headers, NUL bytes, bare CR: accepted verbatim.
+        raw = hostile.message([("Subject", b"\xff\xfe caf\xe9"), ("X-Nul", b"a\x00b")], b"body\x00\rmore\r\n")
+        assert s.data(raw)[0] == 250
+        # An empty message.
+        assert s.mail("a@sender.test")[0] == 250 and s.rcpt(f"bob@{hostile.DOMAIN}")[0] == 250
+        assert s.data(b"")[0] == 250
+        # A NUL in an address is refused as a command syntax error or accepted as text; never a crash.
+        s.rset()
+        assert s.mail("a@sender.test")[0] == 250
+        assert s.rcpt(f"bo\x00b@{hostile.DOMAIN}")[0] in (250, 501, 553)
+    # After all that, an ordinary message on a new connection.
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+        s.ehlo("mx.sender.test")
+        assert s.sendmail("a@sender.test", [f"carol@{hostile.DOMAIN}"], b"Subject: hi\r\n\r\nhello\r\n") == {}
+    got = _inbound_events(settings, 3)
+    rcpts = [e.envelope.rcpt_to for e in got]
+    assert tuple(accepted) in rcpts and (f"carol@{hostile.DOMAIN}",) in rcpts
+    hostile_event = next(e for e in got if e.envelope.rcpt_to == tuple(accepted))
+    assert b"\xff\xfe caf\xe9" in hostile_event.raw and b"a\x00b" in hostile_event.raw
+
+
+def test_one_megabyte_header_line_over_smtp_is_refused_and_the_session_goes_on(smtp_server) -> None:
+    """A single 1 MiB header line (RFC 5321 4.5.3.1.6 allows 1000 octets a line) gets a 500, not a crash."""
+    settings, port = smtp_server
+    [case] = [c for c in hostile.all_cases() if c.name == "huge_single_line_header"]
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+        s.ehlo("mx.sender.test")
+        s.mail("a@sender.test")
+        s.rcpt(f"bob@{hostile.DOMAIN}")
+        code, reply = s.data(case.raw)
+        assert (code, reply[:13]) == (500, b"Line too long")
+        assert s.noop()[0] == 250
+        # The same megabyte folded into legal lines is accepted whole.
+        [folded] = [c for c in hostile.all_cases() if c.name == "huge_folded_subject"]
+        assert s.sendmail("a@sender.test", [f"bob@{hostile.DOMAIN}"], folded.raw) == {}
+    [event] = _inbound_events(settings, 1)
+    assert event.raw == folded.raw + b"\r\n"  # smtplib ends the data with a line break
+
+
+# --- entry points ---------------------------------------------------------------------------------
+
+def test_listeners_bind_to_loopback_by_default() -> None:
+    s = config.load(env={})
+    assert s.smtp.host == "127.0.0.1"
+    assert s.worker.metrics_host == "127.0.0.1"
+    service = Service("bind-check", s)
+    try:
+        port = service.serve_http(port=0)
+        assert service._http is not None and service._http.server_address == ("127.0.0.1", port)
+    finally:
+        service.close()
+
+
+def test_kafka_security_settings_reach_every_client_config() -> None:
+    env = {"FLOODGATE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "FLOODGATE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+           "FLOODGATE_KAFKA_SASL_USERNAME": "floodgate", "FLOODGATE_KAFKA_SASL_PASSWORD": SECRET,
+           "FLOODGATE_KAFKA_SSL_CA_LOCATION": "/etc/ssl/ca.pem",
+           "FLOODGATE_KAFKA_SSL_CERTIFICATE_LOCATION": "/etc/ssl/client.pem",
+           "FLOODGATE_KAFKA_SSL_KEY_LOCATION": "/etc/ssl/client.key", "FLOODGATE_CONFIG": "/nonexistent.toml"}
+    s = config.load(env=env)
+    conf = kafka.client_config(s, **{"group.id": "g"})
+    assert {k: conf[k] for k in ("security.protocol", "sasl.mechanism", "sasl.username", "sasl.password",
+                                 "ssl.ca.location", "ssl.certificate.location", "ssl.key.location")} == {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "floodgate",
+        "sasl.password": SECRET, "ssl.ca.location": "/etc/ssl/ca.pem",
+        "ssl.certificate.location": "/etc/ssl/client.pem", "ssl.key.location": "/etc/ssl/client.key"}
+    # Overrides for one client never drop the security settings.
+    assert kafka.client_config(s, **{"security.protocol": "SASL_SSL"})["sasl.password"] == SECRET
+
+
+def test_quarantine_release_requires_an_operator_and_the_admin_token() -> None:
+    with pytest.raises(review.ReviewError, match="operator name"):
+        review.authorize("  ", None, env={})
+    review.authorize("alice", None, env={})  # no token configured: a name is enough
+    token_env = {review.TOKEN_ENV: "s3cret"}
+    for wrong in (None, "", "s3cre", "s3cret ", "S3CRET"):
+        with pytest.raises(review.ReviewError, match="not authorized"):
+            review.authorize("alice", wrong, env=token_env)
+    review.authorize("alice", "s3cret", env=token_env)
+
+
+def test_release_checks_authorization_before_touching_anything(local_settings: config.Settings) -> None:
+    missing = replace(local_settings, paths=replace(local_settings.paths, quarantine_db=Path("/nonexistent/q.db")))
+    with pytest.raises(review.ReviewError, match="not authorized"):
+        review.release(missing, "0" * 32, "mallory", token="guess", env={review.TOKEN_ENV: "s3cret"})
+
+
+def _copy_champion(src: Path, dst: Path) -> Path:
+    import shutil
+
+    version = registry.champion_version(src)
+    assert version is not None
+    shutil.copytree(src / version, dst / version)
+    (dst / registry.CHAMPION_FILE).write_text(version + "\n")
+    return dst / version
+
+
+def _resum(vdir: Path) -> None:
+    """What an attacker with write access does: recompute SHA256SUMS over the tampered files."""
+    sums = "".join(f"{hashlib.sha256((vdir / n).read_bytes()).hexdigest()}  {n}\n"
+                   for n in (registry.MODEL_FILE, registry.CARD_FILE))
+    (vdir / registry.SUMS_FILE).write_text(sums)
+
+
+def test_tampered_model_files_are_refused(trained_registry: Path, tmp_path: Path) -> None:
+    vdir = _copy_champion(trained_registry, tmp_path / "a")
+    registry.load_champion(tmp_path / "a")  # the copy itself is fine
+    blob = bytearray((vdir / registry.MODEL_FILE).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (vdir / registry.MODEL_FILE).write_bytes(bytes(blob))
+    with pytest.raises(registry.ModelIntegrityError, match="checksum"):
+        registry.load_champion(tmp_path / "a")
+    # A card edited to move the threshold (every message ham) fails its checksum too.
+    vdir = _copy_champion(trained_registry, tmp_path / "b")
+    card = json.loads((vdir / registry.CARD_FILE).read_text())
+    (vdir / registry.CARD_FILE).write_text(json.dumps({**card, "threshold": 2.0}))
+    with pytest.raises(registry.ModelIntegrityError, match="checksum"):
+        registry.load_champion(tmp_path / "b")
+
+
+def test_a_model_artifact_with_code_is_refused_even_with_matching_checksums(trained_registry: Path,
+                                                                            tmp_path: Path) -> None:
+    """skops with an explicit trusted list, never pickle: a function smuggled into the artifact is refused."""
+    import skops.io as sio
+    from sklearn.preprocessing import FunctionTransformer
+
+    vdir = _copy_champion(trained_registry, tmp_path / "c")
+    (vdir / registry.MODEL_FILE).write_bytes(sio.dumps(FunctionTransformer(os.system)))
+    _resum(vdir)
+    with pytest.raises(registry.ModelIntegrityError):
+        registry.load_champion(tmp_path / "c")
