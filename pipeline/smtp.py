@@ -1,6 +1,6 @@
 """SMTP ingress (``floodgate smtp``): accept mail for our domains and make it a durable event.
 
-A message gets ``250`` only once the broker has acknowledged its event on the inbound topic
+A message gets ``250`` only once the broker has acknowledged its event on its lane's topic
 (``acks=all``, idempotent producer), so nothing that got a 250 can be lost. When the broker
 is unreachable or slow, the reply is ``451 4.3.0`` and the sending server retries later: mail
 waits in the sender's queue, never in ours.
@@ -13,7 +13,10 @@ Policy, in SMTP terms:
 * ``SIZE`` is advertised; a declared or actual size above ``max_message_bytes`` -> ``552 5.3.4``
   (the body is read to its end and discarded, never truncated);
 * a connection may carry at most ``max_messages_per_connection`` messages, then ``421 4.7.0``;
-* SMTPUTF8 is on: internationalised addresses are accepted for local domains.
+  at most ``max_connections`` sessions are open at once, further clients get ``421 4.7.0``;
+* SMTPUTF8 is on: internationalised addresses are accepted for local domains;
+* admission: mail from a source that floods goes to the bulk lane's topic, everything else to
+  ``inbound`` (:mod:`pipeline.admission`), before it is queued anywhere.
 
 Bridging asyncio and confluent-kafka: ``produce`` is called from the event loop, a thread
 serves ``poll()``, and each delivery callback resolves its asyncio future through
@@ -36,6 +39,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from confluent_kafka import KafkaError, KafkaException
 
 from pipeline import events, kafka, metrics
+from pipeline.admission import Admission
 from pipeline.config import Settings
 
 if TYPE_CHECKING:
@@ -46,6 +50,9 @@ log = logging.getLogger("floodgate.smtp")
 
 # A sender with a legitimate queue reconnects; a spambot hammering one connection is cut off.
 MAX_MESSAGES_PER_CONNECTION = 100
+# Open sessions at once. Each may hold a message of up to max_message_bytes in memory, so this
+# bounds memory and file descriptors under a connection flood; further clients get 421 and retry.
+MAX_CONNECTIONS = 500
 # librdkafka scans for timed-out messages about once a second: give its own verdict (the
 # authoritative one) that long to arrive before the asyncio side gives up on the ack.
 ACK_GRACE_S = 1.0
@@ -67,6 +74,7 @@ REPLY_BAD_ADDRESS = "553 5.1.3 address is not valid UTF-8"
 REPLY_TOO_MANY_MESSAGES = "421 4.7.0 too many messages on this connection, reconnect"
 REPLY_TEMPFAIL = "451 4.3.0 temporary failure, try again later"
 REPLY_SHUTDOWN = b"421 4.3.2 service shutting down, try again later\r\n"
+REPLY_BUSY = b"421 4.7.0 too many connections, try again later\r\n"
 # aiosmtpd's own size replies, given enhanced status codes (RFC 3463 5.3.4: message too big).
 _SIZE_REPLIES = {
     "552 Error: message size exceeds fixed maximum message size":
@@ -185,12 +193,28 @@ class _Server(SMTP):
         super().__init__(ingress.handler, **kwargs)
         self.ingress = ingress
         self.messages = 0  # accepted on this connection
+        self.turned_away = False  # over the connection limit: no session was started
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self.ingress.connections) >= self.ingress.max_connections:
+            self.turned_away = True
+            metrics.ERRORS.labels(STAGE, "too_many_connections").inc()
+            transport.write(REPLY_BUSY)  # type: ignore[attr-defined]
+            transport.close()
+            return
         super().connection_made(transport)
         self.ingress.connections.add(self)
 
+    def data_received(self, data: bytes) -> None:
+        if not self.turned_away:
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return False if self.turned_away else super().eof_received()
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self.turned_away:
+            return
         self.ingress.connections.discard(self)
         super().connection_lost(error)
 
@@ -219,7 +243,7 @@ class Handler:
     def __init__(self, ingress: SmtpIngress) -> None:
         s = ingress.settings
         self.ingress = ingress
-        self.topic = s.topic("inbound")
+        self.admission = ingress.admission
         self.domains = {d for d in (normalize_domain(x) for x in s.smtp.domains) if d}
         self.primary_domain = next(iter(s.smtp.domains), "")
         self.max_recipients = s.smtp.max_recipients
@@ -268,7 +292,7 @@ class Handler:
         self.ingress.inflight += 1
         try:
             # accepted_at is stamped now; the ack follows within milliseconds when the broker is well.
-            await self.ingress.bridge.send(self.topic, event.key, events.encode(event))
+            await self.ingress.bridge.send(self.admission.topic(event), event.key, events.encode(event))
         except DeliveryFailed as e:
             metrics.MESSAGES.labels(STAGE, "", "deferred").inc()
             metrics.ERRORS.labels(STAGE, "broker").inc()
@@ -288,11 +312,15 @@ class SmtpIngress:
     """The SMTP server on its own asyncio loop in a thread: ``start()`` returns the bound port."""
 
     def __init__(self, settings: Settings, *, host: str | None = None, port: int | None = None,
-                 max_messages_per_connection: int = MAX_MESSAGES_PER_CONNECTION) -> None:
+                 max_messages_per_connection: int = MAX_MESSAGES_PER_CONNECTION,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.settings = settings
         self.host = settings.smtp.host if host is None else host
         self.port = settings.smtp.port if port is None else port
         self.max_messages_per_connection = max_messages_per_connection
+        self.max_connections = max_connections
+        # Flooding sources go to the bulk lane before anything is queued (postscreen's idea).
+        self.admission = Admission(settings, follow_reputation=False)
         self.handler = Handler(self)
         self.connections: set[_Server] = set()
         self.inflight = 0
@@ -313,6 +341,7 @@ class SmtpIngress:
 
     def start(self) -> int:
         self.bridge = KafkaBridge(self.settings, self.loop)
+        self.admission.good.start()
         self._thread = threading.Thread(target=self.loop.run_forever, name="smtp", daemon=True)
         self._thread.start()
         try:
@@ -350,6 +379,7 @@ class SmtpIngress:
             asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(
                 self.settings.smtp.ack_timeout_s + SHUTDOWN_GRACE_S + 5)
         self.bridge.close()
+        self.admission.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()

@@ -197,6 +197,21 @@ def test_per_connection_message_limit(smtp_settings: Settings) -> None:
         ingress.stop()
 
 
+def test_connection_limit_turns_clients_away_with_421(smtp_settings: Settings) -> None:
+    ingress, port = _start(smtp_settings, max_connections=1)
+    try:
+        with smtplib.SMTP("127.0.0.1", port) as first:
+            with pytest.raises(smtplib.SMTPConnectError) as busy:
+                smtplib.SMTP("127.0.0.1", port)
+            assert busy.value.smtp_code == 421
+            assert first.noop()[0] == 250  # the session already open is served as before
+        # once the first has gone, a new client gets in
+        with wait_for(lambda: _connect(port), what="a free connection slot") as second:
+            assert second.noop()[0] == 250
+    finally:
+        ingress.stop()
+
+
 def test_unreachable_broker_gives_451_to_data(settings: Settings) -> None:
     unreachable = replace(settings, kafka=replace(settings.kafka, bootstrap_servers="127.0.0.1:1"),
                           smtp=replace(settings.smtp, ack_timeout_s=1.0))
