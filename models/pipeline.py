@@ -6,13 +6,14 @@
 Why these parts (measured on the SpamAssassin time split, see ``make evaluate``):
 
 * hashing instead of a vocabulary: stateless, fixed memory, nothing to refit when new words appear,
-  and fast; 2**20 buckets keep collisions rare for a few hundred thousand distinct tokens;
+  and fast. The corpus has ~67,000 distinct tokens; 2**18 buckets measured as well as 2**20 (AUC
+  0.9988 on the time split) with a quarter of the model size (2 MB) and fit time;
 * binary term presence with l2 norm: spam repeats words; presence measured better than counts
   (AUC 0.9985 vs 0.9977);
 * logistic regression: best ranking of the linear models tried (SGD log-loss 0.9978, modified
   Huber 0.965, ComplementNB 0.939, MultinomialNB 0.936) and calibrated-enough probabilities, so a
-  threshold picked for a target false-positive rate means something; the newton-cg solver fits the
-  2**20-wide problem in ~1.5 s where lbfgs takes ~6.5 s (same AUC).
+  threshold picked for a target false-positive rate means something. liblinear fits the time split
+  in ~1 s; lbfgs needs ~5 s for the same AUC.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sklearn.pipeline import Pipeline
 
 from models.features import MailText, split_tokens
 
-N_FEATURES = 2**20
+N_FEATURES = 2**18
 C = 30.0  # inverse regularisation; 10-100 all measured within noise, 30 best on both splits
 
 
@@ -34,7 +35,7 @@ def build(c: float = C, n_features: int = N_FEATURES) -> Pipeline:
         ("mail", MailText()),
         ("hash", HashingVectorizer(n_features=n_features, analyzer=split_tokens, alternate_sign=False,
                                    binary=True, norm="l2")),
-        ("clf", LogisticRegression(C=c, solver="newton-cg", max_iter=1000)),
+        ("clf", LogisticRegression(C=c, solver="liblinear", max_iter=1000)),
     ])
 
 
