@@ -1,40 +1,41 @@
-"""``floodgate triage``: keep floods out of the lane that ham travels in.
+"""Flood admission at ingress: mail from a flooding source never shares a queue with normal mail.
 
-``inbound`` in, ``priority`` | ``bulk`` out, in Kafka transactions like classify. Postfix
-keeps a deferred queue "so that it does not get in the way of other deliveries"; triage is
-that idea for a stream. It tracks the message rate of every source — client address, sender
-domain and campaign fingerprint — and diverts mail from a source sending faster than
-``FLOOD_RATE`` into the bulk lane, which has its own classifier group, partitions and lag.
-Mail from normal sources never queues behind a flood, whatever the bulk lane's backlog.
+Postfix's postscreen triages clients before they reach smtpd, so that spambots never occupy
+the processes left for legitimate mail; this module is that idea for Floodgate's ingress.
+Every ingress (``floodgate smtp``, ``floodgate replay``) asks :meth:`Admission.topic` where an
+accepted message goes: the ``inbound`` topic (the priority lane) or the ``bulk`` topic, which
+has its own classifier group, partitions and lag. The decision is made before the message is
+queued anywhere, so no flood, however large, puts a message in front of normal mail.
 
-Rates are estimated per triage worker (an exponentially weighted rate per source key, O(1)
-per message); inbound is keyed by event id, so with W workers each sees about 1/W of every
-source and the effective cluster-wide threshold is about W × ``FLOOD_RATE``.
+The rule: the message rate of every source — client address, sender address, sender domain,
+campaign fingerprint — is tracked per ingress process (an exponentially weighted rate per
+key, O(1) per message, memory bounded by recent traffic); mail from a source sending faster
+than ``FLOOD_RATE`` goes to bulk until its rate falls well below it again (hysteresis). With N
+ingress processes each sees its own connections, so the threshold applies per process.
 
 Senders known to be good (the compacted reputation topic, kept by ``floodgate reputation``
-from feedback and verdicts) are never diverted. Limit: an envelope sender can be forged, so
-a spammer claiming a good sender's address rides the priority lane; it is still classified,
-so this costs the priority lane capacity, not a wrong verdict.
+from feedback and verdicts) are never diverted. Limit: an envelope sender can be forged, so a
+spammer claiming a good sender's address rides the priority lane; it is still classified, so
+this costs priority-lane capacity, not a wrong verdict.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import TopicPartition
 
 from pipeline import events, kafka, metrics, senders
 from pipeline.config import Settings
 from pipeline.fingerprint import fingerprint
-from pipeline.kafka.loop import Loop, Output, dead_letter
-from pipeline.service import Service
 
-STAGE = "triage"
-# Messages per second from one source (per triage worker) above which it is a flood. A busy
+log = logging.getLogger("floodgate.admission")
+# Messages per second from one source (per ingress process) above which it is a flood. A busy
 # legitimate MTA delivering to one provider rarely exceeds a few per second per client; a
 # spam run sends hundreds. Known-good senders are exempt.
 FLOOD_RATE = 5.0
@@ -94,14 +95,17 @@ class RateTracker:
 class GoodSenders:
     """The known-good sender keys, read from the compacted reputation topic in a thread."""
 
-    def __init__(self, settings: Settings, service: Service) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.service = service
+        self.stopping = threading.Event()
         self.keys: frozenset[str] = frozenset()
         self._thread = threading.Thread(target=self._follow, name="reputation", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
 
     def is_good(self, keys: Sequence[str]) -> bool:
         good = self.keys
@@ -109,16 +113,16 @@ class GoodSenders:
 
     def _follow(self) -> None:
         topic = self.settings.topic("reputation")
-        consumer = kafka.consumer(self.settings, group=self.settings.group("triage-reputation"))
+        consumer = kafka.consumer(self.settings, group=self.settings.group("admission-reputation"))
         try:
             meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
             if meta is None or meta.error is not None:
-                self.service.log.warning("no reputation topic; no sender is exempt", extra={"topic": topic})
+                log.warning("no reputation topic; no sender is exempt", extra={"topic": topic})
                 return
             # Every worker reads all of it, from the start: the latest value per key is the standing.
             consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
             standing: dict[str, bool] = {}
-            while not self.service.stopping.is_set():
+            while not self.stopping.is_set():
                 changed = False
                 for m in consumer.consume(500, 0.5):
                     if m.error() or m.key() is None:
@@ -136,14 +140,20 @@ class GoodSenders:
             consumer.close()
 
 
-class Triage:
-    def __init__(self, settings: Settings, service: Service, flood_rate: float = FLOOD_RATE) -> None:
-        self.rates = RateTracker(flood_rate)
-        self.good = GoodSenders(settings, service)
-        self.priority, self.bulk = settings.topic("priority"), settings.topic("bulk")
-        self.dead = settings.topic("dead_letter")
+class Admission:
+    """Where an accepted message goes: the ``inbound`` topic, or ``bulk`` when its source floods."""
 
-    def lane(self, ev: events.MailEvent, now: float) -> str:
+    def __init__(self, settings: Settings, flood_rate: float = FLOOD_RATE, follow_reputation: bool = True) -> None:
+        self.rates = RateTracker(flood_rate)
+        self.good = GoodSenders(settings)
+        self.inbound, self.bulk = settings.topic("inbound"), settings.topic("bulk")
+        if follow_reputation:
+            self.good.start()
+
+    def lane(self, ev: events.MailEvent, now: float | None = None) -> str:
+        """``priority`` or ``bulk``; every source key of the message is counted either way."""
+        now = time.time() if now is None else now
+        self.rates.prune(now)
         keys = senders.keys(ev.envelope.mail_from, ev.envelope.client_address)
         if self.good.is_good(keys):
             return "priority"
@@ -153,26 +163,10 @@ class Triage:
             flooding = self.rates.hit(key, now) or flooding
         return "bulk" if flooding else "priority"
 
-    def handle(self, msgs: Sequence[Message]) -> list[Output]:
-        now = time.time()
-        self.rates.prune(now)
-        outputs: list[Output] = []
-        for m in msgs:
-            try:
-                ev = events.decode(m.value())
-            except events.EventError as e:
-                metrics.DEAD_LETTERS.labels(STAGE, "bad-event").inc()
-                outputs.append(dead_letter(self.dead, m, STAGE, f"not a mail event: {e}"))
-                continue
-            lane = self.lane(ev, now)
-            metrics.MESSAGES.labels(STAGE, lane, "routed").inc()
-            outputs.append(Output(self.priority if lane == "priority" else self.bulk, ev.key,
-                                  events.encode(replace(ev, lane=lane))))
-        return outputs
+    def topic(self, ev: events.MailEvent, now: float | None = None) -> str:
+        lane = self.lane(ev, now)
+        metrics.MESSAGES.labels("admission", lane, "admitted").inc()
+        return self.bulk if lane == "bulk" else self.inbound
 
-
-def run(settings: Settings, service: Service, flood_rate: float = FLOOD_RATE) -> Loop:
-    triage = Triage(settings, service, flood_rate)
-    triage.good.start()
-    return Loop(service, STAGE, settings.group("triage"), [settings.topic("inbound")], triage.handle,
-                transactional=True)
+    def close(self) -> None:
+        self.good.stop()

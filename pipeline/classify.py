@@ -1,6 +1,7 @@
 """``floodgate classify``: score mail with the champion model and route it to ham or spam.
 
-One lane's topic in (``priority`` or ``bulk``, after triage), ham | spam | dead-letter out,
+One lane's topic in (``inbound`` for the priority lane, or ``bulk`` where ingress admission
+diverts flooding sources), ham | spam | dead-letter out,
 in Kafka transactions (consume-transform-produce with the input offsets inside), so a crash
 anywhere neither loses nor duplicates a routing. Several processes in one group share the
 lane's partitions.
@@ -33,7 +34,8 @@ from pipeline.kafka.loop import Loop, Output, dead_letter
 from pipeline.service import Service
 
 STAGE = "classify"
-LANES = ("priority", "bulk")
+# Each lane's input topic (infra/topics.toml keys).
+LANES = {"priority": "inbound", "bulk": "bulk"}
 # How often to look for a newly promoted model: a stat() of one small file.
 RELOAD_CHECK_S = 1.0
 # A flood of one campaign needs one entry; a diverse flood is bounded by this.
@@ -121,7 +123,7 @@ class ModelHolder:
 class Classifier:
     def __init__(self, settings: Settings, lane: str, service: Service) -> None:
         if lane not in LANES:
-            raise ValueError(f"lane must be one of {LANES}")
+            raise ValueError(f"lane must be one of {tuple(LANES)}")
         self.settings = settings
         self.lane = lane
         self.models = ModelHolder(settings.paths.registry, service.log)
@@ -163,5 +165,5 @@ class Classifier:
 def run(settings: Settings, lane: str, service: Service) -> Loop:
     """Build the classifier loop (the caller runs it). Raises NoModelError with no model."""
     classifier = Classifier(settings, lane, service)
-    return Loop(service, STAGE, settings.group(f"classify-{lane}"), [settings.topic(lane)],
+    return Loop(service, STAGE, settings.group(f"classify-{lane}"), [settings.topic(LANES[lane])],
                 classifier.handle, transactional=True)

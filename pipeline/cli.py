@@ -88,15 +88,6 @@ def classify(lane: str = typer.Option("priority", help="priority or bulk: the la
 
 
 @app.command()
-def triage(flood_rate: float = typer.Option(5.0, help="messages/s from one source that make it a flood")) -> None:
-    """Route inbound mail to the priority lane, or to the bulk lane when its source floods."""
-    from pipeline import triage as stage
-
-    settings, service = start_service("triage")
-    stage.run(settings, service, flood_rate=flood_rate).run()
-
-
-@app.command()
 def reputation(
     web_port: int = typer.Option(-1, help="port of /reputation/* and /metrics; 0 none; -1 worker.metrics_port"),
     partitions: int = typer.Option(6, help="partitions of its internal topics and tables (max. workers)"),

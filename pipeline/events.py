@@ -17,7 +17,7 @@ Metadata fields:
 ``source``                ``smtp`` | ``replay`` | ``release`` (re-injected from quarantine)
 ``envelope``              ``mail_from``, ``rcpt_to`` (list), ``client_address``, ``helo``
 ``label``                 optional ground truth (``ham``/``spam``) for replayed corpora
-``lane``                  ``priority`` | ``bulk`` once triage has routed the event
+``lane``                  ``priority`` | ``bulk``: the lane admission chose (set by classify)
 ``verdict``               ``ham`` | ``spam`` once classified
 ``score``                 spam probability from the model
 ``model_version``         the registry version that scored it

@@ -2,8 +2,8 @@
 
 One run, two configurations on the same traffic, one after the other on the same machine:
 
-* ``floodgate``: the real topology, every worker its own process (triage → priority | bulk
-  lanes, a classifier group per lane, deliver and cleanup apart);
+* ``floodgate``: the real topology, every worker its own process (admission at ingress to the
+  inbound | bulk lanes, a classifier group per lane, deliver and cleanup apart);
 * ``naive``: one consumer that classifies and then delivers or quarantines, in turn — the
   single queue of 2008.
 
@@ -34,6 +34,7 @@ import orjson
 
 from models import corpus
 from pipeline import accounting, kafka, traffic
+from pipeline.admission import Admission
 from pipeline.config import Settings
 from pipeline.kafka import topics
 from pipeline.lag import LagMonitor
@@ -110,7 +111,8 @@ def measure_capacity(settings: Settings, workers: WorkerSet, ham: list, spam: li
             for i, (m, label) in enumerate(mixed[:CALIBRATION_MESSAGES])]
     producer = kafka.producer(settings)
     start = time.time()
-    sent = traffic.send(producer, settings.topic("priority"), plan)  # straight into the lane
+    inbound = settings.topic("inbound")
+    sent = traffic.send(producer, lambda ev: inbound, plan)  # straight into the priority lane
     done = wait_placed(settings, set(sent.kinds), DRAIN_TIMEOUT_S)
     if done is None:
         raise RuntimeError("calibration did not finish")
@@ -177,14 +179,21 @@ def stats(values: list[float]) -> dict[str, Any]:
             "mean": statistics.fmean(values) if values else None}
 
 
-def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic.Planned],
-               workdir: Path, start_workers, live: bool = False) -> ConfigResult:  # type: ignore[no-untyped-def]
+def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic.Planned], workdir: Path,
+               start_workers, admit: bool, live: bool = False) -> ConfigResult:  # type: ignore[no-untyped-def]
     settings = private(base, name, workdir)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
     workers = WorkerSet(settings, workdir / name / "logs", base_port=9500 if name == "naive" else 9400)
+    admission: Admission | None = None
     try:
         groups = start_workers(workers, settings)
+        # The generator plays the ingress: Floodgate admits each message to its lane; the naive
+        # design has one queue for everything.
+        admission = Admission(settings) if admit else None
+        inbound = settings.topic("inbound")
+        route = admission.topic if admission else (lambda ev: inbound)
+
         t0 = time.time()
         sampler = LagSampler(settings, groups, t0)
         sampler.start()
@@ -193,11 +202,13 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
                 from rich.live import Live
 
                 stack.enter_context(Live(get_renderable=sampler.view, refresh_per_second=2))
-            sent = traffic.send(kafka.producer(settings), settings.topic("inbound"), plan)
+            sent = traffic.send(kafka.producer(settings), route, plan)
             wait_placed(settings, set(sent.acked), DRAIN_TIMEOUT_S)
         lag = sampler.finish()
     finally:
         workers.stop_all()
+        if admission:
+            admission.close()
     found = accounting.scan(settings)
     ledger = accounting.reconcile(sent.acked, found)
     phase_of = _phases(scenario)
@@ -238,7 +249,7 @@ def _phases(s: Scenario):  # type: ignore[no-untyped-def]
 
 def start_floodgate(workers: WorkerSet, settings: Settings) -> list[str]:
     workers.start_standard()
-    return [settings.group(g) for g in ("triage", "classify-priority", "classify-bulk", "deliver", "cleanup")]
+    return [settings.group(g) for g in ("classify-priority", "classify-bulk", "deliver", "cleanup")]
 
 
 def start_naive(workers: WorkerSet, settings: Settings) -> list[str]:
@@ -268,7 +279,8 @@ def run(settings: Settings, scenario: Scenario, configs: tuple[str, ...] = ("flo
     results = {}
     for name in configs:
         starter = start_floodgate if name == "floodgate" else start_naive
-        results[name] = run_config(name, settings, scenario, plan, workdir, starter, live=live)
+        results[name] = run_config(name, settings, scenario, plan, workdir, starter, admit=name == "floodgate",
+                                   live=live)
     shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "scenario": {**scenario.__dict__, "base_rate": round(base_rate, 1), "flood_rate": round(flood_rate, 1),

@@ -43,8 +43,7 @@ from pipeline.lagstatus import DEFAULT_WINDOW, Status, Window, worst
 
 # Floodgate's consumer groups (settings.group(name)) and the topic keys each one consumes.
 GROUP_INPUTS: dict[str, tuple[str, ...]] = {
-    "triage": ("inbound",),
-    "classify-priority": ("priority",),
+    "classify-priority": ("inbound",),
     "classify-bulk": ("bulk",),
     "deliver": ("ham",),
     "cleanup": ("spam",),
@@ -53,8 +52,12 @@ GROUP_INPUTS: dict[str, tuple[str, ...]] = {
 # Admin requests answer in milliseconds on a healthy cluster; a sample that cannot finish in
 # this long reports an error rather than hanging the monitor.
 REQUEST_TIMEOUT_S = 10.0
-# How long a sample waits to read the records at the committed offsets (lag in seconds).
-PROBE_TIMEOUT_S = 2.0
+# A partition's leader can move (elections, new topics): retry its offsets a few times.
+OFFSET_ATTEMPTS = 4
+OFFSET_RETRY_S = 0.25
+# How long a sample waits to read the records at the committed offsets (lag in seconds); it
+# returns as soon as every partition answered. Past it, lag seconds fall back to interpolation.
+PROBE_TIMEOUT_S = 5.0
 # End-offset history per partition for the interpolation fallback: an hour at 5 s samples.
 HISTORY = 720
 # The probe reads one record per lagging partition: small fetches and no prefetching, so that
@@ -66,6 +69,7 @@ PROBE = {
     "fetch.max.bytes": 1024 * 1024,
     "queued.min.messages": 1,
     "queued.max.messages.kbytes": 1024,
+    "fetch.wait.max.ms": 100,  # at the end of a partition, say so soon (the EOF event)
 }
 
 
@@ -157,12 +161,26 @@ class LagMonitor:
         return owned
 
     def _offsets(self, tps: set[tuple[str, int]], spec: OffsetSpec) -> dict[tuple[str, int], int]:
-        if not tps:
-            return {}
-        request = {TopicPartition(t, p): spec for t, p in tps}
-        futures = self.admin.list_offsets(request, isolation_level=IsolationLevel.READ_COMMITTED,
-                                          request_timeout=REQUEST_TIMEOUT_S)
-        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+        """Offsets by ``spec``; a partition that keeps failing (its leader is moving) is left
+        out of this sample rather than failing it."""
+        found: dict[tuple[str, int], int] = {}
+        todo = set(tps)
+        for attempt in range(OFFSET_ATTEMPTS):
+            if not todo:
+                break
+            if attempt:
+                time.sleep(OFFSET_RETRY_S)  # let the client refresh its metadata
+            request = {TopicPartition(t, p): spec for t, p in todo}
+            futures = self.admin.list_offsets(request, isolation_level=IsolationLevel.READ_COMMITTED,
+                                              request_timeout=REQUEST_TIMEOUT_S)
+            for tp, f in futures.items():
+                try:
+                    found[(tp.topic, tp.partition)] = f.result().offset
+                    todo.discard((tp.topic, tp.partition))
+                except KafkaException as e:
+                    if not e.args[0].retriable() and attempt == OFFSET_ATTEMPTS - 1:
+                        raise
+        return found
 
     def _read_at(self, wanted: set[tuple[str, int, int]]) -> dict[tuple[str, int, int], float | None]:
         """For each (topic, partition, offset): the timestamp (s) of the first readable record

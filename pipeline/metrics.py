@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
-# Stages: smtp, replay, triage, classify, deliver, cleanup. Outcomes: ham, spam, dead_letter, ...
+# Stages: smtp, replay, admission, classify, deliver, cleanup. Outcomes: ham, spam, dead_letter, ...
 MESSAGES = Counter("floodgate_messages_total", "Messages processed, by stage, lane and outcome",
                    ["stage", "lane", "outcome"])
 DEAD_LETTERS = Counter("floodgate_dead_letters_total", "Events sent to the dead-letter topic",

@@ -1,10 +1,11 @@
 """``floodgate naive``: the single-lane design that failed in 2008, kept for the benchmark only.
 
-One consumer on ``inbound`` classifies each batch and then, in turn, delivers the ham and
-quarantines the spam, all in one queue. It is correct (same model, same sinks, same
-exactly-once accounting) but ham waits behind every spam message ahead of it: during a flood
-its latency grows with the backlog. ``make bench-flood`` runs it beside Floodgate's real
-topology on the same traffic, so the report shows the failure next to the fix.
+Everything goes to ``inbound`` (no admission), and one consumer there classifies each batch
+and then, in turn, delivers the ham and quarantines the spam, all in one queue. It is correct
+(same model, same sinks, same exactly-once accounting) but ham waits behind every spam
+message ahead of it: during a flood its latency grows with the backlog. ``make bench-flood``
+runs it beside Floodgate's real topology on the same traffic, so the report shows the
+failure next to the fix.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Replay ingress (``floodgate replay``): feed a mail corpus into the inbound topic as mail events.
+"""Replay ingress (``floodgate replay``): feed a mail corpus into Floodgate as mail events.
+
+Like ``floodgate smtp`` it admits each message to the ``inbound`` topic, or to ``bulk`` when
+its source floods (:mod:`pipeline.admission`).
 
 Messages come from :mod:`models.corpus` (SpamAssassin layout, mbox, Maildir, .eml folder,
 JSONL). Each gets an SMTP envelope synthesised the way a real MX would have seen it:
@@ -9,7 +12,7 @@ JSONL). Each gets an SMTP envelope synthesised the way a real MX would have seen
   ``settings.smtp.domains``, chosen from a hash of the seed and the message's name, so the
   same message goes to the same mailbox on every run with the same seed;
 * client address: a hash of the sender domain into the documentation ranges 198.51.100.0/24
-  and 203.0.113.0/24 (RFC 5737), so one sending domain is one client, as triage expects;
+  and 203.0.113.0/24 (RFC 5737), so one sending domain is one client, as admission expects;
 * HELO: ``mail.<sender domain>``.
 
 Like SMTP, replay refuses messages above ``settings.smtp.max_message_bytes`` (counted as
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import KafkaError, KafkaException
 
 from pipeline import events, kafka, metrics
+from pipeline.admission import Admission
 from pipeline.config import Settings
 
 if TYPE_CHECKING:
@@ -203,10 +207,10 @@ def replay(settings: Settings, messages: Iterable[Message], rate: float | None =
            progress: bool = False, total: int | None = None, stop: threading.Event | None = None,
            delivery_timeout_s: float = DELIVERY_TIMEOUT_S, envelope_for: EnvelopeFor | None = None,
            clock: Callable[[], float] = time.monotonic) -> ReplayResult:
-    """Produce ``messages`` to the inbound topic at ``rate`` a second (None: as fast as possible)
+    """Produce ``messages`` to their lane's topic at ``rate`` a second (None: as fast as possible)
     and wait for every acknowledgement. ``stop`` ends the replay early (what was sent is flushed).
     ``envelope_for`` replaces the synthesised envelopes (e.g. a flood from a few bot clients)."""
-    topic = settings.topic("inbound")
+    admission = Admission(settings)  # an ingress like smtp: floods go to the bulk lane
     synth = EnvelopeSynth(settings.smtp.domains, users, seed)
     max_bytes = settings.smtp.max_message_bytes
     producer = kafka.producer(settings, **{"message.timeout.ms": int(delivery_timeout_s * 1000)})
@@ -251,7 +255,7 @@ def replay(settings: Settings, messages: Iterable[Message], rate: float | None =
             labels[event.id] = event.label
             result.sent += 1
             try:
-                _produce(producer, topic, event, on_delivery)
+                _produce(producer, admission.topic(event), event, on_delivery)
             except KafkaException as e:  # refused locally (e.g. larger than message.max.bytes)
                 labels.pop(event.id, None)
                 result.failed += 1
@@ -262,6 +266,7 @@ def replay(settings: Settings, messages: Iterable[Message], rate: float | None =
             if bar is not None:
                 bar.update(1)
     finally:
+        admission.close()
         remaining = producer.flush(delivery_timeout_s + 5)
         if remaining:
             result.failed += remaining

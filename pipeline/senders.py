@@ -1,7 +1,7 @@
-"""Sender keys and the sender-reputation record: the contract between reputation and triage.
+"""Sender keys and the sender-reputation record: the contract between reputation and admission.
 
 The reputation worker publishes one record per change of a sender's standing to the compacted
-``reputation`` topic; triage (and anyone else) reads that topic from the beginning, and the
+``reputation`` topic; admission (and anyone else) reads that topic from the beginning, and the
 latest value per key is the standing. This module is that record format and nothing else, so
 that both stages depend on it and not on each other.
 

@@ -14,7 +14,7 @@ import hashlib
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import Producer
@@ -106,8 +106,10 @@ def plan(ham: Sequence[Message], spam: Sequence[Message], *, base_rate: float, f
     return out
 
 
-def send(producer: Producer, topic: str, planned: Sequence[Planned], source: str = "replay") -> Sent:
-    """Produce the plan at its times (the event's ``accepted_at`` is its send time)."""
+def send(producer: Producer, route: Callable[[events.MailEvent], str], planned: Sequence[Planned],
+         source: str = "replay") -> Sent:
+    """Produce the plan at its times (the event's ``accepted_at`` is its send time); ``route``
+    names each event's topic, as an ingress's admission does."""
     sent = Sent(start=time.time())
     t0 = time.monotonic()
 
@@ -125,6 +127,7 @@ def send(producer: Producer, topic: str, planned: Sequence[Planned], source: str
         sent.kinds[ev.id] = p.kind
         sent.labels[ev.id] = p.label
         sent.accepted[ev.id] = ev.accepted_at
+        topic = route(ev)
         while True:
             try:
                 producer.produce(topic, key=ev.key, value=events.encode(ev),

@@ -21,7 +21,6 @@ from pipeline.config import Settings
 # The standard deployment: one process per job. Names are also instance ids (stable
 # transactional ids, so a restarted worker fences its previous self at once).
 STANDARD = {
-    "triage": ["triage"],
     "classify-priority": ["classify", "--lane", "priority"],
     "classify-bulk": ["classify", "--lane", "bulk"],
     "deliver": ["deliver"],

@@ -1,6 +1,6 @@
-"""Flood detection in triage (pure functions; the broker path is covered end to end)."""
+"""Flood admission at ingress (pure functions; the broker path is covered end to end)."""
 
-from pipeline.triage import FLOOD_RATE, RELEASE_FRACTION, RateTracker
+from pipeline.admission import FLOOD_RATE, RELEASE_FRACTION, RateTracker
 
 
 def test_a_steady_trickle_is_never_a_flood():
@@ -45,12 +45,11 @@ def test_idle_sources_are_forgotten():
 
 def test_flooding_sources_go_to_bulk_but_known_good_senders_never_do():
     from pipeline import config, events
-    from pipeline.service import Service
-    from pipeline.triage import Triage
+    from pipeline.admission import Admission
 
     settings = config.load(env={})
-    triage = Triage(settings, Service("triage", settings), flood_rate=5.0)
-    triage.good.keys = frozenset({"domain:lists.example.org"})
+    admission = Admission(settings, flood_rate=5.0, follow_reputation=False)
+    admission.good.keys = frozenset({"domain:lists.example.org"})
 
     def ev(sender: str, client: str, body: bytes) -> events.MailEvent:
         return events.new_event(events.Envelope(sender, ("u@example.com",), client), b"Subject: s\n\n" + body)
@@ -59,11 +58,15 @@ def test_flooding_sources_go_to_bulk_but_known_good_senders_never_do():
     lanes = {"bot": [], "list": [], "friend": []}
     for i in range(300):  # 50 messages a second from one bot and from one mailing list
         t += 0.02
-        lanes["bot"].append(triage.lane(ev("x@spam.example", "203.0.113.5", b"buy %d" % i), t))
-        lanes["list"].append(triage.lane(ev("bounce@lists.example.org", "198.51.100.2", b"post %d" % i), t))
+        lanes["bot"].append(admission.lane(ev("x@spam.example", "203.0.113.5", b"buy %d" % i), t))
+        lanes["list"].append(admission.lane(ev("bounce@lists.example.org", "198.51.100.2", b"post %d" % i), t))
         if i % 50 == 0:  # one message a second from a correspondent
-            lanes["friend"].append(triage.lane(ev("bob@example.net", "198.51.100.9", b"hi %d" % i), t))
+            lanes["friend"].append(admission.lane(ev("bob@example.net", "198.51.100.9", b"hi %d" % i), t))
     assert lanes["bot"][:3] == ["priority"] * 3  # a burst takes a moment to be recognised
     assert lanes["bot"][-200:] == ["bulk"] * 200
     assert set(lanes["list"]) == {"priority"}
     assert set(lanes["friend"]) == {"priority"}
+    bot = events.new_event(events.Envelope("x@spam.example", ("u@example.com",), "203.0.113.5"), b"\n\nbuy")
+    assert admission.topic(bot, t) == settings.topic("bulk")
+    friend = events.new_event(events.Envelope("bob@example.net", ("u@example.com",), "198.51.100.9"), b"\n\nhi")
+    assert admission.topic(friend, t) == settings.topic("inbound")

@@ -4,7 +4,7 @@ A worker supplies a handler that turns a batch of records into output records. T
 everything Kafka: subscribing, batching, transactions or commits, dead-lettering, retries and
 shutdown. Two delivery modes:
 
-* ``transactional=True`` (classify, triage): consume-transform-produce in a Kafka
+* ``transactional=True`` (classify): consume-transform-produce in a Kafka
   transaction, the input offsets sent inside it, so a crash anywhere neither loses nor
   duplicates a routing.
 * ``transactional=False`` (deliver, cleanup): the handler writes to an idempotent sink (keyed
