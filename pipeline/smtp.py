@@ -348,6 +348,7 @@ class SmtpIngress:
             self.port = asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(10)
         except Exception:  # e.g. the port is taken: leave no thread or producer behind
             self.bridge.close(0)
+            self.admission.close()
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join()
             self.loop.close()
