@@ -6,12 +6,16 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
+import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
 from pipeline import kafka
+from pipeline.cli import app
 from pipeline.config import Settings
 from pipeline.lag import LagMonitor, PartitionLag, interpolate_time
 from pipeline.lagstatus import Status
@@ -19,6 +23,9 @@ from pipeline.service import Service
 from tests.kafka_helpers import wait_for
 
 pytestmark = pytest.mark.kafka
+# The probe returns as soon as every partition answered; a loaded machine must not turn a slow
+# first fetch into a wrong answer.
+PROBE_S = 30.0
 
 
 class Clock:
@@ -68,7 +75,7 @@ def join(settings: Settings, group: str, topic: str, want: int) -> tuple[Consume
 @pytest.fixture
 def monitor(topic_settings: Settings) -> Iterator[tuple[LagMonitor, Clock]]:
     clock = Clock()
-    m = LagMonitor(topic_settings, [topic_settings.group("deliver")], window=3, clock=clock)
+    m = LagMonitor(topic_settings, [topic_settings.group("deliver")], window=3, clock=clock, probe_timeout=PROBE_S)
     yield m, clock
     m.close()
 
@@ -164,7 +171,7 @@ def test_groups_at_different_offsets_of_one_partition(topic_settings: Settings) 
         c = kafka.consumer(s, group)
         c.commit(offsets=[TopicPartition(ham, 0, offset)], asynchronous=False)
         c.close()
-    mon = LagMonitor(s, [caught_up, behind])
+    mon = LagMonitor(s, [caught_up, behind], probe_timeout=PROBE_S)
     try:
         rows = [r for r in mon.sample() if r.topic == ham and r.partition == 0]
     finally:
@@ -172,6 +179,29 @@ def test_groups_at_different_offsets_of_one_partition(topic_settings: Settings) 
     by_group = {r.group: r for r in rows}
     assert by_group[caught_up].lag == 0  # only the commit marker is left
     assert by_group[behind].lag == 4 and by_group[behind].lag_seconds is not None  # 3 records + marker
+
+
+def test_cli_json_and_table(topic_settings: Settings, tmp_path: Path) -> None:
+    s = topic_settings
+    ham, group = s.topic("ham"), s.group("deliver")
+    produce(s, ham, 3, 7)
+    c = kafka.consumer(s, group)
+    c.commit(offsets=[TopicPartition(ham, 3, 2)], asynchronous=False)
+    c.close()
+    env = {"FLOODGATE_CONFIG": str(tmp_path / "none.toml"),
+           "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+           "FLOODGATE_KAFKA_TOPIC_PREFIX": s.kafka.topic_prefix, "FLOODGATE_KAFKA_GROUP_PREFIX": s.kafka.group_prefix,
+           "COLUMNS": "200"}
+    result = CliRunner().invoke(app, ["lag", "--json", "-g", group], env=env)
+    assert result.exit_code == 0, result.output
+    (doc,) = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert doc["groups"] == {group: "OK"}
+    p3 = next(p for p in doc["partitions"] if p["partition"] == 3)
+    assert (p3["committed"], p3["end_offset"], p3["lag"], p3["status"]) == (2, 7, 5, "OK")
+    result = CliRunner().invoke(app, ["lag", "-g", group], env=env)
+    assert result.exit_code == 0, result.output
+    cells = [[c.strip() for c in line.split("│")[4:8]] for line in result.stdout.splitlines()]
+    assert ["3", "2", "7", "5"] in cells
 
 
 @pytest.mark.parametrize(("history", "offset", "expected"), [
