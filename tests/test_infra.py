@@ -32,8 +32,8 @@ PROM = INFRA / "prometheus"
 K8S_VERSION = "1.33"  # a Kubernetes release the manifests must be valid for
 METRIC_NAME = re.compile(r"\b(?:floodgate|kafka)_[a-zA-Z0-9_]+")
 # The workers whose group KEDA scales; reputation (Faust tables) is deliberately not autoscaled.
-SCALED = ("triage", "classify-priority", "classify-bulk", "deliver", "cleanup")
-WORKERS = ("smtp", "triage", "reputation", "classify-priority", "classify-bulk", "deliver", "cleanup", "lag")
+SCALED = ("classify-priority", "classify-bulk", "deliver", "cleanup")
+WORKERS = ("smtp", "reputation", "classify-priority", "classify-bulk", "deliver", "cleanup", "lag")
 
 
 def known_metrics() -> set[str]:
