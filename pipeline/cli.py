@@ -153,9 +153,11 @@ def replay(
     result = ingress.main(config.load(), Path(source), rate=rate or None, limit=limit or None, shuffle=shuffle,
                           seed=seed, label_from_corpus=label_from_corpus, users=users,
                           labels_file=Path(labels_file) if labels_file else None)
-    labels = ", ".join(f"{k}={v}" for k, v in sorted(result.labels.items()))
+    labels = " ".join(f"{k}={v}" for k, v in sorted(result.labels.items()))
+    topics = " ".join(f"{k}={v}" for k, v in sorted(result.topics.items()))
     typer.echo(f"replay: sent={result.sent} delivered={result.delivered} failed={result.failed} "
-               f"skipped={result.skipped} in {result.elapsed_s:.1f}s ({result.rate:.0f} msg/s) {labels}")
+               f"skipped={result.skipped} in {result.elapsed_s:.1f}s ({result.rate:.0f} msg/s); "
+               f"labels: {labels or '-'}; topics: {topics or '-'}")
     if result.failed:
         raise typer.Exit(1)
 

@@ -186,6 +186,7 @@ class ReplayResult:
     elapsed_s: float = 0.0
     event_ids: list[str] = field(default_factory=list)  # delivered, in send order
     labels: Counter[str] = field(default_factory=Counter)  # delivered, by ground-truth label
+    topics: Counter[str] = field(default_factory=Counter)  # delivered, by topic (admission's lane)
 
     @property
     def rate(self) -> float:
@@ -224,6 +225,7 @@ def replay(settings: Settings, messages: Iterable[Message], rate: float | None =
         event_id = msg.key().decode()
         if err is None:
             acked[event_id] = labels.pop(event_id)
+            result.topics[msg.topic()] += 1
             metrics.MESSAGES.labels(STAGE, "", "accepted").inc()
         else:
             labels.pop(event_id, None)

@@ -204,6 +204,7 @@ def test_replay_puts_exactly_those_messages_on_the_inbound_topic(topic_settings:
 
     assert (result.sent, result.delivered, result.failed, result.skipped) == (4, 4, 0, 1)
     assert result.labels == {"spam": 2, "ham": 2}
+    assert result.topics == {settings.topic("inbound"): 4}  # no source floods here
     got = {e.id: e for e in _inbound_events(settings, 4)}
     assert set(got) == set(result.event_ids)
     by_name = {e.extra["corpus"]["name"]: e for e in got.values()}
