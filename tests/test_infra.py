@@ -209,10 +209,44 @@ def test_compose_runs_kafka_4_kraft_topics_workers_and_prometheus() -> None:
     assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
 
 
-def test_dockerfile_slim_non_root_floodgate_entrypoint() -> None:
+def dockerfile() -> list[list[str]]:
+    """The Dockerfile's instructions as [op, arguments], continuation lines joined."""
     text = "\n".join(ln for ln in (INFRA / "Dockerfile").read_text().splitlines() if not ln.lstrip().startswith("#"))
     logical = [" ".join(ln.split()) for ln in text.replace("\\\n", " ").splitlines() if ln.strip()]
-    instructions = [ln.split(None, 1) for ln in logical]
+    return [ln.split(None, 1) for ln in logical]
+
+
+def image_env() -> dict[str, str]:
+    return dict(kv.split("=", 1) for op, args in dockerfile() if op == "ENV" for kv in args.split())
+
+
+def test_state_volumes_are_where_the_image_settings_point() -> None:
+    env = image_env()
+    registry, maildirs = env["FLOODGATE_PATHS_REGISTRY"], env["FLOODGATE_PATHS_MAILDIR_ROOT"]
+    quarantine = str(Path(env["FLOODGATE_PATHS_QUARANTINE_DB"]).parent)
+    made = " ".join(args for op, args in dockerfile() if op == "RUN" and "mkdir" in args)
+    assert all(d in made for d in (registry, maildirs, quarantine)), "the image creates them for its user"
+
+    def mounts(d: dict[str, Any]) -> set[str]:
+        (c,) = d["spec"]["template"]["spec"]["containers"]
+        return {m["mountPath"] for m in c.get("volumeMounts", [])}
+
+    deployments = of_kind("Deployment")
+    assert registry in mounts(deployments["floodgate-classify-priority"])
+    assert registry in mounts(deployments["floodgate-classify-bulk"])
+    assert quarantine in mounts(deployments["floodgate-cleanup"])
+    services = yaml.safe_load((INFRA / "docker-compose.yml").read_text())["services"]
+
+    def targets(name: str) -> set[str]:
+        return {v.split(":")[1] for v in services[name].get("volumes", [])}
+
+    assert registry in targets("classify-priority") and registry in targets("classify-bulk")
+    assert maildirs in targets("deliver") and quarantine in targets("cleanup")
+
+
+def test_dockerfile_slim_non_root_floodgate_entrypoint() -> None:
+    instructions = dockerfile()
+    text = " ".join(f"{op} {args}" for op, args in instructions)
     assert instructions[0] == ["FROM", "python:3.11-slim"]
     users = [i for i, (op, _) in enumerate(instructions) if op == "USER"]
     runs = [i for i, (op, _) in enumerate(instructions) if op == "RUN"]
