@@ -107,10 +107,15 @@ def promote_cmd(
     try:
         eval_set = evaluate.fixed_eval_set(settings.paths.data)
         candidate = evaluate.measure(registry.load(reg, candidate_version), eval_set)[0]
-        champion = evaluate.measure(registry.load(reg, champion_version), eval_set)[0] if champion_version else None
     except (registry.ModelNotFound, registry.ModelIntegrityError, FileNotFoundError) as e:
         _fail(f"promote: {e}")
         return
+    champion = None
+    if champion_version:
+        try:
+            champion = evaluate.measure(registry.load(reg, champion_version), eval_set)[0]
+        except registry.ModelIntegrityError as e:  # the workers cannot load it either: nothing to compare with
+            typer.echo(f"champion {champion_version} is unusable ({e}); judging on the absolute limits only")
     typer.echo(f"candidate {candidate_version}: {metrics.summary(candidate)}")
     if champion is not None:
         typer.echo(f"champion  {champion_version}: {metrics.summary(champion)}")

@@ -35,6 +35,10 @@ from collections.abc import Iterable, Sequence
 
 from sklearn.base import BaseEstimator, TransformerMixin
 
+# Bump whenever the tokens for the same bytes change: a model is only valid with the features it
+# was trained on, so the registry refuses an artifact recorded with another version.
+FEATURE_VERSION = 2
+
 # Spam shows its hand early; the tail of a long part costs time and adds little (measured on the corpus).
 MAX_PART_BYTES = 12_000
 MAX_TEXT_CHARS = 12_000

@@ -45,6 +45,7 @@ def settings(pipeline: Pipeline) -> dict[str, Any]:
 
     hv, clf = pipeline.named_steps["hash"], pipeline.named_steps["clf"]
     return {
+        "feature_version": features.FEATURE_VERSION,
         "steps": [name for name, _ in pipeline.steps],
         "n_features": hv.n_features,
         "binary": hv.binary,

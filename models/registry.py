@@ -148,6 +148,12 @@ def load(registry: Path, version: str) -> LoadedModel:
         raise ModelNotFound(f"no version {version} in {registry}")
     _verify(vdir)
     card = json.loads((vdir / CARD_FILE).read_text())
+    from models.features import FEATURE_VERSION
+
+    built_for = card.get("features", {}).get("feature_version")
+    if built_for != FEATURE_VERSION:
+        raise ModelIntegrityError(f"{version} was trained on feature version {built_for}, this code extracts "
+                                  f"version {FEATURE_VERSION}: its scores would be meaningless; retrain (make train)")
     try:
         pipeline = sio.load(vdir / MODEL_FILE, trusted=list(TRUSTED_TYPES))
     except sio.exceptions.UntrustedTypesFoundException as e:

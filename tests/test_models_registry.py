@@ -110,6 +110,19 @@ def test_untrusted_types_are_refused_even_with_matching_checksums(reg: tuple[Pat
         registry.load_champion(tmp_path)
 
 
+def test_model_for_other_features_is_refused(reg: tuple[Path, str], tmp_path: Path) -> None:
+    version = copy_of(reg, tmp_path)
+    vdir = tmp_path / version
+    card = json.loads((vdir / registry.CARD_FILE).read_text())
+    card["features"]["feature_version"] = -1
+    (vdir / registry.CARD_FILE).write_text(json.dumps(card))
+    sums = "".join(f"{hashlib.sha256((vdir / n).read_bytes()).hexdigest()}  {n}\n"
+                   for n in (registry.MODEL_FILE, registry.CARD_FILE))
+    (vdir / registry.SUMS_FILE).write_text(sums)
+    with pytest.raises(ModelIntegrityError, match="feature version"):
+        registry.load_champion(tmp_path)
+
+
 def test_register_refuses_untrusted_pipeline(tmp_path: Path) -> None:
     class Custom:  # defined here: not in the trusted list
         pass
