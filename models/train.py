@@ -44,7 +44,7 @@ def targets(messages: Sequence[Message]) -> np.ndarray:
 
 
 def fit(messages: Iterable[Message], *, target_fpr: float = TARGET_FPR, folds: int = FOLDS,
-        c: float = model_pipeline.C) -> Trained:
+        alpha: float = model_pipeline.ALPHA) -> Trained:
     """Fit on the labelled messages; threshold from out-of-fold scores. Needs 2+ ham and 2+ spam."""
     start = time.perf_counter()
     msgs = labelled(messages)
@@ -52,7 +52,7 @@ def fit(messages: Iterable[Message], *, target_fpr: float = TARGET_FPR, folds: i
     n_spam, n_ham = int(y.sum()), int(len(y) - y.sum())
     if min(n_spam, n_ham) < 2:
         raise ValueError(f"need at least 2 ham and 2 spam to train, got {n_ham} ham and {n_spam} spam")
-    pipe = model_pipeline.build(c=c)
+    pipe = model_pipeline.build(alpha=alpha)
     mail, rest = pipe.steps[0][1], Pipeline(pipe.steps[1:])
     docs = mail.fit(None).transform([m.raw for m in msgs])
     cv = StratifiedKFold(n_splits=min(folds, n_spam, n_ham), shuffle=True, random_state=0)

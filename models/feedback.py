@@ -1,0 +1,69 @@
+"""User and operator verdicts from the feedback topic, as labelled training messages.
+
+Every record on ``feedback`` is a MailEvent whose ``label`` is the verdict (``ham``/``spam``).
+Retraining reads the whole topic (it is kept forever) from the beginning up to the end offsets
+seen when reading starts; it commits nothing, so reading is repeatable. When a user changes
+their mind about a message, the last verdict for an event id wins.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+from models.corpus import Message
+from pipeline import events, kafka
+from pipeline.config import Settings
+
+
+@dataclass
+class FeedbackRead:
+    messages: list[Message]
+    records: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (undecodable, unlabelled)
+
+
+def read_feedback(settings: Settings, timeout_s: float = 60.0) -> FeedbackRead:
+    """Every verdict on the feedback topic so far, deduplicated by event id (last wins)."""
+    topic = settings.topic("feedback")
+    consumer = kafka.consumer(settings, group=settings.group("retrain"))
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise RuntimeError(f"feedback topic {topic} is not there: run `make topics`")
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+        pending = {p for p, end in ends.items() if end > 0}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
+        latest: dict[str, Message] = {}
+        out = FeedbackRead([])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read {out.records} feedback records; partitions {sorted(pending)} "
+                                   f"did not reach their end offsets within {timeout_s:.0f} s")
+            for record in consumer.consume(500, timeout=0.5):
+                if record.error():
+                    if record.error().code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise RuntimeError(f"feedback read failed: {record.error()}")
+                out.records += 1
+                try:
+                    event = events.decode(record.value())
+                except events.EventError:
+                    out.skipped["undecodable"] = out.skipped.get("undecodable", 0) + 1
+                    continue
+                if event.label not in ("ham", "spam"):
+                    out.skipped["unlabelled"] = out.skipped.get("unlabelled", 0) + 1
+                    continue
+                latest.pop(event.id, None)  # re-insert: keeps the order of the last verdicts
+                latest[event.id] = Message(event.raw, event.label, "feedback", event.id)
+            # position() moves past transaction markers too, which are never delivered as records
+            for tp in consumer.position([TopicPartition(topic, p) for p in list(pending)]):
+                if tp.offset >= ends[tp.partition]:
+                    pending.discard(tp.partition)
+        out.messages = list(latest.values())
+        return out
+    finally:
+        consumer.close()
