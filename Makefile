@@ -12,7 +12,7 @@ FG     := $(VENV)/bin/floodgate
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,12 @@ evaluate: $(STAMP) data  ## champion on both splits: FPR, recall, ROC AUC, confu
 
 promote: $(STAMP) data  ## promote the newest model if no worse than the champion (VERSION=..., GATES="--max-fpr ...")
 	@$(FG) model promote $(VERSION) $(GATES)
+
+retrain: $(STAMP) data topics  ## retrain on the corpus + the feedback topic's verdicts, promote through the gates (ARGS=--online)
+	@$(FG) model retrain $(ARGS)
+
+online-eval: $(STAMP) data  ## TREC-style online evaluation on the corpus in Date order: (1-ROCA)%
+	@$(FG) model online-eval
 
 # promtool validates infra/prometheus (tests/test_infra.py). Debian's prometheus package brings it
 # (~19 MB download, ~20 s); its service is not started in a container without an init system.

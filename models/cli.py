@@ -6,7 +6,7 @@ Heavy modules are imported inside each command so that ``floodgate --help`` stay
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -92,14 +92,21 @@ def promote_cmd(
     min_recall: Annotated[float, typer.Option(help="absolute floor on spam recall")] = 0.0,
 ) -> None:
     """Promote a version to champion if it is no worse than the champion on the fixed evaluation set."""
-    from models import evaluate, gates, metrics, registry
+    from models import gates, registry
 
     settings = _settings()
-    reg = settings.paths.registry
-    candidate_version = version or (registry.versions(reg) or [None])[-1]
-    if candidate_version is None:
-        _fail(f"promote: no registered versions in {reg}: run `make train`")
+    candidate = version or (registry.versions(settings.paths.registry) or [None])[-1]
+    if candidate is None:
+        _fail(f"promote: no registered versions in {settings.paths.registry}: run `make train`")
         return
+    _gated_promote(settings, candidate, gates.Limits(max_fpr, fpr_tolerance, recall_tolerance, min_recall))
+
+
+def _gated_promote(settings: Settings, candidate_version: str, limits: Any) -> None:
+    """Measure candidate and champion on the fixed evaluation set; promote or refuse (exit 1) with reasons."""
+    from models import evaluate, gates, metrics, registry
+
+    reg = settings.paths.registry
     champion_version = registry.champion_version(reg)
     if candidate_version == champion_version:
         typer.echo(f"{candidate_version} is already the champion")
@@ -119,9 +126,77 @@ def promote_cmd(
     typer.echo(f"candidate {candidate_version}: {metrics.summary(candidate)}")
     if champion is not None:
         typer.echo(f"champion  {champion_version}: {metrics.summary(champion)}")
-    reasons = gates.check(candidate, champion, gates.Limits(max_fpr, fpr_tolerance, recall_tolerance, min_recall))
+    reasons = gates.check(candidate, champion, limits)
     if reasons:
         _fail(f"refused to promote {candidate_version}:\n  " + "\n  ".join(reasons))
         return
     registry.promote(reg, candidate_version)
     typer.echo(f"promoted {candidate_version} (was {champion_version or 'none'})")
+
+
+@app.command("retrain")
+def retrain_cmd(
+    online: Annotated[bool, typer.Option(help="update the champion with partial_fit instead of a full refit")] = False,
+    promote: Annotated[bool, typer.Option(help="then promote it through the gates")] = True,
+    max_fpr: Annotated[float, typer.Option(help="gate: absolute ceiling on ham FPR")] = 0.001,
+    fpr_tolerance: Annotated[float, typer.Option(help="gate: FPR worse than the champion's allowed")] = 0.0,
+    recall_tolerance: Annotated[float, typer.Option(help="gate: recall lower than the champion's allowed")] = 0.0,
+    timeout: Annotated[float, typer.Option(help="seconds to read the feedback topic to its end")] = 60.0,
+) -> None:
+    """Retrain from the base corpus (time split's training groups) plus every verdict on the feedback topic."""
+    from models import feedback, gates, registry, splits, train
+    from models import online as online_mod
+    from models.corpus import load_spamassassin
+
+    settings = _settings()
+    reg = settings.paths.registry
+    try:
+        fb = feedback.read_feedback(settings, timeout_s=timeout)
+    except (RuntimeError, TimeoutError) as e:
+        _fail(f"retrain: {e}")
+        return
+    labels = {lab: sum(m.label == lab for m in fb.messages) for lab in ("ham", "spam")}
+    summary = {"topic": settings.topic("feedback"), "records": fb.records, "used": len(fb.messages),
+               "labels": labels, "skipped": fb.skipped}
+    typer.echo(f"feedback: {fb.records} records, {len(fb.messages)} verdicts used {labels}, skipped {fb.skipped}")
+    if online:
+        try:
+            parent = registry.load_champion(reg)
+            learned = online_mod.learn(parent.pipeline, fb.messages)
+        except (registry.ModelNotFound, registry.ModelIntegrityError, TypeError) as e:
+            _fail(f"retrain --online: {e}")
+            return
+        card = {k: v for k, v in parent.card.items() if k not in ("version", "created_at", "model_sha256")}
+        card.update(parent=parent.version, online_update={"learned": learned, "feedback": summary})
+        version = registry.register(parent.pipeline, card, reg)
+    else:
+        try:
+            base = splits.time_split(load_spamassassin(settings.paths.data))[0]
+        except FileNotFoundError as e:
+            _fail(f"retrain: {e}")
+            return
+        trained = train.fit([*base, *fb.messages])
+        version = registry.register(trained.pipeline, train.card_for(
+            trained, train.TARGET_FPR, base={"corpus": "spamassassin", "groups": list(splits.TIME_TRAIN_GROUPS)},
+            feedback=summary), reg)
+    typer.echo(f"registered {version}")
+    if promote:
+        _gated_promote(settings, version, gates.Limits(max_fpr, fpr_tolerance, recall_tolerance))
+
+
+@app.command("online-eval")
+def online_eval_cmd(
+    batch: Annotated[int, typer.Option(help="labels fed back per step (TREC: 1)")] = 1,
+) -> None:
+    """TREC-style online evaluation on the corpus: in Date order, classify each message, then learn its label."""
+    from models import metrics, online
+    from models.corpus import load_spamassassin
+
+    try:
+        msgs = online.chronological(list(load_spamassassin(_settings().paths.data)))
+    except FileNotFoundError as e:
+        _fail(f"online-eval: {e}")
+        return
+    report = online.trec_evaluate(msgs, batch=batch)
+    typer.echo(f"{report['protocol']}, {len(msgs)} messages in {report['order']} order")
+    typer.echo(f"  (1-ROCA) {report['one_minus_roca_pct']:.3f}%   at 0.5: {metrics.summary(report)}")
