@@ -12,7 +12,7 @@ FG     := $(VENV)/bin/floodgate
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ retrain: $(STAMP) data topics  ## retrain on the corpus + the feedback topic's v
 
 online-eval: $(STAMP) data  ## TREC-style online evaluation on the corpus in Date order: (1-ROCA)%
 	@$(FG) model online-eval
+
+bench-classify: $(STAMP) champion  ## scoring throughput (msgs/s per core, MB/s) of the champion -> BENCHMARKS.md
+	@$(FG) model bench
 
 # promtool validates infra/prometheus (tests/test_infra.py). Debian's prometheus package brings it
 # (~19 MB download, ~20 s); its service is not started in a container without an init system.

@@ -200,3 +200,26 @@ def online_eval_cmd(
     report = online.trec_evaluate(msgs, batch=batch)
     typer.echo(f"{report['protocol']}, {len(msgs)} messages in {report['order']} order")
     typer.echo(f"  (1-ROCA) {report['one_minus_roca_pct']:.3f}%   at 0.5: {metrics.summary(report)}")
+
+
+@app.command("bench")
+def bench_cmd(
+    out: Annotated[Path | None, typer.Option(help="default: BENCHMARKS.md in the checkout")] = None,
+    rounds: Annotated[int, typer.Option(help="best of this many runs per measurement")] = 3,
+) -> None:
+    """Scoring throughput of the champion on the corpus mix (msgs/s per core, MB/s) -> BENCHMARKS.md."""
+    from models import bench, registry
+    from models.corpus import load_spamassassin
+    from pipeline.config import ROOT
+
+    settings = _settings()
+    try:
+        model = registry.load_champion(settings.paths.registry)
+        raws = [m.raw for m in load_spamassassin(settings.paths.data)]
+    except (registry.ModelNotFound, registry.ModelIntegrityError, FileNotFoundError) as e:
+        _fail(f"bench: {e}")
+        return
+    result = bench.run(model, raws, rounds=rounds)
+    section = bench.markdown(result, "make bench-classify")
+    bench.write_section(out or ROOT / "BENCHMARKS.md", section)
+    typer.echo(section)
