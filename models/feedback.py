@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from models.corpus import Message
 from pipeline import events, kafka
@@ -25,6 +25,21 @@ class FeedbackRead:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (undecodable, unlabelled)
 
 
+# A topic created moments ago may have no partition leader yet; these clear up by themselves.
+_TRANSIENT = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+              KafkaError._TIMED_OUT}
+
+
+def _end_offset(consumer: Consumer, tp: TopicPartition, deadline: float) -> int:
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=10)[1]
+        except KafkaException as e:
+            if e.args[0].code() not in _TRANSIENT or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # the broker is electing a leader: ask again shortly
+
+
 def read_feedback(settings: Settings, timeout_s: float = 60.0) -> FeedbackRead:
     """Every verdict on the feedback topic so far, deduplicated by event id (last wins)."""
     topic = settings.topic("feedback")
@@ -33,20 +48,20 @@ def read_feedback(settings: Settings, timeout_s: float = 60.0) -> FeedbackRead:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
             raise RuntimeError(f"feedback topic {topic} is not there: run `make topics`")
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+        deadline = time.monotonic() + timeout_s
+        ends = {p: _end_offset(consumer, TopicPartition(topic, p), deadline) for p in meta.partitions}
         pending = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
         latest: dict[str, Message] = {}
         out = FeedbackRead([])
-        deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"read {out.records} feedback records; partitions {sorted(pending)} "
                                    f"did not reach their end offsets within {timeout_s:.0f} s")
             for record in consumer.consume(500, timeout=0.5):
                 if record.error():
-                    if record.error().code() == KafkaError._PARTITION_EOF:
-                        continue
+                    if record.error().code() == KafkaError._PARTITION_EOF or record.error().code() in _TRANSIENT:
+                        continue  # end of a partition, or a leader election the client rides out
                     raise RuntimeError(f"feedback read failed: {record.error()}")
                 out.records += 1
                 try:
