@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import smtplib
@@ -26,11 +27,13 @@ from confluent_kafka import Message
 
 from models import corpus, registry
 from pipeline import accounting, classify, config, events, kafka, review
+from pipeline.admission import Admission
 from pipeline.classify import Classifier
 from pipeline.cleanup import Cleanup
 from pipeline.deliver import Deliverer
 from pipeline.kafka import topics
 from pipeline.lag import GROUP_INPUTS, LagMonitor
+from pipeline.log import JsonFormatter
 from pipeline.service import Service
 from pipeline.sinks import maildir
 from pipeline.sinks.quarantine import Quarantine
@@ -52,31 +55,14 @@ def _files_under(root: Path) -> list[Path]:
     return [Path(d) / f for d, _, files in os.walk(root) for f in files]
 
 
-def lane_key(lane: str) -> str:
-    """The topic key a classifier lane reads (its own name, or the key ``classify.LANES`` maps it to)."""
-    return classify.LANES[lane] if isinstance(classify.LANES, dict) else lane
-
-
 def lane_topic(settings: config.Settings, lane: str) -> str:
-    return settings.topic(lane_key(lane))
+    """The topic a classifier lane reads."""
+    return settings.topic(classify.LANES[lane])
 
 
 def admit(settings: config.Settings, evs: list[events.MailEvent]) -> dict[str, list[events.MailEvent]]:
-    """Flood admission on hostile envelopes: lane -> events (at ingress, or in a triage stage)."""
+    """Flood admission at ingress on hostile envelopes and bodies: lane -> events."""
     lanes: dict[str, list[events.MailEvent]] = {"priority": [], "bulk": []}
-    try:
-        from pipeline.admission import Admission
-    except ImportError:  # a deployment with a triage stage between inbound and the lanes
-        from pipeline.triage import Triage
-
-        triage = Triage(settings, Service("hostile-triage", settings))
-        outputs = triage.handle([_message(settings.topic("inbound"), ev, i) for i, ev in enumerate(evs)])
-        assert {o.topic for o in outputs} <= {settings.topic("priority"), settings.topic("bulk")}, \
-            "triage dead-lettered a valid event"
-        for o in outputs:
-            ev = events.decode(o.value)
-            lanes["bulk" if o.topic == settings.topic("bulk") else "priority"].append(ev)
-        return lanes
     admission = Admission(settings, follow_reputation=False)
     for ev in evs:
         lanes[admission.lane(ev)].append(ev)
@@ -347,8 +333,9 @@ def test_broker_message_size_is_never_reached_smtp_refuses_with_552(smtp_server)
     assert settings.smtp.max_message_bytes + headroom <= min(broker_max, producer_max)
 
 
-def test_hostile_smtp_conversation_then_normal_mail_flows(smtp_server) -> None:
+def test_hostile_smtp_conversation_then_normal_mail_flows(smtp_server, caplog: pytest.LogCaptureFixture) -> None:
     settings, port = smtp_server
+    caplog.set_level(logging.DEBUG, logger="floodgate")
     accepted: list[str] = []
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
         s.ehlo("mx.sender.test")
@@ -365,7 +352,8 @@ def test_hostile_smtp_conversation_then_normal_mail_flows(smtp_server) -> None:
             assert s.rcpt(rcpt)[0] == 250
             accepted.append(rcpt)
         # 8-bit headers, NUL bytes, bare CR: accepted verbatim.
-        raw = hostile.message([("Subject", b"\xff\xfe caf\xe9"), ("X-Nul", b"a\x00b")], b"body\x00\rmore\r\n")
+        raw = hostile.message([("Subject", b"\xff\xfe caf\xe9"), ("X-Nul", b"a\x00b")],
+                              hostile.marker("smtp") + b" body\x00\rmore\r\n")
         assert s.data(raw)[0] == 250
         # An empty message.
         assert s.mail("a@sender.test")[0] == 250 and s.rcpt(f"bob@{hostile.DOMAIN}")[0] == 250
@@ -383,6 +371,11 @@ def test_hostile_smtp_conversation_then_normal_mail_flows(smtp_server) -> None:
     assert tuple(accepted) in rcpts and (f"carol@{hostile.DOMAIN}",) in rcpts
     hostile_event = next(e for e in got if e.envelope.rcpt_to == tuple(accepted))
     assert b"\xff\xfe caf\xe9" in hostile_event.raw and b"a\x00b" in hostile_event.raw
+    # The ingress logged every transaction as JSON, with ids and sizes but no message text.
+    formatter = JsonFormatter()
+    lines = [formatter.format(r) for r in caplog.records if r.name.startswith("floodgate")]
+    assert any('"accepted"' in line for line in lines)
+    assert not [line for line in lines if hostile.MARKER in line or "caf" in line]
 
 
 def test_one_megabyte_header_line_over_smtp_is_refused_and_the_session_goes_on(smtp_server) -> None:
