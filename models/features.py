@@ -5,7 +5,9 @@ message it emits space-separated tokens that the hashing vectorizer then counts:
 
 * words of the subject (``s:word``) and of every text part (plain words; HTML reduced to its text),
 * structure that a sender cannot fake cheaply or that describes the mail itself:
-  ``from:<domain>`` / ``fromreg:<registered domain>``, ``url:<host>`` / ``urlreg:<registered domain>``,
+  ``from:<domain>`` / ``fromreg:<registered domain>`` / ``fromtld:<tld>``, ``url:<host>`` /
+  ``urlreg:<registered domain>`` / ``urltld:<tld>`` and ``up:<word>`` for the words of a URL's path
+  (time-split AUC 0.9991 -> 0.9993),
   ``email:<domain>``, ``ct:<mime type>``, ``cs:<charset>``, ``cte:<encoding>``, ``att:<extension>``,
   ``tag:<html tag>``, ``mime:<shape>``, ``xm:<mailer>``, ``h:<header>`` / ``h:no-<header>`` for the
   presence of a few headers the sender's software writes (Message-ID, In-Reply-To, X-Priority, …;
@@ -37,7 +39,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 # Bump whenever the tokens for the same bytes change: a model is only valid with the features it
 # was trained on, so the registry refuses an artifact recorded with another version.
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 
 # Spam shows its hand early; the tail of a long part costs time and adds little (measured on the corpus).
 MAX_PART_BYTES = 12_000
@@ -70,7 +72,7 @@ _SUBJECT_TAG = re.compile(r"^\s*(?:(?:re|fw|fwd|aw)\s*:\s*|\[[^\]]{0,40}\]\s*|\(
                           r"|\{[^}]{0,40}\}\s*)+", re.I)
 _ADDR_DOMAIN = re.compile(r"@([a-z0-9.-]+\.[a-z]{2,})", re.I)
 # These run on lower-cased text: case-insensitive patterns cost several times more.
-_URL = re.compile(r"(?:https?://|www\.)([a-z0-9.-]+)[^\s\"'<>]*")
+_URL = re.compile(r"(?:https?://|www\.)([a-z0-9.-]+)([^\s\"'<>]*)")
 _EMAIL_DOMAIN = re.compile(r"@([a-z0-9-]+(?:\.[a-z0-9-]+)+)")  # anchored on '@': a fast scan, no backtracking
 _LOCAL_PART_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._+-=")
 _IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
@@ -256,26 +258,33 @@ class _Extractor:
     def _html(self, text: str) -> str:
         """Lower-case HTML -> its text; links (inside tags) are collected first, tag names kept as tokens."""
         text = _HTML_DROP.sub(" ", text)
-        for host in _URL.findall(text):
-            self._host("url", host)
+        for host, path in _URL.findall(text):
+            self._url(host, path)
         text = _URL.sub(" ", text)
         tags = set(_HTML_TAG.findall(text))
         self.tokens.extend("tag:" + t for t in sorted(tags & _TAGS_KEPT))
         text = _HTML_TAG.sub(" ", text)
         return html.unescape(text) if "&" in text else text
 
-    def _host(self, kind: str, host: str) -> None:
+    def _url(self, host: str, path: str) -> None:
+        if self._host("url", host) and path:
+            self.tokens.extend("up:" + w for w in _WORDS.findall(path)[:8])
+
+    def _host(self, kind: str, host: str) -> bool:
+        """Tokens for a host name; False when it is ignored (an artefact domain or empty)."""
         host = host.lower().strip(".")
         if _IP.match(host):
             self.tokens.append(kind + ":ip")
-            return
+            return True
         host = host.removeprefix("www.")
         if not host or _is_artefact(host):
-            return
+            return False
         self.tokens.append(f"{kind}:{host[:60]}")
+        self.tokens.append(f"{kind}tld:{host.rsplit('.', 1)[-1][:20]}")
         reg = _registered(host)
         if reg != host:
             self.tokens.append(f"{kind}reg:{reg[:60]}")
+        return True
 
     def add_text(self, text: str) -> None:
         """Lower-case text of one part: URLs and mail domains become tokens, the rest words."""
@@ -285,8 +294,8 @@ class _Extractor:
         text = _cut_footer(text[:room])
         self.text_len += len(text)
         if "http" in text or "www." in text:
-            for host in _URL.findall(text):
-                self._host("url", host)
+            for host, path in _URL.findall(text):
+                self._url(host, path)
             text = _URL.sub(" ", text)
         if "@" in text:
             text = self._addresses(text)
