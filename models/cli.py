@@ -41,7 +41,7 @@ def _fail(message: str) -> None:
 @app.command("train")
 def train_cmd(
     target_fpr: Annotated[float, typer.Option(help="ham false-positive rate the threshold is chosen for")] = 0.001,
-    promote_if_first: Annotated[bool, typer.Option(help="promote when the registry has no champion")] = True,
+    promote_if_first: Annotated[bool, typer.Option(help="promote when the registry has no usable champion")] = True,
 ) -> None:
     """Train on the time split's training groups, record both splits, register; promote if there is no champion."""
     from models import metrics, train
@@ -59,7 +59,7 @@ def train_cmd(
     typer.echo(f"  cross-validation: {metrics.summary(m['cross_validation'])}")
     typer.echo(f"  time split test:  {metrics.summary(m['time_split_test'])}")
     typer.echo(f"  random split:     {metrics.summary(m['random_split'])}")
-    typer.echo(f"promoted {version} to champion (there was none)" if promoted
+    typer.echo(f"promoted {version} to champion (there was no usable one)" if promoted
                else "not promoted: a champion exists; use `floodgate model promote` (gated)")
 
 

@@ -104,10 +104,20 @@ def train_and_register(messages: Iterable[Message], registry_dir: Path, *, promo
     return version
 
 
+def _usable_champion(registry_dir: Path) -> bool:
+    """Is there a champion that loads (checksums, trusted types, this code's feature version)?"""
+    try:
+        registry.load_champion(registry_dir)
+    except (registry.ModelNotFound, registry.ModelIntegrityError):
+        return False
+    return True
+
+
 def train_corpus(data_dir: Path, registry_dir: Path, *, target_fpr: float = TARGET_FPR,
                  promote_if_first: bool = True) -> tuple[str, dict[str, Any], bool]:
     """``make train``: fit on the time split's training part, measure on its test part, record a random
-    split too, register; promote when there is no champion yet. Returns (version, card, promoted)."""
+    split too, register; promote when there is no usable champion (none, or one this code cannot
+    load, e.g. trained on an older feature version). Returns (version, card, promoted)."""
     from models.corpus import load_spamassassin
 
     corpus = list(load_spamassassin(data_dir))
@@ -125,7 +135,7 @@ def train_corpus(data_dir: Path, registry_dir: Path, *, target_fpr: float = TARG
         "test_fraction": splits.RANDOM_TEST_FRACTION, "seed": splits.RANDOM_SEED,
         "training_data": r_trained.fingerprint, **random_eval}
     version = registry.register(trained.pipeline, card, registry_dir)
-    promoted = promote_if_first and registry.champion_version(registry_dir) is None
+    promoted = promote_if_first and not _usable_champion(registry_dir)
     if promoted:
         registry.promote(registry_dir, version)
     return version, registry.load(registry_dir, version).card, promoted
