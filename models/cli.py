@@ -223,3 +223,17 @@ def bench_cmd(
     section = bench.markdown(result, "make bench-classify")
     bench.write_section(out or ROOT / "BENCHMARKS.md", section)
     typer.echo(section)
+
+
+@app.command("check")
+def check_cmd() -> None:
+    """Exit 0 if the registry has a champion this code can load (checksums, trusted types, feature version)."""
+    from models import registry
+
+    reg = _settings().paths.registry
+    try:
+        model = registry.load_champion(reg)
+    except (registry.ModelNotFound, registry.ModelIntegrityError) as e:
+        _fail(f"no usable champion: {e}")
+        return
+    typer.echo(f"champion {model.version} ok (threshold {model.threshold:.4f})")
