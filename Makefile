@@ -40,8 +40,8 @@ topics: $(STAMP) kafka-up  ## create the topics in infra/topics.toml; report dri
 demo: $(STAMP) kafka-up topics champion  ## the whole story: broker, workers, real mail, a spam flood, the result
 	@$(FG) demo
 
-champion: $(STAMP) data  ## train a model if the registry has no champion yet
-	@test -f models/registry/CHAMPION || $(MAKE) --no-print-directory train
+champion: $(STAMP) data  ## train a model if the registry has no usable champion yet
+	@$(FG) model check 2>/dev/null || $(MAKE) --no-print-directory train
 
 bench-flood: $(STAMP) kafka-up champion  ## flood at 5x capacity: Floodgate vs the naive single lane (reports/)
 	@$(FG) bench flood
