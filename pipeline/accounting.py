@@ -8,6 +8,7 @@ demo, the benchmarks, the chaos run and the end-to-end tests.
 from __future__ import annotations
 
 import sqlite3
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -59,7 +60,7 @@ def scan_quarantine(db: Path, found: Found) -> None:
             found.accepted[event_id] = accepted_at
 
 
-def scan_dead_letters(settings: Settings, found: Found, timeout: float = 10.0) -> None:
+def scan_dead_letters(settings: Settings, found: Found, timeout: float = 30.0) -> None:
     topic = settings.topic("dead_letter")
     consumer = kafka.consumer(settings, group=f"{settings.kafka.group_prefix}.accounting-{uuid.uuid4().hex[:8]}")
     try:
@@ -71,12 +72,11 @@ def scan_dead_letters(settings: Settings, found: Found, timeout: float = 10.0) -
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
             if high > low:
                 ends[p] = high
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        done: set[int] = set()
-        while len(done) < len(ends):
-            msgs = consumer.consume(500, timeout)
-            if not msgs:
-                break
+        assignment = [TopicPartition(topic, p, 0) for p in ends]
+        consumer.assign(assignment)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msgs = consumer.consume(500, 0.5)
             for m in msgs:
                 if m.error():
                     continue
@@ -85,8 +85,10 @@ def scan_dead_letters(settings: Settings, found: Found, timeout: float = 10.0) -
                 reason = headers.get("floodgate-reason", b"").decode(errors="replace")
                 event_id = events.peek_id(m.value()) or headers.get("floodgate-origin", b"?").decode()
                 found.dead[event_id] = reason
-                if m.offset() + 1 >= ends[m.partition()]:
-                    done.add(m.partition())
+            # Done once nothing more comes and every partition is at its end (a transaction's
+            # commit marker may occupy the last offset, so one short of it counts).
+            if not msgs and all(tp.offset >= ends[tp.partition] - 1 for tp in consumer.position(assignment)):
+                break
     finally:
         consumer.close()
 
