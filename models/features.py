@@ -56,7 +56,6 @@ MAX_HEADER_CHARS = 1_000  # of a Subject or From value: a longer one is an attac
 # unrelated to spamminess (list servers, the collector's own domains, anonymised addresses).
 ARTEFACT_DOMAINS = ("taint.org", "netnoteinc.com", "jmason.org", "slashnull.org", "example.com")
 
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
 _FOLD = re.compile(r"\r?\n[ \t]+")
 # The only headers read; everything else (routing, dates, other filters' verdicts) is ignored.
 _HEADER = re.compile(r"^(subject|from|reply-to|content-type|content-transfer-encoding|content-disposition"
@@ -153,10 +152,19 @@ def _cut_footer(text: str) -> str:
 
 
 def _split(raw: bytes) -> tuple[bytes, bytes]:
-    m = _HEAD_END.search(raw, 0, MAX_HEAD_BYTES)
-    if m is None:
+    """Header block and body, split at the first empty line (LF or CRLF endings, even mixed).
+    bytes.find is a memchr-speed scan; a regex here cost 10 times more."""
+    lf = raw.find(b"\n\n", 0, MAX_HEAD_BYTES)
+    crlf = raw.find(b"\n\r\n", 0, MAX_HEAD_BYTES)
+    if lf < 0 and crlf < 0:
         return raw, b""
-    return raw[: m.start()], raw[m.end():]
+    if crlf < 0 or 0 <= lf < crlf:
+        pos, end = lf, lf + 2
+    else:
+        pos, end = crlf, crlf + 3
+    if pos > 0 and raw[pos - 1] == 13:  # the \r of the last header line's \r\n
+        pos -= 1
+    return raw[:pos], raw[end:]
 
 
 def _param(value: str, name: str) -> str:
@@ -184,13 +192,14 @@ def _bucket(n: int) -> str:
 class _Extractor:
     """Walks one message; collects text and structure tokens."""
 
-    __slots__ = ("nparts", "text", "text_len", "tokens")
+    __slots__ = ("nparts", "nurls", "text", "text_len", "tokens")
 
     def __init__(self) -> None:
         self.tokens: list[str] = []
         self.text: list[str] = []
         self.text_len = 0
         self.nparts = 0
+        self.nurls = 0
 
     def part(self, headers: dict[str, str], body: bytes, depth: int) -> None:
         self.nparts += 1
@@ -267,8 +276,10 @@ class _Extractor:
         return html.unescape(text) if "&" in text else text
 
     def _url(self, host: str, path: str) -> None:
-        if self._host("url", host) and path:
-            self.tokens.extend("up:" + w for w in _WORDS.findall(path)[:8])
+        if self._host("url", host):
+            self.nurls += 1
+            if path:
+                self.tokens.extend("up:" + w for w in _WORDS.findall(path)[:8])
 
     def _host(self, kind: str, host: str) -> bool:
         """Tokens for a host name; False when it is ignored (an artefact domain or empty)."""
@@ -335,7 +346,7 @@ def _message_tokens(raw: bytes) -> str:
     tokens.extend("s:" + w for w in _WORDS.findall(subject.lower()))
     if not subject:
         tokens.append("s:__empty")
-    elif len(subject) > 8 and sum(c.isupper() for c in subject) > 0.6 * sum(c.isalpha() for c in subject):
+    elif len(subject) > 8 and sum(map(str.isupper, subject)) > 0.6 * sum(map(str.isalpha, subject)):
         tokens.append("s:__shouting")
     sender = _decode_words(headers.get("from", "")[:MAX_HEADER_CHARS])
     m = _ADDR_DOMAIN.search(sender)
@@ -363,7 +374,7 @@ def _message_tokens(raw: bytes) -> str:
     words = _WORDS.findall(" ".join(ex.text))
     tokens.append("mime:parts_" + _bucket(ex.nparts))
     tokens.append("mime:words_" + _bucket(len(words) // 10))
-    tokens.append("mime:urls_" + _bucket(sum(1 for t in tokens if t.startswith("url:"))))
+    tokens.append("mime:urls_" + _bucket(ex.nurls))
     if words:
         tokens.extend(words)
     return " ".join(tokens)
