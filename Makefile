@@ -12,7 +12,7 @@ FG     := $(VENV)/bin/floodgate
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -66,6 +66,11 @@ online-eval: $(STAMP) data  ## TREC-style online evaluation on the corpus in Dat
 
 bench-classify: $(STAMP) champion  ## scoring throughput (msgs/s per core, MB/s) of the champion -> BENCHMARKS.md
 	@$(FG) model bench
+
+bench-peers: $(STAMP) data  ## Floodgate vs bogofilter (PEERS=--spamassassin: and SpamAssassin) on the same splits
+	@command -v bogofilter >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends bogofilter >/dev/null; }
+	@$(FG) model peers $(PEERS)
 
 # promtool validates infra/prometheus (tests/test_infra.py). Debian's prometheus package brings it
 # (~19 MB download, ~20 s); its service is not started in a container without an init system.

@@ -91,11 +91,14 @@ def markdown(r: dict[str, Any], command: str) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (or append it), leaving the rest alone."""
+    """Replace a benchmark's section of BENCHMARKS.md (or append it), leaving the rest alone. The
+    section's first and last lines are its start and end markers."""
+    lines = section.strip("\n").splitlines()
+    start, end = lines[0], lines[-1]
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)

@@ -237,3 +237,25 @@ def check_cmd() -> None:
         _fail(f"no usable champion: {e}")
         return
     typer.echo(f"champion {model.version} ok (threshold {model.threshold:.4f})")
+
+
+@app.command("peers")
+def peers_cmd(
+    spamassassin: Annotated[bool, typer.Option(help="also SpamAssassin (slow: one process a message)")] = False,
+    sa_sample: Annotated[int, typer.Option(help="SpamAssassin: score about this many test messages (0: all)")] = 400,
+    out: Annotated[Path | None, typer.Option(help="default: BENCHMARKS.md in the checkout")] = None,
+) -> None:
+    """Floodgate vs bogofilter (and SpamAssassin) on the same splits -> BENCHMARKS.md."""
+    from models import bench, peers
+    from pipeline.config import ROOT
+
+    names = ("bogofilter", "spamassassin") if spamassassin else ("bogofilter",)
+    try:
+        results = peers.compare(_settings().paths.data, names, sa_sample=sa_sample)
+    except FileNotFoundError as e:
+        _fail(f"peers: {e}")
+        return
+    cmd = "make bench-peers" + (f" PEERS='--spamassassin --sa-sample {sa_sample}'" if spamassassin else "")
+    section = peers.markdown(results, cmd)
+    bench.write_section(out or ROOT / "BENCHMARKS.md", section)
+    typer.echo(section)
