@@ -31,7 +31,7 @@ from pipeline.admission import Admission
 from pipeline.classify import Classifier
 from pipeline.cleanup import Cleanup
 from pipeline.deliver import Deliverer
-from pipeline.kafka import topics
+from pipeline.kafka import loop, topics
 from pipeline.lag import GROUP_INPUTS, LagMonitor
 from pipeline.log import JsonFormatter
 from pipeline.replay import EnvelopeSynth
@@ -42,6 +42,7 @@ from pipeline.smtp import SmtpIngress
 from pipeline.workers import STANDARD, WorkerSet
 from tests import hostile
 from tests.kafka_helpers import consume_n, wait_for
+from tests.worker_helpers import group_lag, running
 
 SECRET = "QX7SASLPASSWORD-do-not-log"
 
@@ -308,6 +309,51 @@ def test_hostile_corpus_through_the_real_pipeline(pipeline: tuple[config.Setting
         for line in text.splitlines():
             if line.startswith("{"):
                 json.loads(line)  # structured lines stay parseable, whatever the mail held
+
+
+def test_a_dead_letter_always_fits_in_one_record() -> None:
+    big = Message(topic="mail.inbound", partition=3, offset=7, key=b"k" * 32, value=b"v" * (loop.RECORD_MAX + 10))
+    out = loop.dead_letter("mail.dead-letter", big, "classify", "RecordTooLarge: " + "x" * 5000)
+    assert loop.record_size(out) <= loop.RECORD_MAX
+    headers = dict(out.headers)
+    assert headers["floodgate-truncated"] == str(loop.RECORD_MAX + 10).encode()
+    assert headers["floodgate-origin"] == b"mail.inbound/3/7" and out.value == big.value()[:len(out.value)]
+    small = Message(topic="t", partition=0, offset=0, key=b"k", value=b"hello")
+    assert loop.dead_letter("d", small, "s", "r").value == b"hello"
+    assert "floodgate-truncated" not in dict(loop.dead_letter("d", small, "s", "r").headers)
+
+
+def test_a_record_that_would_outgrow_the_limit_is_dead_lettered_not_retried_forever(
+        topic_settings: config.Settings, trained_registry: Path) -> None:
+    """An event a few bytes under the record limit grows by its verdict metadata when classified:
+    produce() would refuse the output on every retry and stall the partition behind it."""
+    s = replace(topic_settings, paths=replace(topic_settings.paths, registry=trained_registry))
+    env = events.Envelope("a@sender.test", (f"bob@{hostile.DOMAIN}",), "192.0.2.1", "mx.sender.test")
+    big = events.new_event(env, b"")
+    room = kafka.DURABLE_PRODUCER["message.max.bytes"] - len(events.encode(big)) - len(big.key) - 120
+    big = replace(big, raw=b"Subject: big\r\n\r\n" + b"y" * room)  # compressible: the broker takes it
+    normal = events.new_event(env, b"Subject: hi\r\n\r\nhello\r\n")
+    producer = kafka.producer(s)
+    for ev in (big, normal):  # one partition: the normal message waits behind the big one
+        producer.produce(s.topic("inbound"), key=ev.key, value=events.encode(ev), partition=0)
+    assert producer.flush(60) == 0
+
+    with running(s, lambda service: (classify.run(s, "priority", service), None), "classify-big"):
+        def placed() -> accounting.Found | None:
+            found = accounting.Found()
+            accounting.scan_dead_letters(s, found)
+            return found if big.id in found.dead and group_lag(s, s.group("classify-priority"), "inbound") == 0 \
+                else None
+
+        found = wait_for(placed, timeout=60, what="the big event dead-lettered and the partition drained")
+    assert "RecordTooLarge" in found.dead[big.id]
+    consumer = kafka.consumer(s, s.group(f"check-{uuid.uuid4().hex[:6]}"))
+    consumer.subscribe([s.topic("ham"), s.topic("spam")])
+    try:
+        [routed] = consume_n(consumer, 1)
+    finally:
+        consumer.close()
+    assert events.decode(routed.value()).id == normal.id
 
 
 # --- SMTP: hostile conversations with the in-process server --------------------------------------

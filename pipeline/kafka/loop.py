@@ -17,7 +17,9 @@ Failure policy:
   batch is rewound and retried after a backoff that doubles up to ``MAX_BACKOFF_S``;
 * the handler raises anything else: the batch is retried one record at a time, and a record
   that still fails goes to the dead-letter topic with the exception as its reason. One bad
-  record never stops a worker.
+  record never stops a worker;
+* an output above :data:`RECORD_MAX` (no producer would ever accept it) counts as the handler
+  failing on its input (:class:`RecordTooLarge`), so it is dead-lettered rather than retried forever.
 """
 
 from __future__ import annotations
@@ -39,10 +41,19 @@ from pipeline.service import Service
 TRANSACTION_TIMEOUT_MS = 10_000
 MAX_BACKOFF_S = 10.0
 DEAD_LETTER_REASON_MAX = 1000
+# The largest record a worker produces: the producers' message.max.bytes less room for the
+# framing librdkafka counts against it. produce() refuses anything larger on every retry, so an
+# output above it (a record near the limit that grew by its verdict metadata) would stall its
+# partition forever; its input is dead-lettered instead, and dead letters are cut to fit.
+RECORD_MAX = int(kafka.DURABLE_PRODUCER["message.max.bytes"]) - 4096
 
 
 class TransientError(Exception):
     """A sink or peer is unavailable: retry the whole batch later, dead-letter nothing."""
+
+
+class RecordTooLarge(Exception):
+    """A handler produced an output no producer would accept (above :data:`RECORD_MAX`)."""
 
 
 @dataclass(frozen=True)
@@ -56,14 +67,25 @@ class Output:
 Handler = Callable[[Sequence[Message]], list[Output]]
 
 
+def record_size(o: Output) -> int:
+    return len(o.key or b"") + len(o.value) + sum(len(k) + len(v) for k, v in o.headers)
+
+
 def dead_letter(topic: str, msg: Message, stage: str, reason: str) -> Output:
-    """The record unchanged, with why and where it failed in headers."""
-    return Output(topic, msg.key(), msg.value() or b"", [
+    """The record unchanged, with why and where it failed in headers (cut to fit in one record,
+    with ``floodgate-truncated`` giving the original size; the original stays at its origin)."""
+    headers = [
         ("floodgate-stage", stage.encode()),
         ("floodgate-reason", reason[:DEAD_LETTER_REASON_MAX].encode(errors="replace")),
         ("floodgate-origin", f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()),
         ("floodgate-failed-at", f"{time.time():.3f}".encode()),
-    ])
+    ]
+    out = Output(topic, msg.key(), msg.value() or b"", headers)
+    excess = record_size(out) + 64 - RECORD_MAX  # 64: the truncation header itself
+    if excess > 0:
+        headers.append(("floodgate-truncated", str(len(out.value)).encode()))
+        out = Output(topic, out.key, out.value[:max(0, len(out.value) - excess)], headers)
+    return out
 
 
 def instance_id() -> str:
@@ -161,9 +183,17 @@ class Loop:
             self.consumer.commit(offsets=_next_offsets(msgs), asynchronous=False)
         self.processed += len(msgs)
 
+    def _checked(self, msgs: Sequence[Message]) -> list[Output]:
+        outputs = self.handler(msgs)
+        for o in outputs:
+            if record_size(o) > RECORD_MAX:
+                raise RecordTooLarge(f"an output for {o.topic} of {record_size(o)} bytes is above the "
+                                     f"{RECORD_MAX}-byte record limit")
+        return outputs
+
     def _handle(self, msgs: Sequence[Message]) -> list[Output]:
         try:
-            return self.handler(msgs)
+            return self._checked(msgs)
         except TransientError:
             raise
         except Exception as batch_error:  # isolate the bad record: one at a time
@@ -171,7 +201,7 @@ class Loop:
             outputs: list[Output] = []
             for m in msgs:
                 try:
-                    outputs += self.handler([m])
+                    outputs += self._checked([m])
                 except TransientError:
                     raise
                 except Exception as e:
