@@ -34,6 +34,16 @@ kafka-down:  ## stop the local broker that kafka-up started
 kafka-status:  ## is the broker running and answering?
 	@$(BROKER) status
 
+# A private three-node KRaft cluster on 127.0.0.1:19092-19097 for fault injection (make chaos);
+# it never touches the broker above. Topics for it: FLOODGATE_REPLICATION_FACTOR=3 FLOODGATE_MIN_INSYNC=2.
+CLUSTER := $(BROKER) --nodes 3 --name chaos
+
+cluster-up:  ## start the local three-broker KRaft cluster (make chaos uses it)
+	@$(CLUSTER) up
+
+cluster-down:  ## stop the local three-broker cluster
+	@$(CLUSTER) down
+
 topics: $(STAMP) kafka-up  ## create the topics in infra/topics.toml; report drift
 	@$(FG) topics apply
 

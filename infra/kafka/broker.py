@@ -12,6 +12,21 @@ binding so the broker logs to a file.
 
 Where ``KAFKA_BOOTSTRAP_SERVERS`` is set, nothing is started: that cluster is used.
 
+Cluster mode (fault-injection runs): N combined broker+controller nodes on loopback, each with
+its own ``node.id``, ports, ``log.dirs`` and state under ``.run/kafka-<name>/node<i>/``, the
+quorum formatted with ``--initial-controllers`` (a dynamic KRaft quorum), internal topics
+replicated min(N, 3) times with min ISR min(N, 2). It never touches the single broker above.
+
+    python infra/kafka/broker.py --nodes 3 --name chaos up          # start every node not running
+    python infra/kafka/broker.py --nodes 3 --name chaos down        # stop every node it started
+    python infra/kafka/broker.py --nodes 3 --name chaos status      # exit 0 when every node answers
+    python infra/kafka/broker.py --nodes 3 --name chaos kill 2      # SIGKILL node 2 (a crash)
+    python infra/kafka/broker.py --nodes 3 --name chaos start 2     # start node 2, wait until it serves
+    python infra/kafka/broker.py --nodes 3 --name chaos bootstrap   # the bootstrap address list
+
+Options: ``--port BASE`` (default 19092: node i listens on BASE+2(i-1), its controller on the
+next port), ``--heap`` (default 320m per node).
+
 Standard library only, so that it runs before the project's virtual environment exists.
 """
 
@@ -153,12 +168,12 @@ def fetch() -> Path:
     return LIBS
 
 
-def java(*args: str, heap: str | None = None) -> list[str]:
+def java(*args: str, heap: str | None = None, state: Path | None = None) -> list[str]:
     cmd = ["java"]
     if heap:
         cmd += [f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
     cmd += [
-        f"-Dlog4j2.configurationFile={STATE / 'log4j2.properties'}",
+        f"-Dlog4j2.configurationFile={(state or STATE) / 'log4j2.properties'}",
         "-Djava.awt.headless=true",
         "-cp", str(LIBS / "*"),
         *args,
@@ -181,9 +196,10 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def our_pid() -> int | None:
+def our_pid(state: Path | None = None) -> int | None:
     """The pid of the broker this checkout started, if that process still runs."""
-    pidfile = STATE / "broker.pid"
+    state = state or STATE
+    pidfile = state / "broker.pid"
     if not pidfile.exists():
         return None
     try:
@@ -196,7 +212,7 @@ def our_pid() -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return pid
-    return pid if b"kafka.Kafka" in cmdline and str(STATE).encode() in cmdline else None
+    return pid if b"kafka.Kafka" in cmdline and str(state).encode() in cmdline else None
 
 
 def configure() -> None:
@@ -315,6 +331,10 @@ def status() -> int:
 
 
 def main(argv: list[str]) -> int:
+    if any(a == "--nodes" or a.startswith("--nodes=") for a in argv[1:]):
+        from cluster import main as cluster_main  # infra/kafka/cluster.py, beside this file
+
+        return cluster_main(argv)
     commands = {"up": up, "down": down, "status": status, "fetch": lambda: (fetch(), 0)[1],
                 "bootstrap": lambda: (print(bootstrap()), 0)[1],
                 "version": lambda: (print(version() or KAFKA_VERSION), 0)[1]}
