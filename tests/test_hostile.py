@@ -174,6 +174,33 @@ def test_hostile_mail_as_spam_is_quarantined(local_settings: config.Settings,
         store.close()
 
 
+def test_downstream_delivery_never_rewrites_a_recipient_into_another(local_settings: config.Settings) -> None:
+    """smtplib re-parses addresses: forged recipients must not become RCPT TO:<x@evil.test> downstream."""
+    from tests.test_deliver import LMTPController, Recorder, free_port
+
+    recorder = Recorder()
+    server = LMTPController(recorder, hostname="127.0.0.1", port=free_port())
+    server.start()
+    s = replace(local_settings, delivery=replace(local_settings.delivery, mode="lmtp", port=server.port, timeout_s=10))
+    deliverer = Deliverer(s)
+    try:
+        forged = ["<x@evil.test>@example.com", "x@evil.test,y@example.com", "Bob <x@evil.test>, y@example.com",
+                  "bad\r\nRCPT TO:<x@evil.test>@example.com", "ok@example.com\r\nRSET"]
+        env = events.Envelope("a@sender.test", (), "192.0.2.1", "mx.sender.test")
+        evs = [replace(events.new_event(replace(env, rcpt_to=(r,)), b"Subject: x\r\n\r\nx\r\n"), verdict="ham")
+               for r in forged]
+        normal = replace(events.new_event(replace(env, rcpt_to=("ok@example.com",)), b"Subject: y\r\n\r\ny\r\n"),
+                         verdict="ham")
+        outputs = deliverer.handle([_message(s.topic("ham"), ev, i) for i, ev in enumerate([*evs, normal])])
+    finally:
+        deliverer.close()
+        server.stop()
+    assert [o.topic for o in outputs] == [s.topic("dead_letter")] * len(forged)
+    assert all("not one address" in dict(o.headers)["floodgate-reason"].decode() for o in outputs)
+    # Nothing reached evil.test, and the session was clean for the next, normal event.
+    assert [r for _, r, _ in recorder.delivered] == ["ok@example.com"]
+
+
 def test_replay_envelopes_for_hostile_mail_are_valid_events() -> None:
     """Replay ingress derives envelopes from the headers of files it reads: hostile files included."""
     synth = EnvelopeSynth(("example.com",))

@@ -63,6 +63,11 @@ class Downstream:
 
     def send(self, mail_from: str, rcpt: str, data: bytes) -> None:
         """Hand ``data`` to the server for one recipient, or raise TransientError / Rejected."""
+        # smtplib re-parses addresses (quoteaddr): "<x@evil.test>@example.com" would go out as
+        # RCPT TO:<x@evil.test>, mail for one address delivered, or relayed, to another. Such a
+        # recipient (only a forged event can carry one; SMTP ingress keeps quotes) is refused.
+        if "\r" in rcpt + mail_from or "\n" in rcpt + mail_from or smtplib.quoteaddr(rcpt) != f"<{rcpt}>":
+            raise Rejected(f"not one address: {rcpt!r} would be sent as {smtplib.quoteaddr(rcpt)!r}")
         wire = _BARE_LF.sub(b"\r\n", data)  # the protocol's line ending; the content is unchanged
         options = [] if (mail_from + rcpt).isascii() else ["SMTPUTF8"]
         try:
