@@ -26,7 +26,7 @@ import pytest
 from confluent_kafka import Message
 
 from models import corpus, registry
-from pipeline import accounting, classify, config, events, kafka, review
+from pipeline import accounting, classify, config, events, kafka, review, smtp
 from pipeline.admission import Admission
 from pipeline.classify import Classifier
 from pipeline.cleanup import Cleanup
@@ -469,22 +469,45 @@ def test_hostile_smtp_conversation_then_normal_mail_flows(smtp_server, caplog: p
     assert not [line for line in lines if hostile.MARKER in line or "caf" in line]
 
 
-def test_one_megabyte_header_line_over_smtp_is_refused_and_the_session_goes_on(smtp_server) -> None:
-    """A single 1 MiB header line (RFC 5321 4.5.3.1.6 allows 1000 octets a line) gets a 500, not a crash."""
+def test_a_header_line_above_the_line_limit_is_refused_and_the_session_goes_on(smtp_server) -> None:
+    """A header line longer than the server's line limit gets a 500, not a crash; the same megabyte
+    folded into legal lines is accepted whole."""
     settings, port = smtp_server
-    [case] = [c for c in hostile.all_cases() if c.name == "huge_single_line_header"]
+    long_line = hostile.message([("Subject", "x"), ("X-Long", "z" * (smtp.LINE_LENGTH_LIMIT + 1))],
+                                hostile.marker("long_line"))
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
         s.ehlo("mx.sender.test")
         s.mail("a@sender.test")
         s.rcpt(f"bob@{hostile.DOMAIN}")
-        code, reply = s.data(case.raw)
+        code, reply = s.data(long_line)
         assert (code, reply[:13]) == (500, b"Line too long")
         assert s.noop()[0] == 250
-        # The same megabyte folded into legal lines is accepted whole.
         [folded] = [c for c in hostile.all_cases() if c.name == "huge_folded_subject"]
         assert s.sendmail("a@sender.test", [f"bob@{hostile.DOMAIN}"], folded.raw) == {}
     [event] = _inbound_events(settings, 1)
     assert event.raw == folded.raw + b"\r\n"  # smtplib ends the data with a line break
+
+
+# End-of-data lookalikes an SMTP smuggling attack uses: only CRLF.CRLF ends DATA.
+SMUGGLING_ENDS = (b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n")
+
+
+def test_smtp_smuggling_end_of_data_lookalikes_stay_inside_the_message(smtp_server) -> None:
+    settings, port = smtp_server
+    smuggled = (b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+                b"Subject: smuggled\r\n\r\n" + hostile.marker("smuggled") + b"\r\n")
+    for end in SMUGGLING_ENDS:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+            s.ehlo("mx.sender.test")
+            assert s.mail("a@sender.test")[0] == 250 and s.rcpt(f"bob@{hostile.DOMAIN}")[0] == 250
+            assert s.docmd("DATA")[0] == 354
+            s.send(b"Subject: first\r\n\r\nfirst" + end + smuggled + b".\r\n")  # raw: no dot-stuffing, no EOL fixes
+            assert s.getreply()[0] == 250  # one message accepted...
+            assert s.noop()[0] == 250  # ...and no replies left over from smuggled commands
+    got = _inbound_events(settings, len(SMUGGLING_ENDS))
+    assert sorted(e.envelope.rcpt_to for e in got) == [(f"bob@{hostile.DOMAIN}",)] * len(SMUGGLING_ENDS)
+    assert all(b"MAIL FROM:<ceo@example.com>" in e.raw and hostile.marker("smuggled") in e.raw
+               for e in got)
 
 
 # --- entry points ---------------------------------------------------------------------------------
