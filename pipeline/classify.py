@@ -34,8 +34,10 @@ from pipeline.kafka.loop import Loop, Output, dead_letter
 from pipeline.service import Service
 
 STAGE = "classify"
-# Each lane's input topic (infra/topics.toml keys).
+# Each lane's input and ham output topics (infra/topics.toml keys). Lanes stay apart down to
+# delivery: flood mail the model misses must not queue in front of the priority lane's ham.
 LANES = {"priority": "inbound", "bulk": "bulk"}
+HAM_TOPICS = {"priority": "ham", "bulk": "bulk_ham"}
 # How often to look for a newly promoted model: a stat() of one small file.
 RELOAD_CHECK_S = 1.0
 # A flood of one campaign needs one entry; a diverse flood is bounded by this.
@@ -128,7 +130,7 @@ class Classifier:
         self.lane = lane
         self.models = ModelHolder(settings.paths.registry, service.log)
         self.cache = FingerprintCache()
-        self.ham, self.spam = settings.topic("ham"), settings.topic("spam")
+        self.ham, self.spam = settings.topic(HAM_TOPICS[lane]), settings.topic("spam")
         self.dead = settings.topic("dead_letter")
 
     def handle(self, msgs: Sequence[Message]) -> list[Output]:

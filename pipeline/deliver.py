@@ -133,19 +133,25 @@ class Deliverer:
         return loop.dead_letter(self.dead_letter_topic, m, STAGE, f"{STAGE}: {reason}")
 
 
-def build(service: Service) -> tuple[Loop, Deliverer]:
+# Each lane's ham topic and consumer group: the bulk lane's ham (flood mail the model let
+# through, mostly) is delivered by its own group and never queues in front of priority ham.
+LANES = {"priority": ("ham", STAGE), "bulk": ("bulk_ham", f"{STAGE}-bulk")}
+
+
+def build(service: Service, lane: str = "priority") -> tuple[Loop, Deliverer]:
     s = service.settings
+    topic, group = LANES[lane]
     deliverer = Deliverer(s)
-    worker = Loop(service, STAGE, s.group(STAGE), [s.topic("ham")], deliverer.handle, transactional=False,
+    worker = Loop(service, STAGE, s.group(group), [s.topic(topic)], deliverer.handle, transactional=False,
                   consumer_overrides=CONSUMER)
     return worker, deliverer
 
 
-def serve(service: Service) -> None:
+def serve(service: Service, lane: str = "priority") -> None:
     """Run the worker until ``service.stopping`` is set (SIGTERM or SIGINT), then release its sinks."""
-    worker, deliverer = build(service)
+    worker, deliverer = build(service, lane)
     s = service.settings
-    service.log.info("delivering", extra={"mode": s.delivery.mode, "topic": s.topic("ham"),
+    service.log.info("delivering", extra={"mode": s.delivery.mode, "topic": s.topic(LANES[lane][0]),
                                           "maildir_root": str(s.paths.maildir_root)})
     try:
         worker.run()

@@ -271,7 +271,7 @@ def _phases(s: Scenario):  # type: ignore[no-untyped-def]
 
 def start_floodgate(workers: WorkerSet, settings: Settings) -> list[str]:
     workers.start_standard()
-    return [settings.group(g) for g in ("classify-priority", "classify-bulk", "deliver", "cleanup")]
+    return [settings.group(g) for g in ("classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup")]
 
 
 def start_naive(workers: WorkerSet, settings: Settings) -> list[str]:

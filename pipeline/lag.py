@@ -46,6 +46,7 @@ GROUP_INPUTS: dict[str, tuple[str, ...]] = {
     "classify-priority": ("inbound",),
     "classify-bulk": ("bulk",),
     "deliver": ("ham",),
+    "deliver-bulk": ("bulk_ham",),
     "cleanup": ("spam",),
     "reputation": ("feedback", "ham", "spam"),  # Faust; its internal topics show up via their commits
 }

@@ -24,12 +24,13 @@ STANDARD = {
     "classify-priority": ["classify", "--lane", "priority"],
     "classify-bulk": ["classify", "--lane", "bulk"],
     "deliver": ["deliver"],
+    "deliver-bulk": ["deliver", "--lane", "bulk"],
     "cleanup": ["cleanup"],
 }
 # CPU niceness per worker: the spam side yields the CPU to the ham side, so a flood that
 # saturates the machine still leaves ham its share (the bulk lane and cleanup may fall behind;
 # that is their job). On Kubernetes the same is done with separate deployments and CPU requests.
-NICE = {"classify-bulk": 10, "cleanup": 10}
+NICE = {"classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10}
 READY_TIMEOUT_S = 120.0
 
 

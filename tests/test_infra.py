@@ -32,8 +32,8 @@ PROM = INFRA / "prometheus"
 K8S_VERSION = "1.33"  # a Kubernetes release the manifests must be valid for
 METRIC_NAME = re.compile(r"\b(?:floodgate|kafka)_[a-zA-Z0-9_]+")
 # The workers whose group KEDA scales; reputation (Faust tables) is deliberately not autoscaled.
-SCALED = ("classify-priority", "classify-bulk", "deliver", "cleanup")
-WORKERS = ("smtp", "reputation", "classify-priority", "classify-bulk", "deliver", "cleanup", "lag")
+SCALED = ("classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup")
+WORKERS = ("smtp", "reputation", "classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup", "lag")
 
 
 def known_metrics() -> set[str]:
@@ -75,8 +75,12 @@ def deployed_settings() -> Settings:
 
 
 def worker_of(args: list[str]) -> str:
-    """The worker a container's arguments run: its command, with the lane for classify."""
-    return f"classify-{args[args.index('--lane') + 1]}" if args[0] == "classify" else args[0]
+    """The worker a container's arguments run: its command, with the lane where it has lanes
+    (classify has no lane-less name; deliver's priority lane is plain ``deliver``)."""
+    lane = args[args.index("--lane") + 1] if "--lane" in args else "priority"
+    if args[0] == "classify":
+        return f"classify-{lane}"
+    return args[0] if lane == "priority" else f"{args[0]}-{lane}"
 
 
 # -- Prometheus ---------------------------------------------------------------------------------
