@@ -235,6 +235,8 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
             phase.setdefault("legit_ham", []).append(latency)
             if event_id in classified:
                 phase.setdefault("legit_ham_queued", []).append(max(0.0, classified[event_id] - accepted))
+            if event_id in sent.acked:
+                phase.setdefault("legit_ham_ingress", []).append(max(0.0, sent.acked[event_id] - accepted))
     flood_end = sent.start + scenario.pre_s + scenario.flood_s
     topics.delete(settings, admin)
     return ConfigResult(
@@ -369,16 +371,18 @@ def summary(report: dict[str, Any]) -> str:
     s = report["scenario"]
     lines = [f"capacity {s['capacity']:.0f} msg/s; base {s['base_rate']} msg/s; flood {s['flood_rate']} msg/s "
              f"for {s['flood_s']:.0f} s; {s['messages']} messages",
-             "ham = legitimate mail delivered (corpus truth); queued = accepted -> classified; seconds",
-             f"{'config':10} {'phase':9} {'ham p50':>9} {'ham p99':>9} {'ham max':>9} {'queued p99':>10} "
-             f"{'spam p50':>9} {'n ham':>6}"]
+             "ham = legitimate mail delivered (corpus truth); ingress = accepted -> broker ack;"
+             " queued = accepted -> classified; seconds",
+             f"{'config':10} {'phase':9} {'ham p50':>9} {'ham p99':>9} {'ham max':>9} {'ingress p99':>11} "
+             f"{'queued p99':>10} {'spam p50':>9} {'n ham':>6}"]
     for name, r in report["results"].items():
         for phase, paths in r["phases"].items():
             h, sp, q = paths.get("legit_ham", {}), paths.get("spam", {}), paths.get("legit_ham_queued", {})
+            ing = paths.get("legit_ham_ingress", {})
 
             def f(v: float | None) -> str:
                 return "-" if v is None else f"{v:.3f}"
             lines.append(f"{name:10} {phase[2:]:9} {f(h.get('p50')):>9} {f(h.get('p99')):>9} {f(h.get('max')):>9} "
-                         f"{f(q.get('p99')):>10} {f(sp.get('p50')):>9} {h.get('n', 0):>6}")
+                         f"{f(ing.get('p99')):>11} {f(q.get('p99')):>10} {f(sp.get('p50')):>9} {h.get('n', 0):>6}")
         lines.append(f"{name:10} accounting: {r['ledger']}; spam drained {r['drain_s']} s after the flood")
     return "\n".join(lines)

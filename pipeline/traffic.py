@@ -46,7 +46,7 @@ class Sent:
     kinds: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     accepted: dict[str, float] = field(default_factory=dict)  # the event's accepted_at
-    acked: set[str] = field(default_factory=set)  # events the broker acknowledged
+    acked: dict[str, float] = field(default_factory=dict)  # event id -> when the broker acknowledged it
     start: float = 0.0
     behind_max_s: float = 0.0  # how far the generator fell behind its own schedule
 
@@ -115,7 +115,7 @@ def send(producer: Producer, route: Callable[[events.MailEvent], str], planned: 
 
     def acked(err, msg, ev_id: str) -> None:  # type: ignore[no-untyped-def]
         if err is None:
-            sent.acked.add(ev_id)
+            sent.acked[ev_id] = time.time()
 
     for p in planned:
         delay = p.at - (time.monotonic() - t0)

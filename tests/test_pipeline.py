@@ -116,7 +116,7 @@ def test_replayed_corpus_is_accounted_exactly_once(pipeline, mail):
     ham, spam = mail
     sent = replay(settings, ham[:120] + spam[:80], seed=1)
     assert len(sent.acked) == 200
-    found = wait_for(lambda: placed(settings, sent.acked), timeout=120, what="200 messages placed")
+    found = wait_for(lambda: placed(settings, set(sent.acked)), timeout=120, what="200 messages placed")
     ledger = accounting.reconcile(sent.acked, found)
     assert ledger.ok, ledger.summary()
     assert ledger.placed["mailbox"] + ledger.placed["quarantine"] == 200
@@ -135,12 +135,12 @@ def test_classifier_killed_mid_stream_loses_and_duplicates_nothing(pipeline, mai
     before = routed_ids(settings)
     sent = replay(settings, msgs[:250], seed=2)
     # Kill as soon as part of this batch has been routed, so the kill lands mid-stream.
-    wait_for(lambda: len(set(routed_ids(settings)) & sent.acked) >= 20, timeout=60, what="routing under way")
+    wait_for(lambda: len(set(routed_ids(settings)) & set(sent.acked)) >= 20, timeout=60, what="routing under way")
     workers.kill("classify-priority")
     more = replay(settings, msgs[250:], seed=3)
     workers.restart("classify-priority")
     workers.wait_ready()
-    ids = sent.acked | more.acked
+    ids = set(sent.acked) | set(more.acked)
     found = wait_for(lambda: placed(settings, ids), timeout=180, what="all messages placed after the kill")
     ledger = accounting.reconcile(ids, found)
     assert ledger.ok, ledger.summary()
@@ -154,11 +154,11 @@ def test_sigterm_mid_batch_exits_zero_and_keeps_exactly_once(pipeline, mail):
     ham, spam = mail
     before = routed_ids(settings)
     sent = replay(settings, ham[420:620] + spam[280:380], seed=4)
-    wait_for(lambda: len(set(routed_ids(settings)) & sent.acked) >= 10, timeout=60, what="routing under way")
+    wait_for(lambda: len(set(routed_ids(settings)) & set(sent.acked)) >= 10, timeout=60, what="routing under way")
     assert workers.stop("classify-priority") == 0
     workers.restart("classify-priority")
     workers.wait_ready()
-    found = wait_for(lambda: placed(settings, sent.acked), timeout=180, what="all placed after SIGTERM")
+    found = wait_for(lambda: placed(settings, set(sent.acked)), timeout=180, what="all placed after SIGTERM")
     assert accounting.reconcile(sent.acked, found).ok
     routed = routed_ids(settings) - before
     assert all(routed[i] == 1 for i in sent.acked if i in routed)
@@ -181,7 +181,7 @@ def test_malformed_records_are_dead_lettered_with_a_reason_and_work_goes_on(pipe
         found = accounting.scan(settings)
         reasons = [r for r in found.dead.values()]
         ok = (sum(r.startswith("not a mail event") for r in reasons) >= 2
-              and placed(settings, after.acked | {hostile.id}) is not None)
+              and placed(settings, set(after.acked) | {hostile.id}) is not None)
         return found if ok else None
 
     found = wait_for(dead_and_done, timeout=120, what="dead letters with reasons, later mail placed")
