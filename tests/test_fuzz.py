@@ -5,7 +5,9 @@
   (:class:`models.features.MailText`) never raise, and the extractor never needs its catch-all
   fallback (``mime:unparsable``), on arbitrary bytes or on structured-but-broken MIME;
 * the trained model scores any bytes with a finite probability in [0, 1];
-* :func:`pipeline.sinks.maildir.mailbox_path` stays inside the root for any string.
+* :func:`pipeline.sinks.maildir.mailbox_path` stays inside the root for any string;
+* a delivered copy unstamps to the exact original, quarantine subjects stay short and printable,
+  and flood admission takes any envelope.
 
 Example counts are modest so the module runs in seconds; the strategies aim at the shapes real
 parsers trip over (boundaries, encodings, charsets, nesting) rather than at uniform noise.
@@ -23,9 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models import features, registry
-from pipeline import events
+from pipeline import config, events
+from pipeline.admission import Admission
 from pipeline.fingerprint import fingerprint
-from pipeline.sinks import maildir
+from pipeline.sinks import maildir, parse_trace, stamp, unstamp
+from pipeline.sinks.quarantine import subject_of
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -169,3 +173,35 @@ def test_mailbox_path_stays_inside_the_root(address: str) -> None:
     for part in (box.parent.name, box.name):
         assert part not in ("", ".", "..") and part.isascii() and "/" not in part and "\x00" not in part
         assert len(part.encode()) <= 255
+
+
+@given(raw=mail_bytes, model_version=st.text(max_size=60), lane=st.text(max_size=20),
+       score=st.floats(0, 1) | st.none(), event_id=st.text("0123456789abcdef", min_size=32, max_size=32))
+@FUZZ
+def test_delivered_copies_unstamp_to_the_exact_original(raw: bytes, model_version: str, lane: str,
+                                                        score: float | None, event_id: str) -> None:
+    """What `floodgate report` relies on: our two headers come off and the sender's bytes are intact."""
+    env = events.Envelope("a@b.test", ("c@example.com",))
+    ev = events.MailEvent(id=event_id, accepted_at=1.0, envelope=env, raw=raw, lane=lane, score=score,
+                          model_version=model_version, verdict="ham")
+    data = stamp(ev)
+    assert b"\r" not in data[:len(data) - len(raw)].replace(b"\r\n", b"")  # no CR smuggled into our headers
+    headers, original = unstamp(data)
+    assert original == raw
+    assert set(headers) == {"x-floodgate-score", "x-floodgate-trace"}
+    assert parse_trace(headers["x-floodgate-trace"])["event"] == event_id
+
+
+@given(mail_bytes)
+@FUZZ
+def test_quarantine_subject_is_total_short_and_printable(raw: bytes) -> None:
+    subject = subject_of(raw)
+    assert len(subject) <= 200 and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in subject)
+
+
+@given(mail_from=address_text, client=st.text(max_size=60), raw=mail_bytes)
+@FUZZ
+def test_admission_takes_any_envelope(mail_from: str, client: str, raw: bytes) -> None:
+    admission = Admission(config.load(env={}), follow_reputation=False)
+    ev = events.new_event(events.Envelope(mail_from, ("a@example.com",), client), raw)
+    assert admission.lane(ev) in ("priority", "bulk")
