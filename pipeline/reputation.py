@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.exceptions import SameNode
 from faust.web import Request, Response, View
 
 from pipeline import events, log, metrics, senders
@@ -83,7 +84,13 @@ DEFAULT_PARTITIONS = 6
 TRAFFIC_TOP = 100
 DEFAULT_DATADIR = ROOT / ".run" / "reputation"
 # Observations are tallied within seconds; a week (like inbound) lets a stopped worker catch up.
-OBSERVATIONS_RETENTION_MS = 7 * 24 * 3600 * 1000
+OBSERVATIONS_RETENTION = timedelta(days=7)
+# Faust creates its internal topics while its consumer first joins the group, and a topic the
+# consumer's metadata does not show yet is left out of the assignment ("Ignoring missing
+# topic") until the next metadata refresh, which rejoins the group. Faust's default of five
+# minutes meant five minutes of nothing tallied after a fresh start; a metadata request every
+# few seconds costs nothing.
+METADATA_MAX_AGE_MS = 5_000
 
 HAM, SPAM, FEEDBACK_HAM, FEEDBACK_SPAM = "ham", "spam", "feedback_ham", "feedback_spam"
 KINDS = (HAM, SPAM, FEEDBACK_HAM, FEEDBACK_SPAM)
@@ -167,29 +174,6 @@ def observations_topic(settings: Settings) -> str:
     return f"{settings.group(STAGE)}-observations"
 
 
-def declare_observations(settings: Settings, partitions: int) -> None:
-    """Create the observations topic before the worker subscribes.
-
-    Faust creates its internal topics concurrently with its first group join; a topic created a
-    moment too late is left out of the assignment ("Ignoring missing topic") until a metadata
-    refresh minutes later, and nothing is tallied meanwhile.
-    """
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import NewTopic
-
-    from pipeline import kafka
-
-    name = observations_topic(settings)
-    spec = NewTopic(name, partitions, replication_factor(settings),
-                    config={"retention.ms": str(OBSERVATIONS_RETENTION_MS)})
-    admin = kafka.admin(settings)  # kept in a name: a collected client fails its futures
-    try:
-        admin.create_topics([spec])[name].result(30)
-    except KafkaException as e:
-        if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise
-
-
 def build_app(settings: Settings, *, web_port: int | None = None, partitions: int = DEFAULT_PARTITIONS,
               store: str = "memory", datadir: Path = DEFAULT_DATADIR) -> faust.App:
     """The Faust app; ``web_port`` None means the configured metrics port (0: no web server)."""
@@ -210,6 +194,7 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
         web_bind=settings.worker.metrics_host,
         web_port=web_port or 6066,
         web_in_thread=False,
+        consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
     lg = log.get(STAGE)
     stats: Counter[str] = Counter()
@@ -225,14 +210,15 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
     raw = {"key_type": bytes, "value_type": bytes, "value_serializer": "raw"}
     feedback_topic = app.topic(settings.topic("feedback"), **raw)
     verdict_topic = app.topic(settings.topic("ham"), settings.topic("spam"), **raw)
+    # Sender keys are str with Faust's default (JSON) key serializer on the observations topic
+    # and in both tables: the same key bytes hash to the same partition everywhere, which the
+    # web view's routing relies on, and windowed changelog keys are JSON anyway.
     observed = app.topic(observations_topic(settings), internal=True, partitions=partitions,
-                         key_serializer="raw", **raw)
+                         retention=OBSERVATIONS_RETENTION, key_type=str, value_type=bytes,
+                         value_serializer="raw")
     reputation_topic = app.topic(settings.topic("reputation"), key_serializer="raw", **raw)
-    # Keys are raw sender-key bytes, as on the observations topic, so that a key hashes to the
-    # same partition in both (the web view's routing relies on it).
-    schema = faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json")
-    totals = app.Table("senders", schema=schema, partitions=partitions)
-    traffic = app.Table("traffic", default=int, schema=schema, partitions=partitions).tumbling(
+    totals = app.Table("senders", key_type=str, partitions=partitions)
+    traffic = app.Table("traffic", default=int, key_type=str, value_type=int, partitions=partitions).tumbling(
         TRAFFIC_WINDOW_S, expires=timedelta(seconds=TRAFFIC_EXPIRES_S))
 
     async def observe(stream: faust.StreamT, feedback: bool) -> None:
@@ -251,7 +237,7 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
                     continue
                 for key, kind in found:
                     # Record time travels along, so traffic windows follow when mail was classified.
-                    await observed.send(key=key.encode(), value=kind.encode(), timestamp=msg.timestamp)
+                    await observed.send(key=key, value=kind.encode(), timestamp=msg.timestamp)
                 stats["feedback" if feedback else "verdicts"] += 1
             except Exception:  # one record never stops the worker
                 skip("error", event_id=ev.id, **where)
@@ -264,12 +250,12 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
     async def read_verdicts(stream: faust.StreamT) -> None:
         await observe(stream, feedback=False)
 
-    async def tally_one(key: bytes, kind: str) -> None:
+    async def tally_one(key: str, kind: str) -> None:
         if kind in VERDICT_KINDS:
             traffic[key] += 1
         entry, good = tally(totals.get(key) or new_entry(), kind)
         if good != entry["good"]:
-            standing = senders.Standing(key=key.decode(errors="replace"), good=good, ham=entry[HAM],
+            standing = senders.Standing(key=key, good=good, ham=entry[HAM],
                                         spam=entry[SPAM], feedback_ham=entry[FEEDBACK_HAM],
                                         feedback_spam=entry[FEEDBACK_SPAM], updated_at=time.time())
             k, v = senders.encode_standing(standing)
@@ -306,26 +292,32 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
                     for i in range(int(TRAFFIC_EXPIRES_S // TRAFFIC_WINDOW_S))]
 
         @app.page("/reputation/senders/{key}/")
-        @app.table_route(table=totals, match_info="key")
         async def sender_view(web: View, request: Request, key: str) -> Response:
-            entry = totals.get(key.encode())
+            """One sender's counts and standing, answered by the worker that owns the key."""
+            try:
+                return await app.router.route_req(totals.name, key, web, request)
+            except SameNode:
+                pass
+            except TypeError:  # a fresh worker's producer has no metadata of the changelog yet
+                return web.json({"error": "not ready, try again"}, status=503)
+            entry = totals.get(key)
             if entry is None:
                 return web.json({"key": key, "known": False})
-            return web.json({"key": key, "known": True, **entry, "traffic_now": traffic[key.encode()].now(),
-                             "traffic_recent": sum(w[key.encode()].value() for w in recent_windows())})
+            return web.json({"key": key, "known": True, **entry, "traffic_now": traffic[key].now(),
+                             "traffic_recent": sum(w[key].value() for w in recent_windows())})
 
         @app.page("/reputation/traffic/")
         async def traffic_view(web: View, request: Request) -> Response:
             """This worker's busiest senders over the kept windows (the last ``TRAFFIC_EXPIRES_S``)."""
             # The underlying table is keyed by (sender key, (window start, end)); iterating it
             # needs no key index (which would grow with every sender ever seen).
-            recent: Counter[bytes] = Counter()
+            recent: Counter[str] = Counter()
             cutoff = time.time() - TRAFFIC_EXPIRES_S
             for (key, (start, _end)), n in list(traffic.table.items()):
                 if start >= cutoff:
                     recent[key] += n
             return web.json({"window_s": TRAFFIC_WINDOW_S, "span_s": TRAFFIC_EXPIRES_S,
-                             "senders": [{"key": k.decode(errors="replace"), "messages": n}
+                             "senders": [{"key": k, "messages": n}
                                          for k, n in recent.most_common(TRAFFIC_TOP)]})
 
         @app.page("/reputation/stats/")
@@ -350,7 +342,6 @@ def logging_config(level: str) -> dict[str, Any]:
 def run(settings: Settings, *, loglevel: str = "info", **options: Any) -> None:
     """Run the worker until SIGTERM or SIGINT (Faust's worker handles both and exits 0)."""
     app = build_app(settings, **options)
-    declare_observations(settings, options.get("partitions", DEFAULT_PARTITIONS))
     worker = faust.Worker(app, loglevel=loglevel, logging_config=logging_config(loglevel),
                           redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -14,16 +14,18 @@ import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import faust
 import orjson
 import pytest
 from confluent_kafka import TopicPartition
 
-from pipeline import events, kafka, senders
+from pipeline import config, events, kafka, senders
 from pipeline.config import ROOT, Settings
-from pipeline.reputation import GOOD_MIN_HAM, is_good, observations, tally
+from pipeline.reputation import GOOD_MIN_HAM, broker_credentials, is_good, observations, tally
 from tests.kafka_helpers import wait_for
 
 # Faust's worker starts in a few seconds here, but creating internal topics, joining the group
@@ -67,6 +69,21 @@ def test_observations_per_key():
     assert observations(_event("", client="", verdict="spam"), feedback=False) == "no_sender"
 
 
+def test_credentials_follow_the_kafka_settings():
+    base = config.load(env={})
+    assert broker_credentials(base) is None
+    sasl = replace(base, kafka=replace(base.kafka, security_protocol="SASL_PLAINTEXT",
+                                       sasl_mechanism="SCRAM-SHA-512", sasl_username="u", sasl_password="p"))
+    creds = broker_credentials(sasl)
+    assert isinstance(creds, faust.SASLCredentials)
+    assert (creds.mechanism.value, creds.username, creds.password, creds.ssl_context) == ("SCRAM-SHA-512", "u", "p",
+                                                                                          None)
+    tls = broker_credentials(replace(base, kafka=replace(base.kafka, security_protocol="SSL")))
+    assert isinstance(tls, faust.SSLCredentials)
+    with pytest.raises(ValueError, match="security_protocol"):
+        broker_credentials(replace(base, kafka=replace(base.kafka, security_protocol="KERBEROS")))
+
+
 def test_tally_counts_and_keeps_the_published_standing():
     entry, good = tally({}, "feedback_ham")
     assert good and entry["feedback_ham"] == 1 and entry["good"] is False  # not yet published
@@ -85,31 +102,60 @@ def _free_port() -> int:
 
 
 class Worker:
-    """The reputation worker as a subprocess, and a reader of the reputation topic."""
+    """The reputation worker as a subprocess (restartable), and a reader of the reputation topic."""
 
     def __init__(self, settings: Settings, tmp_path: Path) -> None:
         self.settings = settings
+        self.tmp_path = tmp_path
         self.port = _free_port()
-        env = os.environ | {
+        self.env = os.environ | {
             "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
             "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
             "FLOODGATE_KAFKA_TOPIC_PREFIX": settings.kafka.topic_prefix,
             "FLOODGATE_KAFKA_GROUP_PREFIX": settings.kafka.group_prefix,
         }
-        self.log_path = tmp_path / "reputation.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "reputation", "--web-port", str(self.port),
-             "--partitions", "2", "--datadir", str(tmp_path / "faust")],
-            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.runs = 0
+        self.proc: subprocess.Popen[bytes] | None = None
         self.records: list[tuple[bytes | None, bytes | None]] = []
         self.reader = kafka.consumer(settings, group=f"check-{uuid.uuid4().hex[:8]}")
         self.reader.assign([TopicPartition(settings.topic("reputation"), 0, 0)])
         self.producer = kafka.producer(settings)
 
-    def get(self, path: str) -> Any:
+    def start(self) -> None:
+        self.runs += 1
+        self.log_path = self.tmp_path / f"reputation-{self.runs}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "reputation", "--web-port", str(self.port),
+                 "--partitions", "2", "--datadir", str(self.tmp_path / "faust")],
+                env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            assert self.alive(), "the reputation worker died"
+            return self.try_get("/reputation/stats/") is not None
+
+        wait_for(ready, START_TIMEOUT_S, interval=0.5, what="the worker's web endpoint")
+
+    def stop(self) -> int | None:
+        """SIGTERM, and the exit code (None if it had to be killed)."""
+        assert self.proc is not None
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        print(self.log_path.read_text(errors="replace")[-3000:])
+        return code
+
+    def text(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-            return orjson.loads(r.read())
+            return r.read().decode()
+
+    def get(self, path: str) -> Any:
+        return orjson.loads(self.text(path))
 
     def try_get(self, path: str) -> Any:
         try:
@@ -118,14 +164,7 @@ class Worker:
             return None
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            assert self.alive(), "the reputation worker died"
-            return self.try_get("/reputation/stats/") is not None
-
-        wait_for(ready, START_TIMEOUT_S, interval=0.5, what="the worker's web endpoint")
+        return self.proc is not None and self.proc.poll() is None
 
     def send(self, topic_key: str, values: list[bytes]) -> None:
         for v in values:
@@ -138,43 +177,49 @@ class Worker:
             self.records.append((m.key(), m.value()))
         return self.records
 
-    def standings(self, key: str) -> list[bool]:
+    def published(self, key: str) -> list[senders.Standing]:
         """Every published standing of one key, in order."""
         self.poll_records()
-        return [s.good for k, v in self.records if k == key.encode() and (s := senders.decode_standing(v))]
+        return [s for k, v in self.records if k == key.encode() and (s := senders.decode_standing(v))]
+
+    def standings(self, key: str) -> list[bool]:
+        return [s.good for s in self.published(key)]
 
     def good(self) -> set[str]:
         return senders.good_senders(self.poll_records())
 
-    def stop(self) -> int | None:
-        self.reader.close()
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
+    def wait_sender(self, key: str, what: str, **want: int) -> dict[str, Any]:
+        """The worker's table entry for a key, once it has the wanted counts."""
+        last: list[Any] = [None]
+
+        def ready() -> dict[str, Any] | None:
+            last[0] = view = self.try_get(f"/reputation/senders/{key}/")
+            return view if view and all(view.get(k) == n for k, n in want.items()) else None
+
         try:
-            code = self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = None
-        self._log.close()
-        print(self.log_path.read_text(errors="replace")[-4000:])
-        return code
+            return wait_for(ready, STEP_TIMEOUT_S, interval=0.2, what=what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; last view of {key}: {last[0]}") from None
 
 
 @pytest.fixture
 def worker(topic_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
     w = Worker(topic_settings, tmp_path)
+    codes: list[int | None] = []
     try:
-        w.wait_ready()
+        w.start()
         yield w
     finally:
-        code = w.stop()
+        if w.alive():
+            codes.append(w.stop())
+        w.reader.close()
         admin = kafka.admin(topic_settings)
         faust_topics = [t for t in admin.list_topics(timeout=10).topics
                         if t.startswith(topic_settings.group("reputation"))]
         if faust_topics:
             for fut in admin.delete_topics(faust_topics, operation_timeout=30).values():
                 fut.result(30)
-    assert code == 0, f"the worker exited with {code} on SIGTERM"
+    assert codes == [0], f"the worker exited with {codes} on SIGTERM"
 
 
 @pytest.mark.kafka
@@ -206,6 +251,35 @@ def test_feedback_decides_standing_and_bad_records_are_skipped(worker: Worker):
     # The table's view of one sender, routed by key.
     bob = worker.get("/reputation/senders/domain:fickle.example/")
     assert (bob["feedback_ham"], bob["feedback_spam"], bob["good"]) == (1, 2, False)
+    assert 'floodgate_errors_total{kind="undecodable",stage="reputation"} 3.0' in worker.text("/metrics")
+
+
+@pytest.mark.kafka
+def test_a_restarted_worker_recovers_its_tables_from_the_changelog(worker: Worker):
+    first = [events.encode(_event(f"n{i}@steady.example", "198.51.100.20", verdict="ham")) for i in range(15)]
+    worker.send("ham", first)
+    worker.wait_sender("domain:steady.example", "the first 15 verdicts to be counted", ham=15)
+    assert worker.stop() == 0
+
+    worker.start()  # same group: its tables come back from their changelog topics
+    worker.send("ham", [events.encode(_event(f"m{i}@steady.example", "198.51.100.20", verdict="ham"))
+                        for i in range(10)])
+    wait_for(lambda: worker.standings("domain:steady.example") == [True], STEP_TIMEOUT_S,
+             what="the domain to become good across the restart")
+    standing = worker.published("domain:steady.example")[0]
+    assert standing.ham >= GOOD_MIN_HAM and standing.spam == 0
+    # At-least-once: every verdict is counted, and input whose offsets were not committed before
+    # the stop is replayed (counted twice), so the count is 25 or a little more.
+    last: list[Any] = []
+
+    def all_counted() -> bool:
+        last[:] = [worker.try_get("/reputation/senders/domain:steady.example/"), worker.try_get("/reputation/stats/")]
+        return bool(last[0]) and last[0].get("ham", 0) >= 25
+
+    try:
+        wait_for(all_counted, STEP_TIMEOUT_S, interval=0.2, what="all 25 verdicts to be counted")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last view and stats: {last}") from None
 
 
 @pytest.mark.kafka
@@ -222,11 +296,7 @@ def test_verdicts_make_a_steady_ham_sender_good_and_a_spammer_not(worker: Worker
     assert "client:198.51.100.7" in worker.good()
     assert not any(k.startswith("addr:") for k in worker.good())  # one message per address
 
-    def spammy() -> dict[str, Any] | None:
-        view = worker.try_get("/reputation/senders/domain:spammy.example/")
-        return view if view and view.get("ham") == 3 and view.get("spam") == 30 else None
-
-    view = wait_for(spammy, STEP_TIMEOUT_S, interval=0.2, what="all of the spammer's verdicts to be counted")
+    view = worker.wait_sender("domain:spammy.example", "all of the spammer's verdicts to be counted", ham=3, spam=30)
     assert view["good"] is False
     assert view["traffic_recent"] == 33
     assert worker.standings("domain:spammy.example") == []
