@@ -60,7 +60,7 @@ class Cleanup:
             raise TransientError(f"quarantine: {e}") from e
         now = time.time()
         for event in batch:
-            lane = event.lane or "unknown"
+            lane = metrics.lane_label(event.lane)
             if event.id in added:
                 metrics.END_TO_END.labels(lane, "spam").observe(max(0.0, now - event.accepted_at))
                 metrics.MESSAGES.labels(STAGE, lane, "quarantined").inc()

@@ -100,7 +100,7 @@ class Deliverer:
         return outputs
 
     def _done(self, event: MailEvent, fresh: bool) -> None:
-        lane = event.lane or "unknown"
+        lane = metrics.lane_label(event.lane)
         if fresh:
             # A released message waited for an operator, not for the pipeline: keep it out of the
             # latency that tells whether ham is being held back.

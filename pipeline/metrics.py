@@ -8,6 +8,15 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
+# Lanes as labels. An event's lane is metadata any producer can write: a value outside these is
+# counted as "unknown", so forged lanes cannot grow a label set (and memory) without bound.
+LANES = ("priority", "bulk")
+
+
+def lane_label(lane: str | None) -> str:
+    return lane if lane in LANES else "unknown"
+
+
 # Stages: smtp, replay, admission, classify, deliver, cleanup. Outcomes: ham, spam, dead_letter, ...
 MESSAGES = Counter("floodgate_messages_total", "Messages processed, by stage, lane and outcome",
                    ["stage", "lane", "outcome"])

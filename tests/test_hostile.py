@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Message
+from prometheus_client import REGISTRY
 
 from models import corpus, registry
 from pipeline import accounting, classify, config, events, kafka, review, smtp
@@ -211,6 +212,27 @@ def test_replay_envelopes_for_hostile_mail_are_valid_events() -> None:
         assert all(ord(c) >= 0x20 for c in env.mail_from + env.helo), case.name
         ev = events.new_event(env, case.raw, source="replay")
         assert events.decode(events.encode(ev)) == ev
+
+
+def test_forged_lanes_do_not_become_metric_labels(local_settings: config.Settings, tmp_path: Path) -> None:
+    """An event's lane is producer-written metadata: deliver and cleanup count unknown lanes as "unknown"."""
+    s = replace(local_settings, paths=replace(local_settings.paths, maildir_root=tmp_path / "m",
+                                              quarantine_db=tmp_path / "q.sqlite3"))
+    env = events.Envelope("a@sender.test", (f"bob@{hostile.DOMAIN}",), "192.0.2.1", "mx.sender.test")
+    forged = [f"lane-{uuid.uuid4().hex}" for _ in range(3)]
+    hams = [replace(events.new_event(env, b"Subject: x\r\n\r\nx\r\n"), verdict="ham", lane=f) for f in forged]
+    spams = [replace(ev, verdict="spam") for ev in hams]
+    assert Deliverer(s).handle([_message(s.topic("ham"), ev, i) for i, ev in enumerate(hams)]) == []
+    cleanup = Cleanup(s)
+    try:
+        assert cleanup.handle([_message(s.topic("spam"), ev, i) for i, ev in enumerate(spams)]) == []
+    finally:
+        cleanup.close()
+    lanes = {sample.labels.get("lane") for metric in REGISTRY.collect() if metric.name.startswith("floodgate_")
+             for sample in metric.samples}
+    assert not lanes & set(forged)
+    assert REGISTRY.get_sample_value("floodgate_messages_total",
+                                     {"stage": "deliver", "lane": "unknown", "outcome": "delivered"}) >= 3
 
 
 def test_malformed_records_are_dead_lettered_with_reasons_in_process(local_settings: config.Settings) -> None:
