@@ -7,11 +7,13 @@ accepted message goes: the ``inbound`` topic (the priority lane) or the ``bulk``
 has its own classifier group, partitions and lag. The decision is made before the message is
 queued anywhere, so no flood, however large, puts a message in front of normal mail.
 
-The rule: the message rate of every source — client address, sender address, sender domain,
-campaign fingerprint — is tracked per ingress process (an exponentially weighted rate per
-key, O(1) per message, memory bounded by recent traffic); mail from a source sending faster
-than ``FLOOD_RATE`` goes to bulk until its rate falls well below it again (hysteresis). With N
-ingress processes each sees its own connections, so the threshold applies per process.
+The rule: the message rate of every source — client address, sender address, campaign
+fingerprint — is tracked per ingress process (exponentially weighted short-term and baseline
+rates per key, O(1) per message, memory bounded by recent traffic). Mail from a source goes
+to bulk while its short-term rate is above both a floor (``flood_rate``) and a multiple
+(``surge``) of its own baseline, until it falls well below again (hysteresis). With N ingress
+processes each sees its own connections, so the thresholds apply per process. Both are
+settings (``[admission]``, ``FLOODGATE_ADMISSION_FLOOD_RATE``, ``FLOODGATE_ADMISSION_SURGE``).
 
 Senders known to be good (the compacted reputation topic, kept by ``floodgate reputation``
 from feedback and verdicts) are never diverted. Limit: an envelope sender can be forged, so a
@@ -35,52 +37,68 @@ from pipeline.config import Settings
 from pipeline.fingerprint import fingerprint
 
 log = logging.getLogger("floodgate.admission")
-# Messages per second from one source (per ingress process) above which it is a flood. A busy
-# legitimate MTA delivering to one provider rarely exceeds a few per second per client; a
-# spam run sends hundreds. Known-good senders are exempt.
-FLOOD_RATE = 5.0
-# Time constant of the rate estimate: a burst must last a few seconds to count as a flood,
-# and a source that stops is forgiven within ~half a minute.
+# Below this many messages a second from one source (per ingress process) nothing is a flood,
+# whatever its history: mailing lists and busy MTAs send several a second; a spam run, hundreds.
+FLOOD_RATE = 20.0
+# Above the floor, a source floods when its short-term rate exceeds this multiple of its own
+# baseline: a source that always sends 50 a second is normal for itself; a new one that
+# suddenly sends 50 a second is a flood.
+SURGE = 4.0
+# Short-term rate: a burst must last a few seconds to count.
 TAU_S = 5.0
-# A flagged source returns to the priority lane only once its rate falls below this fraction
-# of FLOOD_RATE (hysteresis: no flapping between lanes at the threshold).
+# Baseline rate: what a source usually sends, over minutes. It does not learn while the source
+# is flagged, so a flood never becomes a flooder's normal.
+BASELINE_TAU_S = 300.0
+# A flagged source returns to the priority lane once its rate falls below this fraction of
+# its threshold (hysteresis: no flapping between lanes at the threshold).
 RELEASE_FRACTION = 0.5
 # Forget sources idle this long, so memory stays bounded by recent traffic.
-IDLE_S = 300.0
+IDLE_S = 600.0
 
 
 @dataclass
 class _Rate:
-    value: float
+    short: float
+    baseline: float
     at: float
     flagged: bool = False
 
 
 class RateTracker:
-    """Exponentially weighted message rate per key, with flood flags and hysteresis."""
+    """Per-key message rates (short-term and baseline EWMAs) with flood flags and hysteresis."""
 
-    def __init__(self, flood_rate: float = FLOOD_RATE, tau_s: float = TAU_S) -> None:
+    def __init__(self, flood_rate: float = FLOOD_RATE, surge: float = SURGE, tau_s: float = TAU_S,
+                 baseline_tau_s: float = BASELINE_TAU_S) -> None:
         self.flood_rate = flood_rate
+        self.surge = surge
         self.tau = tau_s
+        self.baseline_tau = baseline_tau_s
         self._rates: dict[str, _Rate] = {}
         self._last_prune = 0.0
+
+    def threshold(self, r: _Rate) -> float:
+        return max(self.flood_rate, self.surge * r.baseline)
 
     def hit(self, key: str, now: float) -> bool:
         """Count one message from ``key``; return whether the key is flooding."""
         r = self._rates.get(key)
         if r is None:
-            r = self._rates[key] = _Rate(0.0, now)
-        r.value = r.value * math.exp(-(now - r.at) / self.tau) + 1.0 / self.tau
+            r = self._rates[key] = _Rate(0.0, 0.0, now)
+        dt = max(0.0, now - r.at)
+        r.short = r.short * math.exp(-dt / self.tau) + 1.0 / self.tau
+        if not r.flagged:
+            r.baseline = r.baseline * math.exp(-dt / self.baseline_tau) + 1.0 / self.baseline_tau
         r.at = now
-        if r.value > self.flood_rate:
+        limit = self.threshold(r)
+        if r.short > limit:
             r.flagged = True
-        elif r.flagged and r.value < self.flood_rate * RELEASE_FRACTION:
+        elif r.flagged and r.short < limit * RELEASE_FRACTION:
             r.flagged = False
         return r.flagged
 
     def rate(self, key: str, now: float) -> float:
         r = self._rates.get(key)
-        return 0.0 if r is None else r.value * math.exp(-(now - r.at) / self.tau)
+        return 0.0 if r is None else r.short * math.exp(-(now - r.at) / self.tau)
 
     def prune(self, now: float) -> None:
         if now - self._last_prune < IDLE_S / 10:
@@ -143,8 +161,8 @@ class GoodSenders:
 class Admission:
     """Where an accepted message goes: the ``inbound`` topic, or ``bulk`` when its source floods."""
 
-    def __init__(self, settings: Settings, flood_rate: float = FLOOD_RATE, follow_reputation: bool = True) -> None:
-        self.rates = RateTracker(flood_rate)
+    def __init__(self, settings: Settings, follow_reputation: bool = True) -> None:
+        self.rates = RateTracker(settings.admission.flood_rate, settings.admission.surge)
         self.good = GoodSenders(settings)
         self.inbound, self.bulk = settings.topic("inbound"), settings.topic("bulk")
         if follow_reputation:
@@ -158,7 +176,10 @@ class Admission:
         if self.good.is_good(keys):
             return "priority"
         flooding = False
-        for key in (*keys, f"campaign:{fingerprint(ev.raw)}"):
+        # Rates per client, sender address and campaign; not per sender domain, which freemail
+        # providers and forgers share with everyone (a domain can still be known-good).
+        counted = [k for k in keys if not k.startswith(senders.DOMAIN)]
+        for key in (*counted, f"campaign:{fingerprint(ev.raw)}"):
             # Every key is counted, even after one is found flooding, so rates stay true.
             flooding = self.rates.hit(key, now) or flooding
         return "bulk" if flooding else "priority"

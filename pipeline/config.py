@@ -76,12 +76,21 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class AdmissionSettings:
+    """Flood admission at ingress (pipeline/admission.py): when a source counts as a flood."""
+
+    flood_rate: float = 20.0  # msgs/s from one source, per ingress process, below which nothing floods
+    surge: float = 4.0  # ...and above which a source floods when this many times its own baseline
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
     def topic(self, key: str) -> str:
         """The real name of a topic from infra/topics.toml, by its key (``inbound``, ``ham``, ...)."""
@@ -140,4 +149,5 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> Setting
         paths=_section(PathSettings, toml.get("paths", {}), "paths", env),
         worker=_section(WorkerSettings, toml.get("worker", {}), "worker", env),
         delivery=_section(DeliverySettings, toml.get("delivery", {}), "delivery", env),
+        admission=_section(AdmissionSettings, toml.get("admission", {}), "admission", env),
     )
