@@ -1,0 +1,74 @@
+"""`floodgate model …` end to end on a private registry: train, check, gated promote, evaluate.
+
+Needs the SpamAssassin corpus (`make data`); skipped with that reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from models import registry, splits
+from models.corpus import load_spamassassin
+from models.train import train_and_register
+from pipeline import config
+from pipeline.cli import app
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    data = config.load().paths.data
+    try:
+        corpus = list(load_spamassassin(data))
+    except FileNotFoundError:
+        pytest.skip(f"the SpamAssassin corpus is not in {data}: run `make data`")
+    reg = tmp_path_factory.mktemp("registry")
+    train, _ = splits.time_split(corpus)
+    strong = train_and_register(train, reg, promote=True)
+    # A weak candidate: a sliver of the training data.
+    sliver = random.Random(3).sample([m for m in train if m.label == "ham"], 60) + \
+        random.Random(3).sample([m for m in train if m.label == "spam"], 12)
+    weak = train_and_register(sliver, reg)
+    return {"FLOODGATE_PATHS_REGISTRY": str(reg), "FLOODGATE_PATHS_DATA": str(data),
+            "strong": strong, "weak": weak, "reports": str(tmp_path_factory.mktemp("reports"))}
+
+
+def run(env: dict[str, str], *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["model", *args], env={k: v for k, v in env.items() if k.startswith("FLOOD")})
+    return result.exit_code, result.output
+
+
+def test_check_and_gated_promotion(env: dict[str, str]) -> None:
+    reg = Path(env["FLOODGATE_PATHS_REGISTRY"])
+    code, out = run(env, "check")
+    assert code == 0 and env["strong"] in out
+
+    code, out = run(env, "promote", env["weak"])
+    assert code == 1 and "refused to promote" in out and "worse than the champion" in out
+    assert registry.champion_version(reg) == env["strong"]
+
+    code, out = run(env, "promote", env["weak"], "--recall-tolerance", "1", "--fpr-tolerance", "1", "--max-fpr", "1")
+    assert code == 0 and f"promoted {env['weak']}" in out
+    assert registry.champion_version(reg) == env["weak"]
+
+    code, out = run(env, "promote", env["strong"])
+    assert code == 0 and registry.champion_version(reg) == env["strong"]
+
+
+def test_evaluate_writes_report_and_plot(env: dict[str, str]) -> None:
+    code, out = run(env, "evaluate", env["strong"], "--reports-dir", env["reports"], "--top", "5")
+    assert code == 0, out
+    assert "time split: ham FPR" in out and "random split: ham FPR" in out and "top spam features" in out
+    report = json.loads((Path(env["reports"]) / f"evaluate-{env['strong']}.json").read_text())
+    assert report["time_split"]["n_ham"] == 1400 and report["time_split"]["n_spam"] == 1396
+    assert report["time_split"]["roc_auc"] > 0.99
+    assert (Path(env["reports"]) / f"evaluate-{env['strong']}.png").stat().st_size > 10_000
+
+
+def test_no_champion_is_a_clear_error(tmp_path: Path, env: dict[str, str]) -> None:
+    code, out = run({**env, "FLOODGATE_PATHS_REGISTRY": str(tmp_path)}, "check")
+    assert code == 1 and "no usable champion" in out
