@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -118,7 +119,13 @@ def register(pipeline: Any, card: dict[str, Any], registry: Path) -> str:
     _fsync_write(tmp / CARD_FILE, card_bytes)
     sums = f"{digest}  {MODEL_FILE}\n{hashlib.sha256(card_bytes).hexdigest()}  {CARD_FILE}\n"
     _fsync_write(tmp / SUMS_FILE, sums.encode())
-    os.replace(tmp, final)  # a version directory appears whole or not at all
+    try:
+        os.replace(tmp, final)  # a version directory appears whole or not at all
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise
+        # the same model bytes registered concurrently within the same second: that copy stands
     return version
 
 
