@@ -552,6 +552,10 @@ def test_listeners_bind_to_loopback_by_default() -> None:
         assert service._http is not None and service._http.server_address == ("127.0.0.1", port)
     finally:
         service.close()
+    from pipeline.reputation import build_app  # the Faust worker's web server (its /metrics)
+
+    app = build_app(s, web_port=6066)
+    assert (app.conf.web_bind, app.conf.web_host) == ("127.0.0.1", "127.0.0.1")
 
 
 def test_kafka_security_settings_reach_every_client_config() -> None:
