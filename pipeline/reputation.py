@@ -322,7 +322,10 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
 
         @app.page("/reputation/stats/")
         async def stats_view(web: View, request: Request) -> Response:
-            return web.json(dict(stats))
+            # ready: tables recovered and no rebalance under way. Records that arrive before
+            # then wait, and Faust has been seen to drop one fetched while its flow is suspended.
+            ready = app.tables.recovery.completed.is_set() and not app.rebalancing
+            return web.json({"ready": ready, **stats})
 
     return app
 

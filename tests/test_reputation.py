@@ -132,9 +132,9 @@ class Worker:
 
         def ready() -> bool:
             assert self.alive(), "the reputation worker died"
-            return self.try_get("/reputation/stats/") is not None
+            return bool((self.try_get("/reputation/stats/") or {}).get("ready"))
 
-        wait_for(ready, START_TIMEOUT_S, interval=0.5, what="the worker's web endpoint")
+        wait_for(ready, START_TIMEOUT_S, interval=0.2, what="the worker to be ready")
 
     def stop(self) -> int | None:
         """SIGTERM, and the exit code (None if it had to be killed)."""
