@@ -234,7 +234,10 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
             # Legitimate mail (by the corpus's truth), and where its time went.
             phase.setdefault("legit_ham", []).append(latency)
             if event_id in classified:
-                phase.setdefault("legit_ham_queued", []).append(max(0.0, classified[event_id] - accepted))
+                when, lane = classified[event_id]
+                phase.setdefault("legit_ham_queued", []).append(max(0.0, when - accepted))
+                if lane == "bulk":  # legitimate mail admission took for a flood
+                    phase.setdefault("legit_ham_bulk", []).append(latency)
             if event_id in sent.acked:
                 phase.setdefault("legit_ham_ingress", []).append(max(0.0, sent.acked[event_id] - accepted))
     flood_end = sent.start + scenario.pre_s + scenario.flood_s
@@ -247,9 +250,9 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
     )
 
 
-def classified_times(root: Path) -> dict[str, float]:
-    """Event id -> classification time, from the trace header deliver puts on each message."""
-    out: dict[str, float] = {}
+def classified_times(root: Path) -> dict[str, tuple[float, str]]:
+    """Event id -> (classification time, lane), from the trace header deliver puts on each message."""
+    out: dict[str, tuple[float, str]] = {}
     for path in root.glob("*/*/new/*.floodgate"):
         with path.open("rb") as f:
             head = f.read(512)
@@ -257,7 +260,7 @@ def classified_times(root: Path) -> dict[str, float]:
         trace = parse_trace(headers.get("x-floodgate-trace", ""))
         when = from_iso(trace.get("classified", ""))
         if when is not None and "event" in trace:
-            out[trace["event"]] = when
+            out[trace["event"]] = (when, trace.get("lane", "?"))
     return out
 
 
@@ -273,7 +276,8 @@ def _phases(s: Scenario):  # type: ignore[no-untyped-def]
 
 def start_floodgate(workers: WorkerSet, settings: Settings) -> list[str]:
     workers.start_standard()
-    return [settings.group(g) for g in ("classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup")]
+    return [settings.group(g) for g in ("classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup",
+                                        "reputation")]
 
 
 def start_naive(workers: WorkerSet, settings: Settings) -> list[str]:
@@ -374,7 +378,7 @@ def summary(report: dict[str, Any]) -> str:
              "ham = legitimate mail delivered (corpus truth); ingress = accepted -> broker ack;"
              " queued = accepted -> classified; seconds",
              f"{'config':10} {'phase':9} {'ham p50':>9} {'ham p99':>9} {'ham max':>9} {'ingress p99':>11} "
-             f"{'queued p99':>10} {'spam p50':>9} {'n ham':>6}"]
+             f"{'queued p99':>10} {'spam p50':>9} {'n ham':>6} {'via bulk':>8}"]
     for name, r in report["results"].items():
         for phase, paths in r["phases"].items():
             h, sp, q = paths.get("legit_ham", {}), paths.get("spam", {}), paths.get("legit_ham_queued", {})
@@ -383,6 +387,7 @@ def summary(report: dict[str, Any]) -> str:
             def f(v: float | None) -> str:
                 return "-" if v is None else f"{v:.3f}"
             lines.append(f"{name:10} {phase[2:]:9} {f(h.get('p50')):>9} {f(h.get('p99')):>9} {f(h.get('max')):>9} "
-                         f"{f(ing.get('p99')):>11} {f(q.get('p99')):>10} {f(sp.get('p50')):>9} {h.get('n', 0):>6}")
+                         f"{f(ing.get('p99')):>11} {f(q.get('p99')):>10} {f(sp.get('p50')):>9} {h.get('n', 0):>6} "
+                         f"{paths.get('legit_ham_bulk', {}).get('n', 0):>8}")
         lines.append(f"{name:10} accounting: {r['ledger']}; spam drained {r['drain_s']} s after the flood")
     return "\n".join(lines)

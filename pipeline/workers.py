@@ -26,11 +26,15 @@ STANDARD = {
     "deliver": ["deliver"],
     "deliver-bulk": ["deliver", "--lane", "bulk"],
     "cleanup": ["cleanup"],
+    "reputation": ["reputation"],
 }
+# Where a worker says it is ready. Faust's web server has no /readyz; its /metrics answers
+# once the app is up.
+READY_PATH = {"reputation": "/metrics"}
 # CPU niceness per worker: the spam side yields the CPU to the ham side, so a flood that
 # saturates the machine still leaves ham its share (the bulk lane and cleanup may fall behind;
 # that is their job). On Kubernetes the same is done with separate deployments and CPU requests.
-NICE = {"classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10}
+NICE = {"classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10, "reputation": 10}
 READY_TIMEOUT_S = 120.0
 
 
@@ -62,7 +66,8 @@ class Worker:
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+            path = READY_PATH.get(self.name, "/readyz")
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=1) as r:
                 return r.status == 200
         except OSError:
             return False
