@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import TopicMetadata
 
 from models.corpus import Message
 from pipeline import events, kafka
@@ -30,6 +31,19 @@ _TRANSIENT = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILAB
               KafkaError._TIMED_OUT}
 
 
+METADATA_WAIT_S = 10.0  # a topic created a moment ago shows up within this; one that does not, is missing
+
+
+def _topic(consumer: Consumer, topic: str, deadline: float) -> TopicMetadata:
+    while True:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is not None and meta.error is None and meta.partitions:
+            return meta
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"feedback topic {topic} is not there: run `make topics`")
+        time.sleep(0.2)  # metadata of a new topic is still propagating: ask again shortly
+
+
 def _end_offset(consumer: Consumer, tp: TopicPartition, deadline: float) -> int:
     while True:
         try:
@@ -45,10 +59,8 @@ def read_feedback(settings: Settings, timeout_s: float = 60.0) -> FeedbackRead:
     topic = settings.topic("feedback")
     consumer = kafka.consumer(settings, group=settings.group("retrain"))
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise RuntimeError(f"feedback topic {topic} is not there: run `make topics`")
         deadline = time.monotonic() + timeout_s
+        meta = _topic(consumer, topic, min(deadline, time.monotonic() + METADATA_WAIT_S))
         ends = {p: _end_offset(consumer, TopicPartition(topic, p), deadline) for p in meta.partitions}
         pending = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
