@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,13 @@ def replication_factor(settings: Settings) -> int:
 
 def observations_topic(settings: Settings) -> str:
     return f"{settings.group(STAGE)}-observations"
+
+
+def internal_topics(settings: Settings, existing: Iterable[str]) -> list[str]:
+    """The topics Faust made for this app (observations, changelogs, assignor): all named
+    ``<app id>-…``. Tests and demos with a private group prefix delete them afterwards."""
+    prefix = f"{settings.group(STAGE)}-"
+    return sorted(t for t in existing if t.startswith(prefix))
 
 
 def build_app(settings: Settings, *, web_port: int | None = None, partitions: int = DEFAULT_PARTITIONS,

@@ -25,7 +25,15 @@ from confluent_kafka import TopicPartition
 
 from pipeline import config, events, kafka, senders
 from pipeline.config import ROOT, Settings
-from pipeline.reputation import GOOD_MIN_HAM, broker_credentials, is_good, observations, tally
+from pipeline.reputation import (
+    GOOD_MIN_HAM,
+    broker_credentials,
+    internal_topics,
+    is_good,
+    observations,
+    store_url,
+    tally,
+)
 from tests.kafka_helpers import wait_for
 
 # Faust's worker starts in a few seconds here, but creating internal topics, joining the group
@@ -82,6 +90,26 @@ def test_credentials_follow_the_kafka_settings():
     assert isinstance(tls, faust.SSLCredentials)
     with pytest.raises(ValueError, match="security_protocol"):
         broker_credentials(replace(base, kafka=replace(base.kafka, security_protocol="KERBEROS")))
+
+
+def test_store_choices():
+    assert store_url("memory") == "memory://"
+    try:
+        import rocksdict  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="rocksdict"):
+            store_url("rocksdb")
+    else:
+        assert store_url("rocksdb") == "rocksdb://"
+    with pytest.raises(ValueError, match="unknown store"):
+        store_url("redis")
+
+
+def test_internal_topics_are_the_apps_own():
+    s = config.load(env={"FLOODGATE_KAFKA_GROUP_PREFIX": "g1"})
+    assert internal_topics(s, ["g1.reputation-observations", "g1.reputation-senders-changelog",
+                               "g1.classify", "g10.reputation-observations", "mail.ham"]) == [
+        "g1.reputation-observations", "g1.reputation-senders-changelog"]
 
 
 def test_tally_counts_and_keeps_the_published_standing():
@@ -214,8 +242,7 @@ def worker(topic_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
             codes.append(w.stop())
         w.reader.close()
         admin = kafka.admin(topic_settings)
-        faust_topics = [t for t in admin.list_topics(timeout=10).topics
-                        if t.startswith(topic_settings.group("reputation"))]
+        faust_topics = internal_topics(topic_settings, admin.list_topics(timeout=10).topics)
         if faust_topics:
             for fut in admin.delete_topics(faust_topics, operation_timeout=30).values():
                 fut.result(30)
