@@ -5,7 +5,10 @@ rate for the whole run; during the flood window, spam on top at ``flood_rate``: 
 campaign-style (one message, near-identical copies, from a handful of bots), then diverse
 (many different spam messages from a few dozen bots). Each planned message gets an
 envelope: MAIL FROM from its Return-Path/From, one recipient at a local domain, and a client
-address derived from the sender's domain (documentation ranges only).
+address derived from the sender's domain (one client per domain, in the IPv6 documentation
+prefix 2001:db8::/32, so no two domains share one). Flood mail comes from bot clients with
+forged random senders, as botnets send it; the corpus's own envelope senders of spam are
+often the mailing lists it was collected from, which a real campaign would not carry.
 """
 
 from __future__ import annotations
@@ -61,9 +64,9 @@ def sender_of(raw: bytes) -> str:
     return ""
 
 
-def client_for(key: str, net: str = "198.51.100") -> str:
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=2).digest(), "big")
-    return f"{net}.{1 + h % 254}"
+def client_for(key: str) -> str:
+    h = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    return f"2001:db8:{h[:4]}:{h[4:8]}::{h[8:12]}"
 
 
 def _recipient(rng: random.Random) -> str:
@@ -93,14 +96,12 @@ def plan(ham: Sequence[Message], spam: Sequence[Message], *, base_rate: float, f
     for i in range(int(flood_s * flood_rate)):
         t = pre_s + i / flood_rate
         if t < pre_s + half:
-            bot = f"campaign-{i % CAMPAIGN_BOTS}"
-            raw = campaign
-            kind = "campaign"
+            bot, raw, kind = f"campaign-{i % CAMPAIGN_BOTS}", campaign, "campaign"
         else:
-            bot = f"diverse-{i % DIVERSE_BOTS}"
-            raw = spam[rng.randrange(len(spam))].raw
-            kind = "diverse"
-        env = envelope_for(raw, rng, client=client_for(bot, "203.0.113"))
+            bot, raw, kind = f"diverse-{i % DIVERSE_BOTS}", spam[rng.randrange(len(spam))].raw, "diverse"
+        forged = f"{rng.getrandbits(40):010x}@{bot}.example"
+        env = events.Envelope(mail_from=forged, rcpt_to=(_recipient(rng),), client_address=client_for(bot),
+                              helo=f"{bot}.example")
         out.append(Planned(t, raw, "spam", kind, env))
     out.sort(key=lambda p: p.at)
     return out
