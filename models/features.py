@@ -31,6 +31,7 @@ boundary by hand, transfer encodings use :mod:`binascii` (C), and only the first
 from __future__ import annotations
 
 import binascii
+import hashlib
 import html
 import re
 from collections.abc import Iterable, Sequence
@@ -378,6 +379,44 @@ def _message_tokens(raw: bytes) -> str:
     if words:
         tokens.extend(words)
     return " ".join(tokens)
+
+
+# The headers whose values the tokens depend on; the other names _HEADER reads count by presence
+# only (_PRESENCE). verdict_key relies on this: keep it true when the tokens change (a test in
+# tests/test_fuzz.py varies every header _HEADER reads and checks it).
+_VALUE_READ = frozenset({"subject", "from", "reply-to", "content-type", "content-transfer-encoding",
+                         "content-disposition", "x-mailer", "user-agent", "x-priority"})
+
+
+def verdict_key(raw: bytes) -> str:
+    """A digest equal for two messages only when their features are (classify caches verdicts by it).
+
+    The tokens depend on the header values :func:`_headers` reads and on the body, nothing else, so
+    the key covers exactly those: header lines the extractor ignores (Received, To, Date, ...) and
+    the values of headers it counts only by presence (Message-ID, ...) are left out, so the copies
+    of a campaign share a key, while everything the model sees is in it. (A body-only campaign
+    fingerprint is not enough: a sender could prime the cache with a copy declared 7bit, which
+    scores as harmless noise, then send the campaign as base64 behind it; or vary From, Subject
+    case, or a part beyond the fingerprint's window.)
+    """
+    try:
+        raw = bytes(raw)[:MAX_MESSAGE_BYTES]
+        if raw.startswith(b"From "):
+            raw = raw[raw.find(b"\n") + 1:]
+        head, body = _split(raw)
+        headers = _headers(head)
+        if not body and not headers:
+            body = head
+    except Exception:  # as in message_tokens: then key the message by all of its bytes
+        headers, body = {"__raw__": ""}, bytes(raw)
+    h = hashlib.blake2b(digest_size=16)
+    for name, value in sorted(headers.items()):
+        # Message-ID and the like count by presence only: per-copy values must not split a campaign.
+        field = f"{name}\0{value if name in _VALUE_READ else ''}".encode("utf-8", "surrogatepass")
+        h.update(len(field).to_bytes(8, "big") + field)
+    h.update(b"\1")
+    h.update(body)
+    return h.hexdigest()
 
 
 def message_tokens(raw: bytes) -> str:

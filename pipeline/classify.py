@@ -11,8 +11,9 @@ lane's partitions.
 * Hot reload: a promoted model is loaded and verified in a background thread, then swapped
   in between two batches. Each batch is scored by exactly one model, and each event carries
   the version that scored it; no message ever meets a half-loaded model.
-* Campaign cache: a message whose fingerprint was scored before by the same model costs a
-  lookup (floods are near-duplicates).
+* Campaign cache: a message whose verdict key (:func:`models.features.verdict_key`: every header
+  value and body byte the model reads) was scored before by the same model costs a lookup
+  (floods are near-duplicates).
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from pathlib import Path
 
 from confluent_kafka import Message
 
-from models import registry
+from models import features, registry
 from pipeline import events, metrics
 from pipeline.config import Settings
-from pipeline.fingerprint import fingerprint
 from pipeline.kafka.loop import Loop, Output, dead_letter
 from pipeline.service import Service
 
@@ -145,7 +145,7 @@ class Classifier:
                 metrics.DEAD_LETTERS.labels(STAGE, "bad-event").inc()
                 outputs.append(dead_letter(self.dead, m, STAGE, f"not a mail event: {e}"))
                 continue
-            fp = fingerprint(ev.raw)
+            fp = features.verdict_key(ev.raw)  # all the model reads, not only subject and body
             hit = self.cache.get(model.version, fp)
             if hit is not None:
                 results[len(todo)] = hit

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from pathlib import Path
 
 import orjson
@@ -205,3 +206,48 @@ def test_admission_takes_any_envelope(mail_from: str, client: str, raw: bytes) -
     admission = Admission(config.load(env={}), follow_reputation=False)
     ev = events.new_event(events.Envelope(mail_from, ("a@example.com",), client), raw)
     assert admission.lane(ev) in ("priority", "bulk")
+
+
+MUTATIONS = [
+    lambda raw: b"Received: from bot by mx; Thu, 1 Jan 1970 00:00:00 +0000\r\n" + raw,  # ignored by the model
+    lambda raw: b"To: someone@else.test\r\nMessage-ID: <1@x>\r\n" + raw,
+    lambda raw: b"X-Bin: \xff\xfe\r\n" + raw,  # ignored, but makes the header block non-UTF-8
+    lambda raw: b"Content-Transfer-Encoding: base64\r\n" + raw,
+    lambda raw: b"From: other@domain.test\r\n" + raw,
+    lambda raw: raw.replace(b"7bit", b"base64", 1),
+    lambda raw: raw.swapcase(),
+    lambda raw: raw + b"\r\n--b\r\nContent-Type: text/html\r\n\r\n<a href='http://spam.test/'>x</a>",
+    lambda raw: raw[1:],
+]
+
+
+@given(mail_bytes, st.sampled_from(MUTATIONS))
+@FUZZ
+def test_a_shared_verdict_key_means_identical_features(raw: bytes, mutate) -> None:  # type: ignore[no-untyped-def]
+    """classify reuses a cached verdict for an equal key: that must never score a different message."""
+    other = mutate(raw)
+    if features.verdict_key(raw) == features.verdict_key(other):
+        assert features.message_tokens(raw) == features.message_tokens(other)
+
+
+def test_campaign_copies_share_a_verdict_key() -> None:
+    def copy(to: str, n: int) -> bytes:
+        return (f"Received: from bot{n} by mx.example.com; {n}\r\nTo: {to}\r\nMessage-ID: <{n}@spam.test>\r\n"
+                f"Date: Thu, {n} Jan 2026\r\nFrom: Deals <deals@shop.test>\r\nSubject: Cheap pills\r\n"
+                "Content-Type: text/plain\r\n\r\nBuy now http://pills.test/\r\n").encode()
+
+    assert len({features.verdict_key(copy(f"user{n}@example.com", n)) for n in range(5)}) == 1
+
+
+def test_verdict_key_follows_every_header_the_extractor_reads() -> None:
+    """Each header name the extractor reads, with two values: a shared key means shared tokens."""
+    names = re.search(r"\^\(([^)]*)\)", features._HEADER.pattern).group(1).split("|")  # type: ignore[union-attr]
+    base = b"Subject: hello\r\nContent-Type: text/plain\r\n\r\nsome words http://a.test/ here\r\n"
+    values = ["<1@a.test>", "SHOUTING VALUE HERE", "1 (Highest)", "x@evil.test", "multipart/mixed; boundary=b",
+              "base64", "attachment; filename=a.exe", "Outlook"]
+    for name in names:
+        variants = [f"{name}: {v}\r\n".encode() + base for v in values]
+        by_key: dict[str, str] = {}
+        for raw in variants:
+            tokens = features.message_tokens(raw)
+            assert by_key.setdefault(features.verdict_key(raw), tokens) == tokens, name

@@ -11,6 +11,7 @@ The corpus is :mod:`tests.hostile` (built at test time). What must hold for ever
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -201,6 +202,31 @@ def test_downstream_delivery_never_rewrites_a_recipient_into_another(local_setti
     assert all("not one address" in dict(o.headers)["floodgate-reason"].decode() for o in outputs)
     # Nothing reached evil.test, and the session was clean for the next, normal event.
     assert [r for _, r, _ in recorder.delivered] == ["ok@example.com"]
+
+
+def test_a_primed_verdict_cache_never_answers_for_a_different_message(local_settings: config.Settings) -> None:
+    """Cache priming: a harmless-looking copy (the body declared 7bit) first, then the campaign
+    (the same bytes declared base64, which the model decodes). Both share a body fingerprint; the
+    campaign must still get its own score, not the primer's cached one."""
+    s = local_settings
+    service = Service("hostile-cache", s)
+    classifier = Classifier(s, "priority", service)
+    model = registry.load_champion(s.paths.registry)
+    spam = [m.raw for m in corpus.load_spamassassin(config.ROOT / "data", groups=("spam_2",))][:30]
+    env = events.Envelope("deals@shop.test", (f"bob@{hostile.DOMAIN}",), "203.0.113.9", "mx.shop.test")
+    primed = 0
+    for i, raw in enumerate(spam):
+        payload = base64.encodebytes(raw[raw.find(b"\n\n") + 2:][:8000])
+        head = b"From: Deals <deals@shop.test>\nSubject: your order\nContent-Type: text/plain\n"
+        primer = head + b"Content-Transfer-Encoding: 7bit\n\n" + payload
+        campaign = head + b"Content-Transfer-Encoding: base64\n\n" + payload
+        for n, raw_ in enumerate((primer, campaign, campaign.replace(b"From:", b"To: x@y.test\nFrom:"))):
+            [out] = classifier.handle([_message(lane_topic(s, "priority"), events.new_event(env, raw_), 3 * i + n)])
+            ev = events.decode(out.value)
+            assert ev.score == pytest.approx(round(float(model.score([raw_])[0]), 6), abs=1e-6), (i, n)
+        primed += model.verdicts([primer])[0][0] != model.verdicts([campaign])[0][0]
+    assert primed > 0, "the scenario must include primers whose verdict differs from the campaign's"
+    assert classifier.cache.hits >= 30  # the copy with an extra ignored header still hit the cache
 
 
 def test_replay_envelopes_for_hostile_mail_are_valid_events() -> None:
