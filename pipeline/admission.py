@@ -39,7 +39,7 @@ from pipeline.fingerprint import fingerprint
 log = logging.getLogger("floodgate.admission")
 # Below this many messages a second from one source (per ingress process) nothing is a flood,
 # whatever its history: mailing lists and busy MTAs send several a second; a spam run, hundreds.
-FLOOD_RATE = 20.0
+FLOOD_RATE = 30.0
 # Above the floor, a source floods when its short-term rate exceeds this multiple of its own
 # baseline: a source that always sends 50 a second is normal for itself; a new one that
 # suddenly sends 50 a second is a flood.
@@ -50,8 +50,9 @@ TAU_S = 5.0
 # is flagged, so a flood never becomes a flooder's normal.
 BASELINE_TAU_S = 300.0
 # A flagged source returns to the priority lane once its rate falls below this fraction of
-# its threshold (hysteresis: no flapping between lanes at the threshold).
-RELEASE_FRACTION = 0.5
+# its threshold (hysteresis: no flapping between lanes at the threshold; and not so low that a
+# busy list which once peaked over the threshold stays diverted while it sends as it always did).
+RELEASE_FRACTION = 2 / 3
 # Forget sources idle this long, so memory stays bounded by recent traffic.
 IDLE_S = 600.0
 

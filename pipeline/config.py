@@ -79,7 +79,7 @@ class DeliverySettings:
 class AdmissionSettings:
     """Flood admission at ingress (pipeline/admission.py): when a source counts as a flood."""
 
-    flood_rate: float = 20.0  # msgs/s from one source, per ingress process, below which nothing floods
+    flood_rate: float = 30.0  # msgs/s from one source, per ingress process, below which nothing floods
     surge: float = 4.0  # ...and above which a source floods when this many times its own baseline
 
 

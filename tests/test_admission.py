@@ -7,14 +7,27 @@ from pipeline.admission import RELEASE_FRACTION, Admission, RateTracker
 
 
 def test_a_steady_source_is_never_a_flood_even_a_busy_one():
-    r = RateTracker(flood_rate=20.0)
-    # One message a second for ten minutes, and a mailing list at 15 a second.
+    r = RateTracker(flood_rate=30.0)
+    # One message a second for ten minutes, and a mailing list at 20 a second.
     assert not any(r.hit("client:192.0.2.1", float(t)) for t in range(600))
-    assert not any(r.hit("addr:list@example.org", t / 15) for t in range(15 * 120))
+    assert not any(r.hit("addr:list@example.org", t / 20) for t in range(20 * 120))
+
+
+def test_a_busy_source_that_once_peaked_is_released_when_it_sends_as_usual():
+    r = RateTracker(flood_rate=30.0)
+    t = 0.0
+    for _ in range(400):  # 40 a second for 10 s: flagged
+        t += 0.025
+        r.hit("addr:list@example.org", t)
+    assert r.hit("addr:list@example.org", t)
+    for _ in range(18 * 30):  # back to its usual 18 a second: released within seconds
+        t += 1 / 18
+        flagged = r.hit("addr:list@example.org", t)
+    assert not flagged
 
 
 def test_a_burst_is_flagged_within_seconds_and_released_after_it_stops():
-    r = RateTracker(flood_rate=20.0, tau_s=5.0)
+    r = RateTracker(flood_rate=30.0, tau_s=5.0)
     t, flagged_at = 0.0, None
     for _ in range(3000):  # 200 messages a second
         t += 0.005
@@ -24,12 +37,12 @@ def test_a_burst_is_flagged_within_seconds_and_released_after_it_stops():
     # Silence, then one message: still flagged while the rate is above the release level...
     assert r.hit("client:203.0.113.9", t + 1.0)
     # ...and released once it has decayed below RELEASE_FRACTION of the threshold.
-    assert r.rate("client:203.0.113.9", t + 60) < 20.0 * RELEASE_FRACTION
+    assert r.rate("client:203.0.113.9", t + 60) < 30.0 * RELEASE_FRACTION
     assert not r.hit("client:203.0.113.9", t + 60)
 
 
 def test_a_sustained_flood_never_becomes_the_flooders_normal():
-    r = RateTracker(flood_rate=20.0)
+    r = RateTracker(flood_rate=30.0)
     t = 0.0
     for _ in range(100 * 900):  # 100 a second for 15 minutes: the baseline does not learn it
         t += 0.01
@@ -38,24 +51,24 @@ def test_a_sustained_flood_never_becomes_the_flooders_normal():
 
 
 def test_a_source_busy_for_a_long_time_may_stay_busy():
-    r = RateTracker(flood_rate=20.0, surge=4.0)
+    r = RateTracker(flood_rate=30.0, surge=4.0)
     t = 0.0
-    for _ in range(30 * 1200):  # 30 a second for 20 minutes: flagged at first...
-        t += 1 / 30
+    for _ in range(40 * 1200):  # 40 a second for 20 minutes: flagged at first...
+        t += 1 / 40
         r.hit("client:198.51.100.7", t)
     # ...a steady source's baseline is learned only while it is not flagged, so it stays
     # flagged: a new high-volume sender must earn good standing (reputation), not just wait.
-    assert r.hit("client:198.51.100.7", t + 1 / 30)
+    assert r.hit("client:198.51.100.7", t + 1 / 40)
 
 
 def test_hysteresis_keeps_a_source_flagged_just_below_the_threshold():
-    r = RateTracker(flood_rate=20.0, tau_s=5.0)
+    r = RateTracker(flood_rate=30.0, tau_s=5.0)
     t = 0.0
     for _ in range(2000):
-        t += 0.025  # 40/s: flagged
+        t += 0.02  # 50/s: flagged
         r.hit("k", t)
     for _ in range(300):
-        t += 1 / 15  # 15/s: below 20 but above 10, so no flapping back
+        t += 1 / 25  # 25/s: below 30 but above 20, so no flapping back
         assert r.hit("k", t)
 
 
@@ -69,7 +82,7 @@ def test_idle_sources_are_forgotten():
 
 def test_flooding_sources_go_to_bulk_but_known_good_senders_never_do():
     settings = config.load(env={})
-    settings = replace(settings, admission=replace(settings.admission, flood_rate=20.0))
+    settings = replace(settings, admission=replace(settings.admission, flood_rate=30.0))
     admission = Admission(settings, follow_reputation=False)
     admission.good.keys = frozenset({"domain:lists.example.org"})
 
