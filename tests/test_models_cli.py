@@ -72,3 +72,35 @@ def test_evaluate_writes_report_and_plot(env: dict[str, str]) -> None:
 def test_no_champion_is_a_clear_error(tmp_path: Path, env: dict[str, str]) -> None:
     code, out = run({**env, "FLOODGATE_PATHS_REGISTRY": str(tmp_path)}, "check")
     assert code == 1 and "no usable champion" in out
+
+
+@pytest.mark.kafka
+def test_retrain_from_feedback_full_and_online(env: dict[str, str], topic_settings: config.Settings) -> None:
+    from pipeline import events, kafka
+
+    producer = kafka.producer(topic_settings)
+    for i in range(6):
+        label = "spam" if i % 2 else "ham"
+        raw = f"Subject: feedback {i}\r\n\r\n{'zorblax offer' if i % 2 else 'agenda minutes'} {i}\r\n".encode()
+        ev = events.new_event(events.Envelope("a@b.example", ("c@example.com",)), raw, label=label)
+        producer.produce(topic_settings.topic("feedback"), key=ev.key, value=events.encode(ev))
+    assert producer.flush(30) == 0
+    kenv = {**env, "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": topic_settings.kafka.bootstrap_servers,
+            "FLOODGATE_KAFKA_TOPIC_PREFIX": topic_settings.kafka.topic_prefix,
+            "FLOODGATE_KAFKA_GROUP_PREFIX": topic_settings.kafka.group_prefix}
+    reg = Path(env["FLOODGATE_PATHS_REGISTRY"])
+    champion = registry.champion_version(reg)
+
+    code, out = run(kenv, "retrain", "--online", "--no-promote")
+    assert code == 0, out
+    assert "6 verdicts used" in out
+    online_version = out.split("registered ")[1].split()[0]
+    card = registry.load(reg, online_version).card
+    assert card["parent"] == champion and card["online_update"]["learned"] == 6
+
+    code, out = run(kenv, "retrain", "--no-promote")
+    assert code == 0, out
+    full = registry.load(reg, out.split("registered ")[1].split()[0]).card
+    assert full["feedback"]["labels"] == {"ham": 3, "spam": 3}
+    assert full["training_data"]["messages"] == 3250 + 6
+    assert registry.champion_version(reg) == champion  # --no-promote: the champion stays
