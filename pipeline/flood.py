@@ -349,10 +349,10 @@ def plot(results: dict[str, ConfigResult], s: Scenario, path: Path) -> None:
     fig, axes = plt.subplots(2, len(results), figsize=(7 * len(results), 8), squeeze=False, sharex="col")
     for col, (name, r) in enumerate(results.items()):
         ax = axes[0][col]
-        for path, color in (("spam", "tab:red"), ("ham", "tab:blue")):
-            pts = [(t, lat) for t, p, lat in r.series if p == path]
+        for verdict, color in (("spam", "tab:red"), ("ham", "tab:blue")):
+            pts = [(t, lat) for t, p, lat in r.series if p == verdict]
             if pts:
-                ax.scatter([t for t, _ in pts], [lat for _, lat in pts], s=2, c=color, label=path, alpha=0.5)
+                ax.scatter([t for t, _ in pts], [lat for _, lat in pts], s=2, c=color, label=verdict, alpha=0.5)
         ax.set_yscale("log")
         ax.set_ylabel("end-to-end latency (s)")
         ax.set_title(f"{name}: latency by acceptance time")
