@@ -240,6 +240,15 @@ def test_replay_envelopes_for_hostile_mail_are_valid_events() -> None:
         assert events.decode(events.encode(ev)) == ev
 
 
+def test_an_event_id_with_a_trailing_newline_is_no_file_name(tmp_path: Path) -> None:
+    ev = replace(hostile.all_cases()[0].event(), verdict="ham")
+    for bad in (ev.id + "\n", "\n" + ev.id, ev.id + "\r\n"):
+        with pytest.raises(ValueError):
+            maildir.file_name(replace(ev, id=bad))
+        assert maildir.find(tmp_path, bad) == []
+    assert maildir.file_name(ev).endswith(f".{ev.id}{maildir.SUFFIX}")
+
+
 def test_forged_lanes_do_not_become_metric_labels(local_settings: config.Settings, tmp_path: Path) -> None:
     """An event's lane is producer-written metadata: deliver and cleanup count unknown lanes as "unknown"."""
     s = replace(local_settings, paths=replace(local_settings.paths, maildir_root=tmp_path / "m",
