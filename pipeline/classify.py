@@ -34,10 +34,12 @@ from pipeline.kafka.loop import Loop, Output, dead_letter
 from pipeline.service import Service
 
 STAGE = "classify"
-# Each lane's input and ham output topics (infra/topics.toml keys). Lanes stay apart down to
-# delivery: flood mail the model misses must not queue in front of the priority lane's ham.
+# Each lane's input and (ham, spam) output topics (infra/topics.toml keys). Lanes stay apart
+# down to the sinks: flood mail the model misses must not queue in front of the priority
+# lane's ham, and a flood's spam must not cost the reputation worker (which reads the priority
+# lane's verdicts only) ten broker writes a message.
 LANES = {"priority": "inbound", "bulk": "bulk"}
-HAM_TOPICS = {"priority": "ham", "bulk": "bulk_ham"}
+OUT_TOPICS = {"priority": ("ham", "spam"), "bulk": ("bulk_ham", "bulk_spam")}
 # How often to look for a newly promoted model: a stat() of one small file.
 RELOAD_CHECK_S = 1.0
 # A flood of one campaign needs one entry; a diverse flood is bounded by this.
@@ -130,7 +132,7 @@ class Classifier:
         self.lane = lane
         self.models = ModelHolder(settings.paths.registry, service.log)
         self.cache = FingerprintCache()
-        self.ham, self.spam = settings.topic(HAM_TOPICS[lane]), settings.topic("spam")
+        self.ham, self.spam = (settings.topic(key) for key in OUT_TOPICS[lane])
         self.dead = settings.topic("dead_letter")
 
     def handle(self, msgs: Sequence[Message]) -> list[Output]:

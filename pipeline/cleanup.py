@@ -89,7 +89,9 @@ class Cleanup:
 def build(service: Service) -> tuple[Loop, Cleanup]:
     s = service.settings
     cleanup = Cleanup(s)
-    return Loop(service, STAGE, s.group(STAGE), [s.topic("spam")], cleanup.handle, transactional=False), cleanup
+    # Both lanes' spam: the quarantine is one store, and it may fall behind either.
+    topics = [s.topic("spam"), s.topic("bulk_spam")]
+    return Loop(service, STAGE, s.group(STAGE), topics, cleanup.handle, transactional=False), cleanup
 
 
 def serve(service: Service) -> None:

@@ -47,7 +47,7 @@ GROUP_INPUTS: dict[str, tuple[str, ...]] = {
     "classify-bulk": ("bulk",),
     "deliver": ("ham",),
     "deliver-bulk": ("bulk_ham",),
-    "cleanup": ("spam",),
+    "cleanup": ("spam", "bulk_spam"),
     "reputation": ("feedback", "ham", "spam"),  # Faust; its internal topics show up via their commits
 }
 # Admin requests answer in milliseconds on a healthy cluster; a sample that cannot finish in
