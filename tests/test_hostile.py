@@ -36,7 +36,7 @@ from pipeline.deliver import Deliverer
 from pipeline.kafka import loop, topics
 from pipeline.lag import GROUP_INPUTS, LagMonitor
 from pipeline.log import JsonFormatter
-from pipeline.replay import EnvelopeSynth
+from pipeline.replay import EnvelopeSynth, iter_source
 from pipeline.service import Service
 from pipeline.sinks import maildir
 from pipeline.sinks.quarantine import Quarantine
@@ -268,6 +268,27 @@ def test_forged_lanes_do_not_become_metric_labels(local_settings: config.Setting
     assert not lanes & set(forged)
     assert REGISTRY.get_sample_value("floodgate_messages_total",
                                      {"stage": "deliver", "lane": "unknown", "outcome": "delivered"}) >= 3
+
+
+def test_replay_reads_hostile_files_from_eml_folders_maildirs_and_mbox(tmp_path: Path) -> None:
+    cases = hostile.small_cases()
+    eml, box = tmp_path / "eml", tmp_path / "maildir"
+    eml.mkdir()
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True)
+    for c in cases:
+        (eml / f"{c.name}.eml").write_bytes(c.raw)
+        (box / "new" / f"1.{c.name}.host").write_bytes(c.raw)
+    wanted = sorted(c.raw for c in cases)
+    assert sorted(m.raw for m in iter_source(eml)) == wanted
+    assert sorted(m.raw for m in iter_source(box)) == wanted
+    mbox = tmp_path / "hostile.mbox"
+    mbox.write_bytes(b"".join(b"From x@y Thu Jan  1 00:00:00 1970\n" + c.raw.replace(b"\r\n", b"\n") + b"\n"
+                              for c in cases))
+    got = list(iter_source(mbox))
+    assert len(got) >= len(cases)  # an mbox splits at every "From " line: the mbox_from_line case is two
+    marked = hostile.MARKER.encode()
+    assert sum(marked in m.raw for m in got) == sum(marked in c.raw for c in cases)  # no message lost
 
 
 def test_malformed_records_are_dead_lettered_with_reasons_in_process(local_settings: config.Settings) -> None:
