@@ -90,7 +90,7 @@ tools:  ## install promtool (Debian package prometheus) when missing
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
 	  || echo "promtool unavailable: the promtool checks in tests/test_infra.py will be skipped"; }
 
-test: $(STAMP) tools  ## the test suite, against a real Kafka broker
+test: $(STAMP) tools data  ## the test suite, against a real Kafka broker (fetches the corpus first)
 	$(PY) -m pytest
 
 lint: $(STAMP)  ## ruff
