@@ -524,8 +524,9 @@ def test_hostile_smtp_conversation_then_normal_mail_flows(smtp_server, caplog: p
             assert s.rcpt(rcpt)[0] in (550, 553), rcpt  # relay denied, or not an address at all
         # Path-escaping recipients at a local domain are accepted; their containment is the sink's job.
         s.rset()
-        assert s.mail("a@sender.test")[0] == 250
-        for rcpt in (f"../../etc/passwd@{hostile.DOMAIN}", f"{'x' * 200}@{hostile.DOMAIN}"):
+        assert s.mail("jörg@absender.test", ["SMTPUTF8"])[0] == 250
+        for rcpt in (f"../../etc/passwd@{hostile.DOMAIN}", f"{'x' * 200}@{hostile.DOMAIN}",
+                     f"\u0430dmin@{hostile.DOMAIN}", f"\uff0e\uff0e\uff0fetc@{hostile.DOMAIN}", "zoë@EXAMPLE.com"):
             assert s.rcpt(rcpt)[0] == 250
             accepted.append(rcpt)
         # 8-bit headers, NUL bytes, bare CR: accepted verbatim.
