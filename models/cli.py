@@ -187,6 +187,7 @@ def retrain_cmd(
 @app.command("online-eval")
 def online_eval_cmd(
     batch: Annotated[int, typer.Option(help="labels fed back per step (TREC: 1)")] = 1,
+    loss: Annotated[str | None, typer.Option(help="SGD loss instead of the pipeline's (e.g. log_loss)")] = None,
 ) -> None:
     """TREC-style online evaluation on the corpus: in Date order, classify each message, then learn its label."""
     from models import metrics, online
@@ -197,7 +198,7 @@ def online_eval_cmd(
     except FileNotFoundError as e:
         _fail(f"online-eval: {e}")
         return
-    report = online.trec_evaluate(msgs, batch=batch)
+    report = online.trec_evaluate(msgs, batch=batch, loss=loss)
     typer.echo(f"{report['protocol']}, {len(msgs)} messages in {report['order']} order")
     typer.echo(f"  (1-ROCA) {report['one_minus_roca_pct']:.3f}%   at 0.5: {metrics.summary(report)}")
 

@@ -4,6 +4,9 @@
   (the hashing vectorizer is stateless, so nothing else needs refitting);
 * :func:`trec_evaluate` is the TREC spam track's online protocol: messages in arrival order, each
   classified first, then its true label fed back; filters are ranked by (1-ROCA)% over all scores.
+  Measured on the corpus in Date order: (1-ROCA) 0.25 % with log loss, 1.33 % with the batch
+  model's modified Huber loss (its clipped scores tie a lot while the model is young), hence the
+  ``loss`` option.
 """
 
 from __future__ import annotations
@@ -61,17 +64,20 @@ def chronological(messages: Sequence[Message]) -> list[Message]:
     return [m for _, _, m in keyed]
 
 
-def trec_evaluate(messages: Sequence[Message], batch: int = 1, threshold: float = 0.5) -> dict[str, Any]:
+def trec_evaluate(messages: Sequence[Message], batch: int = 1, threshold: float = 0.5,
+                  loss: str | None = None) -> dict[str, Any]:
     """Classify each message in order with what was learned so far, then learn its true label.
 
     Starts from an empty model (the first message scores 0.5). ``batch`` > 1 feeds labels back in
-    groups (faster; the TREC protocol proper is 1).
+    groups (faster; the TREC protocol proper is 1). ``loss`` overrides the pipeline's SGD loss.
     """
     msgs = [m for m in messages if m.label in ("ham", "spam")]
     pipe = model_pipeline.build()
     x = pipe[:-1].transform([m.raw for m in msgs])  # stateless steps: all at once, then learn in order
     y = np.array([m.label == "spam" for m in msgs], dtype=np.int64)
     clf = pipe.named_steps["clf"]
+    if loss:
+        clf.set_params(loss=loss)
     scores = np.empty(len(msgs))
     start = time.process_time()
     for lo in range(0, len(msgs), batch):
@@ -79,6 +85,6 @@ def trec_evaluate(messages: Sequence[Message], batch: int = 1, threshold: float 
         scores[lo:hi] = clf.predict_proba(x[lo:hi])[:, 1] if lo else 0.5
         clf.partial_fit(x[lo:hi], y[lo:hi], classes=CLASSES)
     report = metrics.metrics(y, scores, threshold)
-    report.update(protocol=f"TREC online: classify, then learn the true label (batch {batch})",
+    report.update(protocol=f"TREC online: classify, then learn the true label (batch {batch}, {clf.loss} loss)",
                   order="Date header", learn_cpu_seconds=round(time.process_time() - start, 2))
     return report
