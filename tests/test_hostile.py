@@ -431,6 +431,9 @@ def test_a_dead_letter_always_fits_in_one_record() -> None:
     headers = dict(out.headers)
     assert headers["floodgate-truncated"] == str(loop.RECORD_MAX + 10).encode()
     assert headers["floodgate-origin"] == b"mail.inbound/3/7" and out.value == big.value()[:len(out.value)]
+    huge_key = Message(topic="t", partition=0, offset=1, key=b"k" * (loop.RECORD_MAX + 1), value=b"v")
+    out = loop.dead_letter("d", huge_key, "s", "r")
+    assert out.key is None and loop.record_size(out) <= loop.RECORD_MAX and out.value == b"v"
     small = Message(topic="t", partition=0, offset=0, key=b"k", value=b"hello")
     assert loop.dead_letter("d", small, "s", "r").value == b"hello"
     assert "floodgate-truncated" not in dict(loop.dead_letter("d", small, "s", "r").headers)

@@ -41,6 +41,7 @@ from pipeline.service import Service
 TRANSACTION_TIMEOUT_MS = 10_000
 MAX_BACKOFF_S = 10.0
 DEAD_LETTER_REASON_MAX = 1000
+DEAD_LETTER_KEY_MAX = 1024  # event ids are 32 characters; a longer key is kept only as its length
 # The largest record a worker produces: the producers' message.max.bytes less room for the
 # framing librdkafka counts against it. produce() refuses anything larger on every retry, so an
 # output above it (a record near the limit that grew by its verdict metadata) would stall its
@@ -80,7 +81,11 @@ def dead_letter(topic: str, msg: Message, stage: str, reason: str) -> Output:
         ("floodgate-origin", f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()),
         ("floodgate-failed-at", f"{time.time():.3f}".encode()),
     ]
-    out = Output(topic, msg.key(), msg.value() or b"", headers)
+    key = msg.key()
+    if key is not None and len(key) > DEAD_LETTER_KEY_MAX:  # not an event id: a forged record's key
+        headers.append(("floodgate-key-dropped", str(len(key)).encode()))
+        key = None
+    out = Output(topic, key, msg.value() or b"", headers)
     excess = record_size(out) + 64 - RECORD_MAX  # 64: the truncation header itself
     if excess > 0:
         headers.append(("floodgate-truncated", str(len(out.value)).encode()))
