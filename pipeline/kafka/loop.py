@@ -19,7 +19,11 @@ Failure policy:
   that still fails goes to the dead-letter topic with the exception as its reason. One bad
   record never stops a worker;
 * an output above :data:`RECORD_MAX` (no producer would ever accept it) counts as the handler
-  failing on its input (:class:`RecordTooLarge`), so it is dead-lettered rather than retried forever.
+  failing on its input (:class:`RecordTooLarge`), so it is dead-lettered rather than retried forever;
+* the broker side fails (a broker restart, a moving group coordinator): a failed offset commit,
+  or a transaction that cannot be completed, is aborted where needed and retried like a
+  transient error; a transactional producer that failed fatally (its transaction expired at the
+  coordinator during the outage) is replaced by a new one with the same transactional id.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from pipeline import kafka, metrics
 from pipeline.service import Service
@@ -40,6 +44,9 @@ from pipeline.service import Service
 # consumers downstream until it times out; the default is 60 s, far too long for ham.
 TRANSACTION_TIMEOUT_MS = 10_000
 MAX_BACKOFF_S = 10.0
+# Fatal producer errors survived in-process before the worker gives up and exits.
+MAX_RENEWALS = 5
+RENEWAL_WINDOW_S = 300.0
 DEAD_LETTER_REASON_MAX = 1000
 DEAD_LETTER_KEY_MAX = 1024  # event ids are 32 characters; a longer key is kept only as its length
 # The largest record a worker produces: the producers' message.max.bytes less room for the
@@ -130,16 +137,47 @@ class Loop:
         self.batch_timeout_s = batch_timeout_s if batch_timeout_s is not None else s.worker.batch_timeout_s
         self.dead_letter_topic = s.topic("dead_letter")
         self.consumer = kafka.consumer(s, group, **(consumer_overrides or {}))
-        tid = f"{group}.{instance_id()}" if transactional else None
-        self.producer = kafka.producer(s, transactional_id=tid,
-                                       **({"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS} if tid else {}))
+        self._tid = f"{group}.{instance_id()}" if transactional else None
+        self.producer = self._new_producer()
+        self._renewals: list[float] = []
         self.log = service.log
         self.processed = 0
 
     # -- the loop -----------------------------------------------------------------------
+    def _new_producer(self) -> Producer:
+        tid = self._tid
+        return kafka.producer(self.service.settings, transactional_id=tid,
+                              **({"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS} if tid else {}))
+
+    def _init_transactions(self) -> None:
+        while True:
+            try:
+                self.producer.init_transactions(30)
+                return
+            except KafkaException as e:
+                if not e.args[0].retriable() or self.service.stopping.is_set():
+                    raise
+                self.log.warning("init_transactions not acknowledged; retrying", extra={"error": str(e.args[0])})
+
+    def _renew_producer(self, err: KafkaError) -> None:
+        """Replace a transactional producer that failed fatally. A broker outage longer than the
+        transaction timeout makes the coordinator abort the open transaction and bump the
+        producer epoch; the producer's next call then fails fatally (INVALID_TXN_STATE,
+        PRODUCER_FENCED). Exiting would stall the lane for a session timeout before a restarted
+        worker got its partitions; a new producer with the same transactional id carries on at
+        once. Too many renewals in a row mean something else (a twin with our id): exit then."""
+        now = time.monotonic()
+        self._renewals = [t for t in self._renewals if now - t < RENEWAL_WINDOW_S] + [now]
+        if len(self._renewals) > MAX_RENEWALS:
+            raise KafkaException(err)
+        metrics.ERRORS.labels(self.stage, "producer-renewed").inc()
+        self.log.error("transactional producer failed fatally; replacing it", extra={"error": str(err)})
+        self.producer = self._new_producer()
+        self._init_transactions()
+
     def run(self) -> None:
         if self.transactional:
-            self.producer.init_transactions(30)
+            self._init_transactions()
         self.consumer.subscribe(self.topics)
         self.service.ready.set()
         backoff = 0.5
@@ -159,6 +197,11 @@ class Loop:
                     self._rewind(msgs)
                     self.service.stopping.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
+                except KafkaException as e:
+                    if not (self.transactional and e.args[0].fatal()) or self.service.stopping.is_set():
+                        raise
+                    self._rewind(msgs)  # the transaction was not committed: its batch comes again
+                    self._renew_producer(e.args[0])
         finally:
             self.close()
 
@@ -185,7 +228,15 @@ class Loop:
             self._produce(outputs)
             if self.producer.flush(30) > 0:
                 raise TransientError("outputs not acknowledged by the broker")
-            self.consumer.commit(offsets=_next_offsets(msgs), asynchronous=False)
+            try:
+                self.consumer.commit(offsets=_next_offsets(msgs), asynchronous=False)
+            except KafkaException as e:
+                # The group coordinator moved or is down (a broker restart: NOT_COORDINATOR,
+                # _WAIT_COORD, timeouts) or a rebalance took the partitions: the sink is
+                # idempotent, so the batch is simply processed again (or by the new owner).
+                if e.args[0].fatal():
+                    raise
+                raise TransientError(f"offset commit failed: {e.args[0]}") from None
         self.processed += len(msgs)
 
     def _checked(self, msgs: Sequence[Message]) -> list[Output]:
@@ -238,20 +289,35 @@ class Loop:
             err = e.args[0]
             if err.fatal():
                 raise  # fenced by a newer instance of ourselves: exit and let it work
-            if err.txn_requires_abort() or not err.retriable():
-                self.producer.abort_transaction(30)
-                raise TransientError(f"transaction aborted: {err}") from None
-            raise
+            # Abortable, or retriable before the commit began (a broker restart times out
+            # send_offsets_to_transaction): abort, and the batch is retried in a new transaction.
+            # Its outputs so far are discarded by the abort: read_committed consumers never see them.
+            self._abort()
+            raise TransientError(f"transaction aborted: {err}") from None
 
     def _commit_with_retry(self) -> None:
-        for _ in range(5):
+        """A commit whose outcome is unknown (timed out) may only be retried, never aborted."""
+        while True:
             try:
                 self.producer.commit_transaction(30)
                 return
             except KafkaException as e:
-                if not e.args[0].retriable():
+                err = e.args[0]
+                if err.fatal() or err.txn_requires_abort() or not err.retriable():
                     raise
-        self.producer.commit_transaction(30)
+                if self.service.stopping.is_set():
+                    raise SystemExit("stopping with a transaction commit pending") from None
+                self.log.warning("transaction commit not acknowledged; retrying", extra={"error": str(err)})
+
+    def _abort(self) -> None:
+        while True:
+            try:
+                self.producer.abort_transaction(30)
+                return
+            except KafkaException as e:
+                if not e.args[0].retriable() or self.service.stopping.is_set():
+                    raise
+                self.log.warning("transaction abort not acknowledged; retrying", extra={"error": str(e.args[0])})
 
     def _rewind(self, msgs: Sequence[Message]) -> None:
         """Seek back to the first record of the failed batch, on partitions still assigned."""
