@@ -60,6 +60,13 @@ def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "cooperative-sticky",
+            # A SIGKILLed worker keeps its partitions until the broker gives up on it, and the
+            # restarted worker's join waits for that: with librdkafka's 45 s default a killed
+            # classifier stalled its lane for ~50 s (make chaos). 10 s stays above the brokers'
+            # minimum (group.min.session.timeout.ms, 6 s); heartbeats come from librdkafka's own
+            # thread, so slow batches do not count against it.
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 2_000,
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": 16 * 1024 * 1024,
         },
