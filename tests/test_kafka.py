@@ -9,7 +9,7 @@ from confluent_kafka.admin import NewTopic
 
 from pipeline import events, kafka
 from pipeline.kafka import topics
-from tests.kafka_helpers import consume_n
+from tests.kafka_helpers import consume_n, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -53,6 +53,12 @@ def test_topic_spec_applied_twice_changes_nothing(settings):
             ConfigEntry("retention.ms", "1000", incremental_operation=AlterConfigOpType.SET)])
         for fut in admin.incremental_alter_configs([res]).values():
             fut.result(30)
+
+        def drifted() -> bool:  # config changes reach describe_configs a moment after the ack
+            found = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, inbound)])
+            return next(iter(found.values())).result(30)["retention.ms"].value == "1000"
+
+        wait_for(drifted, timeout=30, what="the changed retention to be visible")
         fixed = topics.apply(settings, admin)
         assert fixed == [f"set {inbound} retention.ms=604800000 (was 1000)"]
         assert topics.apply(settings, admin) == []
