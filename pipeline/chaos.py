@@ -75,7 +75,7 @@ AT_FDCWD = -100
 @dataclass
 class Plan:
     messages: int = 100_000
-    rate: float = 250.0  # msg/s offered: below capacity, so each fault's backlog can drain
+    rate: float = 200.0  # msg/s offered: below capacity, so each fault's backlog can drain
     brokers: int = 1
     outage_s: float = 10.0  # how long the delivery target stays down
     broker_down_s: float = 10.0  # how long a killed broker stays down

@@ -215,7 +215,7 @@ def bench_flood(
 @app.command()
 def chaos(
     messages: int = typer.Option(100_000, help="messages per run"),
-    rate: float = typer.Option(250.0, help="messages/s offered (below capacity, so backlogs drain)"),
+    rate: float = typer.Option(200.0, help="messages/s offered (below capacity, so backlogs drain)"),
     brokers: str = typer.Option("1,3", help="runs: 1 = a private broker, restarted; 3 = a private "
                                 "three-broker cluster, one broker killed"),
     outage: float = typer.Option(10.0, help="seconds the delivery target (Maildir store) stays down"),
