@@ -48,7 +48,9 @@ transaction.state.log.min.isr={isr}
 share.coordinator.state.topic.replication.factor={rf}
 share.coordinator.state.topic.min.isr={isr}
 default.replication.factor={rf}
-min.insync.replicas={isr}
+# min.insync.replicas stays at its default (1) for the broker: a client that creates a topic with
+# one replica (Faust's internal topics, unless told otherwise) must still be able to write to it.
+# Floodgate's topics carry their own (FLOODGATE_MIN_INSYNC=2).
 # Never elect a replica that may miss acknowledged records.
 unclean.leader.election.enable=false
 auto.create.topics.enable=false
