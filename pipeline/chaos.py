@@ -505,8 +505,40 @@ def summary(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SECTION_START = "<!-- chaos:start -->"
+SECTION_END = "<!-- chaos:end -->"
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section: command, machine, and per run the accounting and each fault kind."""
+    m = rep["machine"]
+    lines = [SECTION_START, "## Chaos: faults injected into a long run", "",
+             f"Command: `{rep['command']}` · Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; "
+             f"load average at the end {m['load_average']} (a shared machine)", "",
+             "Recovery: from the fault until every affected consumer group has committed past the log end its "
+             "inputs had when the fault was undone (worker restarted, store back, broker started). Lost and "
+             "duplicated: among the messages the broker acknowledged (all of them, and those accepted between "
+             "each fault and its recovery).", ""]
+    for name, run in rep["runs"].items():
+        plan = run["plan"]
+        lines += [f"### {name}: {run['acked']:,} of {run['sent']:,} messages acknowledged at {plan['rate']:.0f} msg/s "
+                  f"in {run['duration_s']} s (bootstrap {plan['bootstrap']})", "",
+                  f"Placed: {', '.join(f'{k} {v:,}' for k, v in sorted(run['placed'].items()))}; "
+                  f"**lost {run['lost']}, duplicated {run['duplicated']}**; drained {run['drain_s']} s after the "
+                  f"last message; workers that died without being killed: {len(run['worker_crashes'])}; exit codes "
+                  f"on SIGTERM: {sorted(set(run['exit_codes'].values()), key=str)}", "",
+                  "| fault | count | recovery mean (s) | recovery max (s) | not recovered | msgs in window | lost "
+                  "| duplicated |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for kind, k in sorted(run["faults"].items()):
+            lines.append(f"| {kind} | {k['count']} | {k['recovery_mean_s']} | {k['recovery_max_s']} | "
+                         f"{k['not_recovered']} | {k['messages_in_window']:,} | {k['lost']} | {k['duplicated']} |")
+        lines.append("")
+    return "\n".join([*lines, SECTION_END]) + "\n"
+
+
 def run(base: Settings, plans: list[Plan], out: Path = REPORTS, command: str = "floodgate chaos",
-        log=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        log=print, benchmarks: Path | None = None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     faulthandler.enable()  # a crash in a native client library still shows where Python was
     # SIGTERM unwinds like Ctrl-C: workers stopped, topics deleted, clusters stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -520,4 +552,8 @@ def run(base: Settings, plans: list[Plan], out: Path = REPORTS, command: str = "
     rep = report(results, command)
     out.mkdir(parents=True, exist_ok=True)
     (out / "chaos.json").write_bytes(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
+    if benchmarks is not None:
+        from models.bench import write_section
+
+        write_section(benchmarks, markdown(rep))
     return rep

@@ -231,9 +231,9 @@ def chaos(
     plans = [bench.Plan(messages=messages, rate=rate, brokers=int(b), outage_s=outage, broker_down_s=broker_down,
                         seed=seed) for b in brokers.split(",")]
     rep = bench.run(config.load(), plans, command=" ".join(["floodgate", *sys.argv[1:]]),
-                    log=lambda line: typer.echo(line))
+                    log=lambda line: typer.echo(line), benchmarks=config.ROOT / "BENCHMARKS.md")
     typer.echo(bench.summary(rep))
-    typer.echo("wrote reports/chaos.json")
+    typer.echo("wrote reports/chaos.json and the chaos section of BENCHMARKS.md")
     if any(r["lost"] or r["duplicated"] for r in rep["runs"].values()):
         raise typer.Exit(1)
 
