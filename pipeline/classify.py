@@ -30,7 +30,7 @@ from confluent_kafka import Message
 from models import features, registry
 from pipeline import events, metrics
 from pipeline.config import Settings
-from pipeline.kafka.loop import Loop, Output, dead_letter
+from pipeline.kafka.loop import Loop, Output, decode_batch
 from pipeline.service import Service
 
 STAGE = "classify"
@@ -137,16 +137,10 @@ class Classifier:
 
     def handle(self, msgs: Sequence[Message]) -> list[Output]:
         model = self.models.current()  # one model for the whole batch
-        outputs: list[Output] = []
+        decoded, outputs = decode_batch(msgs, STAGE, self.dead)
         todo: list[tuple[events.MailEvent, str]] = []
         results: dict[int, tuple[str, float]] = {}
-        for m in msgs:
-            try:
-                ev = events.decode(m.value())
-            except events.EventError as e:
-                metrics.DEAD_LETTERS.labels(STAGE, "bad-event").inc()
-                outputs.append(dead_letter(self.dead, m, STAGE, f"not a mail event: {e}"))
-                continue
+        for _m, ev in decoded:
             fp = features.verdict_key(ev.raw)  # all the model reads, not only subject and body
             hit = self.cache.get(model.version, fp)
             if hit is not None:

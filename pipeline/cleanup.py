@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 from confluent_kafka import Message
 
-from pipeline import events, log, metrics
+from pipeline import log, metrics
 from pipeline.config import Settings
-from pipeline.events import EventError, MailEvent
+from pipeline.events import MailEvent
 from pipeline.kafka import loop
 from pipeline.kafka.loop import Loop, Output, TransientError
 from pipeline.service import Service
@@ -41,18 +41,8 @@ class Cleanup:
         self.store.close()
 
     def handle(self, msgs: Sequence[Message]) -> list[Output]:
-        outputs: list[Output] = []
-        batch: list[MailEvent] = []
-        for m in msgs:
-            try:
-                event = events.decode(m.value())
-            except EventError as e:
-                outputs.append(self._dead(m, "EventError", f"not a mail event: {e}"))
-                continue
-            if event.verdict != "spam":
-                outputs.append(self._dead(m, "not_spam", f"verdict {event.verdict!r} on the spam topic"))
-                continue
-            batch.append(event)
+        decoded, outputs = loop.decode_batch(msgs, STAGE, self.dead_letter_topic, verdict="spam")
+        batch: list[MailEvent] = [event for _, event in decoded]
         try:
             added = self.store.add(batch) if batch else set()
             self._purge_if_due()
@@ -76,14 +66,6 @@ class Cleanup:
         gone = self.store.purge(self.retention_days)
         if gone:
             self.log.info("purged quarantine", extra={"rows": gone, "older_than_days": self.retention_days})
-
-    def _dead(self, m: Message, kind: str, reason: str) -> Output:
-        metrics.DEAD_LETTERS.labels(STAGE, kind).inc()
-        metrics.MESSAGES.labels(STAGE, "unknown", "dead_letter").inc()
-        self.log.warning("dead-lettered", extra={
-            "origin": f"{m.topic()}/{m.partition()}/{m.offset()}", "event_id": events.peek_id(m.value()),
-            "reason": reason[:200]})
-        return loop.dead_letter(self.dead_letter_topic, m, STAGE, f"{STAGE}: {reason}")
 
 
 def build(service: Service) -> tuple[Loop, Cleanup]:

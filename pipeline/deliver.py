@@ -24,9 +24,9 @@ from pathlib import Path
 
 from confluent_kafka import Message
 
-from pipeline import events, log, metrics
+from pipeline import metrics
 from pipeline.config import Settings
-from pipeline.events import EventError, MailEvent
+from pipeline.events import MailEvent
 from pipeline.kafka import loop
 from pipeline.kafka.loop import Loop, Output, TransientError
 from pipeline.service import Service
@@ -61,17 +61,9 @@ class Deliverer:
             self.downstream.close()
 
     def handle(self, msgs: Sequence[Message]) -> list[Output]:
-        outputs: list[Output] = []
+        decoded, outputs = loop.decode_batch(msgs, STAGE, self.dead_letter_topic, verdict="ham")
         todo: list[tuple[MailEvent, list[tuple[Path, str, bytes]]]] = []
-        for m in msgs:
-            try:
-                event = events.decode(m.value())
-            except EventError as e:
-                outputs.append(self._dead(m, "EventError", f"not a mail event: {e}"))
-                continue
-            if event.verdict != "ham":
-                outputs.append(self._dead(m, "not_ham", f"verdict {event.verdict!r} on the ham topic"))
-                continue
+        for m, event in decoded:
             if not event.envelope.rcpt_to:
                 outputs.append(self._dead(m, "no_recipients", "event has no recipients"))
                 continue
@@ -125,12 +117,7 @@ class Deliverer:
         return fresh
 
     def _dead(self, m: Message, kind: str, reason: str) -> Output:
-        metrics.DEAD_LETTERS.labels(STAGE, kind).inc()
-        metrics.MESSAGES.labels(STAGE, "unknown", "dead_letter").inc()
-        log.get(STAGE).warning("dead-lettered", extra={
-            "origin": f"{m.topic()}/{m.partition()}/{m.offset()}", "event_id": events.peek_id(m.value()),
-            "reason": reason[:200]})
-        return loop.dead_letter(self.dead_letter_topic, m, STAGE, f"{STAGE}: {reason}")
+        return loop.reject(self.dead_letter_topic, m, STAGE, kind, reason)
 
 
 # Each lane's ham topic and consumer group: the bulk lane's ham (flood mail the model let

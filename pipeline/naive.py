@@ -17,7 +17,7 @@ from confluent_kafka import Message
 from models import registry
 from pipeline import events, metrics
 from pipeline.config import Settings
-from pipeline.kafka.loop import Loop, Output, dead_letter
+from pipeline.kafka.loop import Loop, Output, decode_batch
 from pipeline.service import Service
 from pipeline.sinks import maildir, stamp
 from pipeline.sinks.quarantine import Quarantine
@@ -33,13 +33,8 @@ class SingleLane:
         self.dead = settings.topic("dead_letter")
 
     def handle(self, msgs: Sequence[Message]) -> list[Output]:
-        outputs: list[Output] = []
-        batch: list[events.MailEvent] = []
-        for m in msgs:
-            try:
-                batch.append(events.decode(m.value()))
-            except events.EventError as e:
-                outputs.append(dead_letter(self.dead, m, STAGE, f"not a mail event: {e}"))
+        decoded, outputs = decode_batch(msgs, STAGE, self.dead)
+        batch = [event for _, event in decoded]
         verdicts = self.model.verdicts([ev.raw for ev in batch]) if batch else []
         spam: list[events.MailEvent] = []  # one quarantine transaction per batch, as cleanup does
         for ev, (verdict, score) in zip(batch, verdicts, strict=True):

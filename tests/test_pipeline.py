@@ -180,7 +180,7 @@ def test_malformed_records_are_dead_lettered_with_a_reason_and_work_goes_on(pipe
     def dead_and_done() -> accounting.Found | None:
         found = accounting.scan(settings)
         reasons = [r for r in found.dead.values()]
-        ok = (sum(r.startswith("not a mail event") for r in reasons) >= 2
+        ok = (sum(r.startswith("classify: not a mail event") for r in reasons) >= 2
               and placed(settings, set(after.acked) | {hostile.id}) is not None)
         return found if ok else None
 

@@ -37,8 +37,11 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from pipeline import kafka, metrics
+from pipeline import events, kafka, metrics
+from pipeline import log as logs
 from pipeline.service import Service
+
+log = logs.get("loop")
 
 # A SIGKILLed transactional producer leaves an open transaction that blocks read_committed
 # consumers downstream until it times out; the default is 60 s, far too long for ham.
@@ -98,6 +101,36 @@ def dead_letter(topic: str, msg: Message, stage: str, reason: str) -> Output:
         headers.append(("floodgate-truncated", str(len(out.value)).encode()))
         out = Output(topic, out.key, out.value[:max(0, len(out.value) - excess)], headers)
     return out
+
+
+def reject(topic: str, msg: Message, stage: str, kind: str, reason: str) -> Output:
+    """A record a stage cannot take, as a dead letter: counted by kind and logged (ids, never
+    bodies), with ``<stage>: <reason>`` as its reason."""
+    metrics.DEAD_LETTERS.labels(stage, kind).inc()
+    metrics.MESSAGES.labels(stage, "unknown", "dead_letter").inc()
+    log.warning("dead-lettered", extra={"stage": stage, "origin": f"{msg.topic()}/{msg.partition()}/{msg.offset()}",
+                                        "event_id": events.peek_id(msg.value()), "reason": reason[:200]})
+    return dead_letter(topic, msg, stage, f"{stage}: {reason}")
+
+
+def decode_batch(msgs: Sequence[Message], stage: str, dead_letter_topic: str, verdict: str | None = None,
+                 ) -> tuple[list[tuple[Message, events.MailEvent]], list[Output]]:
+    """The mail events of a batch, and dead letters for the records that are not mail events
+    (or, with ``verdict``, that carry another verdict than their topic promises)."""
+    good: list[tuple[Message, events.MailEvent]] = []
+    dead: list[Output] = []
+    for m in msgs:
+        try:
+            event = events.decode(m.value())
+        except events.EventError as e:
+            dead.append(reject(dead_letter_topic, m, stage, "EventError", f"not a mail event: {e}"))
+            continue
+        if verdict is not None and event.verdict != verdict:
+            dead.append(reject(dead_letter_topic, m, stage, f"not_{verdict}",
+                               f"verdict {event.verdict!r} on the {verdict} topic"))
+            continue
+        good.append((m, event))
+    return good, dead
 
 
 def instance_id() -> str:
@@ -261,11 +294,8 @@ class Loop:
                 except TransientError:
                     raise
                 except Exception as e:
-                    reason = f"{self.stage}: {type(e).__name__}: {e}"
-                    metrics.DEAD_LETTERS.labels(self.stage, type(e).__name__).inc()
-                    self.log.error("dead-lettered", extra={"origin": f"{m.topic()}/{m.partition()}/{m.offset()}",
-                                                            "reason": reason[:200]})
-                    outputs.append(dead_letter(self.dead_letter_topic, m, self.stage, reason))
+                    outputs.append(reject(self.dead_letter_topic, m, self.stage, type(e).__name__,
+                                          f"{type(e).__name__}: {e}"))
             return outputs
 
     def _produce(self, outputs: list[Output]) -> None:
