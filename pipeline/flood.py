@@ -373,7 +373,7 @@ def plot(results: dict[str, ConfigResult], s: Scenario, path: Path) -> None:
 
 def summary(report: dict[str, Any]) -> str:
     s = report["scenario"]
-    lines = [f"capacity {s['capacity']:.0f} msg/s; base {s['base_rate']} msg/s; flood {s['flood_rate']} msg/s "
+    lines = ["", f"capacity {s['capacity']:.0f} msg/s; base {s['base_rate']} msg/s; flood {s['flood_rate']} msg/s "
              f"for {s['flood_s']:.0f} s; {s['messages']} messages",
              "ham = legitimate mail delivered (corpus truth); ingress = accepted -> broker ack;"
              " queued = accepted -> classified; seconds",
@@ -390,4 +390,6 @@ def summary(report: dict[str, Any]) -> str:
                          f"{f(ing.get('p99')):>11} {f(q.get('p99')):>10} {f(sp.get('p50')):>9} {h.get('n', 0):>6} "
                          f"{paths.get('legit_ham_bulk', {}).get('n', 0):>8}")
         lines.append(f"{name:10} accounting: {r['ledger']}; spam drained {r['drain_s']} s after the flood")
+        verdict = "every message in exactly one place" if r["ok"] else "MAIL LOST OR DUPLICATED"
+        lines.append(f"{name:10} {verdict} (mailbox, quarantine or dead-letter topic)")
     return "\n".join(lines)
