@@ -31,8 +31,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -47,6 +48,9 @@ log = logs.get("loop")
 # consumers downstream until it times out; the default is 60 s, far too long for ham.
 TRANSACTION_TIMEOUT_MS = 10_000
 MAX_BACKOFF_S = 10.0
+# A librdkafka call still blocked 15 s after its own 30 s timeout is stuck (see Watchdog).
+BLOCKED_CALL_DEADLINE_S = 45.0
+EXIT_BLOCKED = 75  # EX_TEMPFAIL: restart me
 # Fatal producer errors survived in-process before the worker gives up and exits.
 MAX_RENEWALS = 5
 RENEWAL_WINDOW_S = 300.0
@@ -155,6 +159,47 @@ def _first_offsets(msgs: Sequence[Message]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o) for (t, p), o in first.items()]
 
 
+class Watchdog:
+    """Ends the process when a librdkafka call blocks far past its own timeout.
+
+    ``send_offsets_to_transaction`` ignores its timeout when the group coordinator went away
+    (confluentinc/librdkafka#5456, #5511): after a broker restart it can block forever, and the
+    worker with it — seen in ``make chaos``: both classifiers stuck, their lanes stalled. Nothing
+    can cancel the call, so past ``BLOCKED_CALL_DEADLINE_S`` the worker exits (code
+    ``EXIT_BLOCKED``) for its supervisor to restart it; the new instance fences the stuck
+    transaction, which is aborted, and its batch is consumed again: nothing lost or duplicated.
+    """
+
+    def __init__(self, log) -> None:  # type: ignore[no-untyped-def]
+        self.log = log
+        self._call: tuple[str, float] | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def guard(self, name: str) -> Iterator[None]:
+        with self._lock:
+            self._call = (name, time.monotonic() + BLOCKED_CALL_DEADLINE_S)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._call = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)  # the deadline is 45 s; a second's precision is plenty
+            with self._lock:
+                call = self._call
+            if call is not None and time.monotonic() > call[1]:
+                self.log.error("a Kafka client call is blocked past its timeout; exiting for a restart",
+                               extra={"call": call[0], "deadline_s": BLOCKED_CALL_DEADLINE_S})
+                os._exit(EXIT_BLOCKED)
+
+
 class Loop:
     def __init__(self, service: Service, stage: str, group: str, topics: list[str], handler: Handler,
                  *, transactional: bool, batch_size: int | None = None, batch_timeout_s: float | None = None,
@@ -174,6 +219,7 @@ class Loop:
         self.producer = self._new_producer()
         self._renewals: list[float] = []
         self.log = service.log
+        self._watchdog = Watchdog(self.log)
         self.processed = 0
 
     # -- the loop -----------------------------------------------------------------------
@@ -312,8 +358,9 @@ class Loop:
         self.producer.begin_transaction()
         try:
             self._produce(outputs)
-            self.producer.send_offsets_to_transaction(
-                _next_offsets(msgs), self.consumer.consumer_group_metadata(), 30)
+            with self._watchdog.guard("send_offsets_to_transaction"):
+                self.producer.send_offsets_to_transaction(
+                    _next_offsets(msgs), self.consumer.consumer_group_metadata(), 30)
             self._commit_with_retry()
         except KafkaException as e:
             err = e.args[0]
