@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -247,10 +247,13 @@ class Progress:
                 return False
         return True
 
-    def wait(self, workers: list[str], target: dict[tuple[str, int], int] | None, timeout: float) -> float | None:
-        """When every worker's group had committed past ``target``; None at the deadline."""
+    def wait(self, workers: list[str], target: dict[tuple[str, int], int] | None, timeout: float,
+             tick: Callable[[], None] = lambda: None) -> float | None:
+        """When every worker's group had committed past ``target``; None at the deadline.
+        ``tick`` runs at every poll (the supervisor's round)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            tick()
             if target is None:
                 target = self.ends(workers)
             elif all(self.caught_up(w, target) for w in workers):
@@ -288,15 +291,18 @@ class Chaos:
         self.log = log
 
     def supervise(self) -> None:
-        """Restart any worker that died without being killed, and remember it: a finding."""
-        for name, w in self.workers.workers.items():
-            if not w.alive():
-                code = w.proc.returncode if w.proc else None
-                tail = w.log_path.read_text(errors="replace")[-1500:]
-                self.crashes.append(f"{name} exited with {code}: {tail}")
-                self.log(f"  !! {name} died on its own (exit {code}); restarting it")
-                self.workers.restart(name)
-        self.workers.wait_ready()
+        """Restart any worker that died without being killed (as an orchestrator would), and
+        remember it: a finding. Exit code 75 is a worker's watchdog asking for a restart."""
+        dead = [name for name, w in self.workers.workers.items() if not w.alive()]
+        for name in dead:
+            w = self.workers.workers[name]
+            code = w.proc.returncode if w.proc else None
+            tail = w.log_path.read_text(errors="replace")[-1500:]
+            self.crashes.append(f"{name} exited with {code} at {time.time():.1f}: {tail}")
+            self.log(f"  !! {name} exited on its own (exit {code}); restarting it")
+            self.workers.restart(name)
+        if dead:
+            self.workers.wait_ready()
 
     def inject(self, kind: str) -> Fault:
         all_workers = list(INPUTS)
@@ -330,7 +336,7 @@ class Chaos:
             raise ValueError(f"unknown fault {kind!r}")
         # Recovered: the groups have committed past the log end their inputs had when the fault
         # was undone (worker restarted, store back, broker started): what queued meanwhile is done.
-        fault.recovered_at = self.progress.wait(waiting, None, self.plan.recovery_timeout_s)
+        fault.recovered_at = self.progress.wait(waiting, None, self.plan.recovery_timeout_s, tick=self.supervise)
         self.faults.append(fault)
         self.log(f"  {kind:24} {fault.target:18} recovered in "
                  f"{fault.recovery_s if fault.recovery_s is not None else 'NOT RECOVERED'} s")
@@ -428,6 +434,8 @@ def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignor
         if admission:
             admission.close()
         stack.close()
+        if sys.exc_info()[0] is not None and cluster:
+            cluster.down()  # interrupted: leave nothing running
     found = accounting.scan(settings)
     ledger = accounting.reconcile(sent.acked, found)
     with contextlib.suppress(Exception):
