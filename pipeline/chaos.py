@@ -384,7 +384,7 @@ def wait_accounted(settings: Settings, ids: set[str], timeout: float) -> account
 
 
 def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignore[no-untyped-def]
-            own_cluster: bool = True) -> RunResult:
+            own_cluster: bool = True, base_port: int | None = None) -> RunResult:
     """One run. ``own_cluster``: on a private local cluster of ``plan.brokers`` nodes (broker
     faults included); otherwise on ``base``'s brokers, which are never touched (no broker faults),
     as is the case wherever ``KAFKA_BOOTSTRAP_SERVERS`` names a cluster."""
@@ -402,7 +402,7 @@ def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignor
     stack = contextlib.ExitStack()
     stack.enter_context(replication(plan.brokers))
     topics.apply(settings, admin)
-    workers = WorkerSet(settings, workdir / "logs", base_port=BASE_PORT + 10 * plan.brokers)
+    workers = WorkerSet(settings, workdir / "logs", base_port=base_port or BASE_PORT + 10 * plan.brokers)
     admission: Admission | None = None
     rng = random.Random(plan.seed)
     chaos: Chaos | None = None
