@@ -46,9 +46,15 @@ FLOOD_RATE = 30.0
 SURGE = 4.0
 # Short-term rate: a burst must last a few seconds to count.
 TAU_S = 5.0
-# Baseline rate: what a source usually sends, over minutes. It does not learn while the source
-# is flagged, so a flood never becomes a flooder's normal.
+# Baseline rate: what a source usually sends, over minutes. It learns only while the source is
+# well below its threshold (under LEARN_FRACTION of it), so neither a flood nor the run-up to
+# one becomes a source's normal.
 BASELINE_TAU_S = 300.0
+LEARN_FRACTION = 0.5
+# A source is judged against the floor alone until it has this much unflagged history; after
+# that, against a surge over its own usual rate (the baseline, bias-corrected for its age). A
+# list that has sent 20 a second for minutes may burst to 50; a bot that starts at 50 may not.
+MIN_HISTORY_S = 10.0
 # A flagged source returns to the priority lane once its rate falls below this fraction of
 # its threshold (hysteresis: no flapping between lanes at the threshold; and not so low that a
 # busy list which once peaked over the threshold stays diverted while it sends as it always did).
@@ -62,6 +68,7 @@ class _Rate:
     short: float
     baseline: float
     at: float
+    learned_s: float = 0.0  # seconds of unflagged history behind the baseline
     flagged: bool = False
 
 
@@ -77,8 +84,16 @@ class RateTracker:
         self._rates: dict[str, _Rate] = {}
         self._last_prune = 0.0
 
+    def usual(self, r: _Rate) -> float | None:
+        """The source's own usual rate, once known: the baseline EWMA corrected for its short
+        history (an EWMA started at zero underestimates until several time constants pass)."""
+        if r.learned_s < MIN_HISTORY_S:
+            return None
+        return r.baseline / (1.0 - math.exp(-r.learned_s / self.baseline_tau))
+
     def threshold(self, r: _Rate) -> float:
-        return max(self.flood_rate, self.surge * r.baseline)
+        usual = self.usual(r)
+        return self.flood_rate if usual is None else max(self.flood_rate, self.surge * usual)
 
     def hit(self, key: str, now: float) -> bool:
         """Count one message from ``key``; return whether the key is flooding."""
@@ -87,8 +102,10 @@ class RateTracker:
             r = self._rates[key] = _Rate(0.0, 0.0, now)
         dt = max(0.0, now - r.at)
         r.short = r.short * math.exp(-dt / self.tau) + 1.0 / self.tau
-        if not r.flagged:
+        calm = not r.flagged and (self.usual(r) is None or r.short < self.threshold(r) * LEARN_FRACTION)
+        if calm:
             r.baseline = r.baseline * math.exp(-dt / self.baseline_tau) + 1.0 / self.baseline_tau
+            r.learned_s += dt
         r.at = now
         limit = self.threshold(r)
         if r.short > limit:

@@ -13,6 +13,22 @@ def test_a_steady_source_is_never_a_flood_even_a_busy_one():
     assert not any(r.hit("addr:list@example.org", t / 20) for t in range(20 * 120))
 
 
+def test_a_source_with_a_known_usual_rate_may_burst_but_not_surge():
+    r = RateTracker(flood_rate=30.0, surge=4.0)
+    t = 0.0
+    for _ in range(20 * 60):  # a list at 20 a second for a minute: its usual rate is known
+        t += 1 / 20
+        assert not r.hit("addr:list@example.org", t)
+    for _ in range(50 * 10):  # a burst to 50 a second (above the floor, below 4x its usual)
+        t += 1 / 50
+        assert not r.hit("addr:list@example.org", t)
+    flagged = False
+    for _ in range(200 * 5):  # a surge to 200 a second is a flood even for it
+        t += 1 / 200
+        flagged = r.hit("addr:list@example.org", t) or flagged
+    assert flagged
+
+
 def test_a_busy_source_that_once_peaked_is_released_when_it_sends_as_usual():
     r = RateTracker(flood_rate=30.0)
     t = 0.0
