@@ -94,6 +94,7 @@ class Fault:
     at: float  # wall clock, comparable with events' accepted_at
     restored_at: float = 0.0
     recovered_at: float | None = None
+    behind: list[str] = field(default_factory=list)  # groups not caught up when it timed out
 
     @property
     def recovery_s(self) -> float | None:
@@ -200,6 +201,7 @@ class Progress:
         self.transactional = {settings.topic(k) for k in TRANSACTIONAL}
         self._parts: dict[str, list[int]] = {}
         self._probes: dict[str, Consumer] = {}
+        self.behind: list[str] = []
 
     def _partitions(self, topic: str) -> list[int]:
         if topic not in self._parts:
@@ -252,14 +254,17 @@ class Progress:
         """When every worker's group had committed past ``target``; None at the deadline.
         ``tick`` runs at every poll (the supervisor's round)."""
         deadline = time.monotonic() + timeout
+        self.behind = list(workers)
         while time.monotonic() < deadline:
             tick()
             if target is None:
                 target = self.ends(workers)
-            elif all(self.caught_up(w, target) for w in workers):
-                return time.time()
+            else:
+                self.behind = [w for w in workers if not self.caught_up(w, target)]
+                if not self.behind:
+                    return time.time()
             time.sleep(POLL_S)
-        return None
+        return None  # self.behind: the groups still behind (or unreadable) at the deadline
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -337,9 +342,12 @@ class Chaos:
         # Recovered: the groups have committed past the log end their inputs had when the fault
         # was undone (worker restarted, store back, broker started): what queued meanwhile is done.
         fault.recovered_at = self.progress.wait(waiting, None, self.plan.recovery_timeout_s, tick=self.supervise)
+        if fault.recovered_at is None:
+            fault.behind = list(self.progress.behind)
         self.faults.append(fault)
         self.log(f"  {kind:24} {fault.target:18} recovered in "
-                 f"{fault.recovery_s if fault.recovery_s is not None else 'NOT RECOVERED'} s")
+                 f"{fault.recovery_s if fault.recovery_s is not None else 'NOT RECOVERED'} s"
+                 + (f" (still behind: {', '.join(fault.behind)})" if fault.behind else ""))
         return fault
 
     def schedule(self, sender: threading.Thread) -> None:
@@ -491,7 +499,8 @@ def report(results: list[RunResult], command: str) -> dict[str, Any]:
             "unexpected": r.ledger.unexpected, "worker_crashes": r.crashes, "exit_codes": r.exit_codes,
             "faults": by_kind(r),
             "timeline": [{"kind": f.kind, "target": f.target, "at": round(f.at - r.sent.start, 2),
-                          "restored_after_s": round(f.restored_at - f.at, 2), "recovery_s": f.recovery_s}
+                          "restored_after_s": round(f.restored_at - f.at, 2), "recovery_s": f.recovery_s,
+                          "behind_at_timeout": f.behind}
                          for f in r.faults],
         } for r in results},
     }
