@@ -44,6 +44,7 @@ OUT_TOPICS = {"priority": ("ham", "spam"), "bulk": ("bulk_ham", "bulk_spam")}
 RELOAD_CHECK_S = 1.0
 # A flood of one campaign needs one entry; a diverse flood is bounded by this.
 CACHE_ENTRIES = 100_000
+WARM_UP_MESSAGE = b"From: a@example.org\r\nSubject: warm-up\r\n\r\nnothing\r\n"
 
 
 class NoModelError(SystemExit):
@@ -89,11 +90,17 @@ class ModelHolder:
             raise NoModelError(
                 f"floodgate classify: no model in the registry at {path}. "
                 "Train one first (make train); mail is never passed through unclassified.")
-        self.model = registry.load_champion(path)
+        self.model = self._warm(registry.load_champion(path))
         self._pending: registry.LoadedModel | None = None
         self._loading = False
         self._checked = time.monotonic()
         self._publish()
+
+    @staticmethod
+    def _warm(model: registry.LoadedModel) -> registry.LoadedModel:
+        """Score one message before the model meets mail: the first call pays lazy set-up."""
+        model.score([WARM_UP_MESSAGE])
+        return model
 
     def _publish(self) -> None:
         metrics.MODEL.info({"version": self.model.version})
@@ -116,7 +123,7 @@ class ModelHolder:
 
     def _load(self) -> None:
         try:
-            self._pending = registry.load_champion(self.path)
+            self._pending = self._warm(registry.load_champion(self.path))
         except Exception as e:  # a bad artifact never replaces a good model
             metrics.ERRORS.labels(STAGE, "model-reload").inc()
             self.log.error("model reload refused", extra={"error": repr(e)})

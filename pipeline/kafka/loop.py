@@ -257,8 +257,9 @@ class Loop:
     def run(self) -> None:
         if self.transactional:
             self._init_transactions()
-        self.consumer.subscribe(self.topics)
-        self.service.ready.set()
+        # Ready once the group has given this member its partitions (possibly none), not merely
+        # after subscribing: until then mail on the topic waits for the join.
+        self.consumer.subscribe(self.topics, on_assign=lambda _consumer, _partitions: self.service.ready.set())
         backoff = 0.5
         try:
             while not self.service.stopping.is_set():
