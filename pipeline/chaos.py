@@ -218,6 +218,9 @@ class Progress:
                                               request_timeout=ADMIN_TIMEOUT_S)
             return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
         except KafkaException:
+            # After a broker of three was killed and restarted, one admin client kept failing for
+            # minutes while the pipeline had long drained: start afresh instead of trusting it.
+            self.admin = kafka.admin(self.settings)
             return None
 
     def committed(self, worker: str) -> dict[tuple[str, int], int]:
