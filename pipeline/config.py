@@ -62,6 +62,9 @@ class WorkerSettings:
     metrics_host: str = "127.0.0.1"  # loopback by default: metrics are not for the world
     metrics_port: int = 0  # 0: no HTTP endpoint
     quarantine_retention_days: int = 30
+    # The bulk lane's deliveries a second (0: unlimited). Flood mail the model lets through is
+    # delivered, but never at a pace whose disk writes and fsyncs crowd out the priority lane's.
+    bulk_delivery_rate: float = 200.0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ carries the event id for a downstream that wants to deduplicate.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.events import MailEvent
 from pipeline.kafka import loop
-from pipeline.kafka.loop import Loop, Output, TransientError
+from pipeline.kafka.loop import Handler, Loop, Output, TransientError
 from pipeline.service import Service
 from pipeline.sinks import lmtp, maildir, stamp
 
@@ -125,11 +126,28 @@ class Deliverer:
 LANES = {"priority": ("ham", STAGE), "bulk": ("bulk_ham", f"{STAGE}-bulk")}
 
 
+def paced(handle: Handler, rate: float, stopping: threading.Event) -> Handler:
+    """``handle``, held to ``rate`` records a second on average (the bulk lane's delivery)."""
+    if rate <= 0:
+        return handle
+    next_free = time.monotonic()
+
+    def paced_handle(msgs: Sequence[Message]) -> list[Output]:
+        nonlocal next_free
+        stopping.wait(max(0.0, next_free - time.monotonic()))  # pacing, not synchronisation
+        next_free = max(next_free, time.monotonic()) + len(msgs) / rate
+        return handle(msgs)
+
+    return paced_handle
+
+
 def build(service: Service, lane: str = "priority") -> tuple[Loop, Deliverer]:
     s = service.settings
     topic, group = LANES[lane]
     deliverer = Deliverer(s)
-    worker = Loop(service, STAGE, s.group(group), [s.topic(topic)], deliverer.handle, transactional=False,
+    handle = deliverer.handle if lane == "priority" else paced(deliverer.handle, s.worker.bulk_delivery_rate,
+                                                               service.stopping)
+    worker = Loop(service, STAGE, s.group(group), [s.topic(topic)], handle, transactional=False,
                   consumer_overrides=CONSUMER)
     return worker, deliverer
 

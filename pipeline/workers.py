@@ -50,6 +50,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "FLOODGATE_PATHS_REGISTRY": str(p.registry),
         "FLOODGATE_WORKER_BATCH_SIZE": str(settings.worker.batch_size),
         "FLOODGATE_WORKER_BATCH_TIMEOUT_S": str(settings.worker.batch_timeout_s),
+        "FLOODGATE_WORKER_BULK_DELIVERY_RATE": str(settings.worker.bulk_delivery_rate),
         "FLOODGATE_ADMISSION_FLOOD_RATE": str(settings.admission.flood_rate),
         "FLOODGATE_ADMISSION_SURGE": str(settings.admission.surge),
     }

@@ -259,3 +259,27 @@ def test_a_killed_deliver_process_loses_nothing_and_duplicates_nothing(topic_set
         assert proc.wait(30) == 0
     ids = event_ids(delivered_files(root))
     assert sorted(ids) == sorted(e.id for e in ham), f"killed after {killed_at} files"
+
+
+def test_bulk_lane_delivery_is_paced_to_its_rate():
+    """Pure: batches of 100 at 100 records/s must each wait for about a second of budget."""
+    import threading
+
+    from pipeline.deliver import paced
+
+    waits: list[float] = []
+
+    class Recorder(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:  # records the pause, does not sleep
+            waits.append(timeout or 0.0)
+            return False
+
+    calls: list[int] = []
+    handle = paced(lambda msgs: calls.append(len(msgs)) or [], rate=100.0, stopping=Recorder())
+    for _ in range(3):
+        handle([object()] * 100)  # type: ignore[list-item]
+    assert calls == [100, 100, 100]
+    # Nothing really slept, so the budget accumulates: 0 s, then ~1 s, then ~2 s behind.
+    assert waits[0] == 0.0 and 0.9 < waits[1] <= 1.0 and 1.9 < waits[2] <= 2.0
+    unpaced = paced(lambda msgs: [], rate=0, stopping=Recorder())
+    assert unpaced([]) == [] and waits[3:] == []  # rate 0: never waits
