@@ -243,6 +243,9 @@ class Progress:
         try:
             committed = self.committed(worker)
         except KafkaException:
+            probe = self._probes.pop(self.settings.group(worker), None)  # start afresh next time
+            if probe is not None:
+                probe.close()
             return False
         for (topic, part), end in target.items():
             if topic not in self.inputs[worker]:
