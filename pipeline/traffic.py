@@ -91,7 +91,8 @@ def plan(ham: Sequence[Message], spam: Sequence[Message], *, base_rate: float, f
     for i in range(n):
         m, label = mixed[i % len(mixed)]
         out.append(Planned(i / base_rate, m.raw, label, "base", envelope_for(m.raw, rng)))
-    campaign = spam[rng.randrange(len(spam))].raw
+    # The campaign's message depends on the seed alone, not on how much base traffic came first.
+    campaign = spam[random.Random(seed).randrange(len(spam))].raw
     half = flood_s / 2
     for i in range(int(flood_s * flood_rate)):
         t = pre_s + i / flood_rate
