@@ -36,7 +36,7 @@ def check(result: chaos.RunResult, plan: chaos.Plan) -> None:
 
 
 def test_every_worker_killed_and_delivery_down_lose_and_duplicate_nothing(bootstrap, trained_registry, tmp_path):
-    plan = chaos.Plan(messages=2500, rate=50.0, outage_s=3.0, warmup_s=2.0, gap_s=0.5, recovery_timeout_s=120.0,
+    plan = chaos.Plan(messages=4000, rate=50.0, outage_s=3.0, warmup_s=2.0, gap_s=0.5, recovery_timeout_s=120.0,
                       faults=(*(f"kill:{w}" for w in chaos.INPUTS), "maildir-down"), cycle=False)
     result = chaos.run_one(base_settings(bootstrap, trained_registry), plan, tmp_path, own_cluster=False,
                            base_port=PORT)
