@@ -93,6 +93,29 @@ def scan_dead_letters(settings: Settings, found: Found, timeout: float = 30.0) -
         consumer.close()
 
 
+POLL_S = 0.5
+
+
+def wait_accounted(settings: Settings, ids: set[str], timeout: float) -> Found | None:
+    """Until every id is in a Maildir, the quarantine or the dead-letter topic; None at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_dead = 0.0
+    dead: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        found = Found()
+        scan_maildirs(settings.paths.maildir_root, found)
+        scan_quarantine(settings.paths.quarantine_db, found)
+        missing = ids - set(found.delivered) - set(found.quarantined)
+        if missing and time.monotonic() - last_dead > 10:  # the topic read costs a second or so
+            d = Found()
+            scan_dead_letters(settings, d)
+            dead, last_dead = d.dead, time.monotonic()
+        if not missing - set(dead):
+            return found
+        time.sleep(POLL_S)  # polling interval of a deadline-bounded wait
+    return None
+
+
 def scan(settings: Settings, dead_letters: bool = True) -> Found:
     found = Found()
     scan_maildirs(settings.paths.maildir_root, found)

@@ -377,26 +377,6 @@ class Chaos:
                 sender.join(self.plan.gap_s)
 
 
-def wait_accounted(settings: Settings, ids: set[str], timeout: float) -> accounting.Found | None:
-    """Until every id is in a Maildir, the quarantine or the dead-letter topic; None at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_dead = 0.0
-    dead: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        found = accounting.Found()
-        accounting.scan_maildirs(settings.paths.maildir_root, found)
-        accounting.scan_quarantine(settings.paths.quarantine_db, found)
-        missing = ids - set(found.delivered) - set(found.quarantined)
-        if missing and time.monotonic() - last_dead > 10:  # the topic read costs a second or so
-            d = accounting.Found()
-            accounting.scan_dead_letters(settings, d)
-            dead, last_dead = d.dead, time.monotonic()
-        if not missing - set(dead):
-            return found
-        time.sleep(POLL_S)
-    return None
-
-
 def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignore[no-untyped-def]
             own_cluster: bool = True, base_port: int | None = None) -> RunResult:
     """One run. ``own_cluster``: on a private local cluster of ``plan.brokers`` nodes (broker
@@ -438,7 +418,7 @@ def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignor
         duration = time.time() - t0
         sent = result["sent"]
         log(f"  traffic done: {len(sent.acked)} of {len(sent.kinds)} acknowledged in {duration:.0f} s; draining")
-        found = wait_accounted(settings, set(sent.acked), DRAIN_TIMEOUT_S)
+        found = accounting.wait_accounted(settings, set(sent.acked), DRAIN_TIMEOUT_S)
         drain = time.time() - t0 - duration if found is not None else None
         chaos.supervise()
     finally:

@@ -92,19 +92,6 @@ def load_mail(data_dir: Path) -> tuple[list[corpus.Message], list[corpus.Message
     return [m for m in msgs if m.label == "ham"], [m for m in msgs if m.label == "spam"]
 
 
-def wait_placed(settings: Settings, ids: set[str], timeout: float) -> float | None:
-    """Wait until every id is in a Maildir or the quarantine; the time the last one landed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = accounting.Found()
-        accounting.scan_maildirs(settings.paths.maildir_root, found)
-        accounting.scan_quarantine(settings.paths.quarantine_db, found)
-        if ids <= (set(found.delivered) | set(found.quarantined)):
-            return time.time()
-        time.sleep(0.5)  # polling interval of a deadline-bounded wait
-    return None
-
-
 def measure_capacity(settings: Settings, workers: WorkerSet, ham: list, spam: list) -> float:
     """Messages/s the priority path sustains here: a burst of mixed mail, timed to the last landing."""
     rng = random.Random(1)
@@ -117,10 +104,9 @@ def measure_capacity(settings: Settings, workers: WorkerSet, ham: list, spam: li
     start = time.time()
     inbound = settings.topic("inbound")
     sent = traffic.send(producer, lambda ev: inbound, plan)  # straight into the priority lane
-    done = wait_placed(settings, set(sent.kinds), DRAIN_TIMEOUT_S)
-    if done is None:
+    if accounting.wait_accounted(settings, set(sent.kinds), DRAIN_TIMEOUT_S) is None:
         raise RuntimeError("calibration did not finish")
-    return len(plan) / (done - start)
+    return len(plan) / (time.time() - start)
 
 
 class LagSampler(threading.Thread):
@@ -207,7 +193,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
 
                 stack.enter_context(Live(get_renderable=sampler.view, refresh_per_second=2))
             sent = traffic.send(kafka.producer(settings), route, plan)
-            wait_placed(settings, set(sent.acked), DRAIN_TIMEOUT_S)
+            accounting.wait_accounted(settings, set(sent.acked), DRAIN_TIMEOUT_S)
         lag = sampler.finish()
     finally:
         workers.stop_all()
