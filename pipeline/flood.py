@@ -144,7 +144,7 @@ class LagSampler(threading.Thread):
             mine = [r for r in rows if r.group == group]
             secs = [r.lag_seconds for r in mine if r.lag_seconds is not None]
             st = status.get(group)
-            t.add_row(group.split(".", 1)[-1], st.name if st else "-", str(sum(r.lag for r in mine)),
+            t.add_row(group.split(".", 1)[-1], st.name if st is not None else "-", str(sum(r.lag for r in mine)),
                       f"{max(secs):.1f}" if secs else "-")
         return t
 
