@@ -23,6 +23,7 @@ this costs priority-lane capacity, not a wrong verdict.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -30,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from pipeline import events, kafka, metrics, senders
 from pipeline.config import Settings
@@ -63,6 +64,8 @@ MIN_HISTORY_S = 10.0
 RELEASE_FRACTION = 2 / 3
 # Forget sources idle this long, so memory stays bounded by recent traffic.
 IDLE_S = 600.0
+# How often to look again for the reputation topic (or the broker) when it is not there.
+REPUTATION_RETRY_S = 5.0
 
 
 @dataclass
@@ -153,9 +156,17 @@ class GoodSenders:
         topic = self.settings.topic("reputation")
         consumer = kafka.consumer(self.settings, group=self.settings.group("admission-reputation"))
         try:
-            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if meta is None or meta.error is not None:
-                log.warning("no reputation topic; no sender is exempt", extra={"topic": topic})
+            meta, warned = None, False
+            while meta is None and not self.stopping.is_set():
+                with contextlib.suppress(KafkaException):  # broker away: try again below
+                    found = consumer.list_topics(topic, timeout=2).topics.get(topic)
+                    meta = found if found is not None and found.error is None else None
+                if meta is None:
+                    if not warned:
+                        log.warning("no reputation topic yet; no sender is exempt", extra={"topic": topic})
+                        warned = True
+                    self.stopping.wait(REPUTATION_RETRY_S)
+            if meta is None:
                 return
             # Every worker reads all of it, from the start: the latest value per key is the standing.
             consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
