@@ -9,9 +9,12 @@ queued anywhere, so no flood, however large, puts a message in front of normal m
 
 The rule: the message rate of every source — client address, sender address, campaign
 fingerprint — is tracked per ingress process (exponentially weighted short-term and baseline
-rates per key, O(1) per message, memory bounded by recent traffic). Mail from a source goes
-to bulk while its short-term rate is above both a floor (``flood_rate``) and a multiple
-(``surge``) of its own baseline, until it falls well below again (hysteresis). With N ingress
+rates per key, O(1) per message, memory bounded by recent traffic). A source's limit is a
+floor (``flood_rate``) or a multiple (``surge``) of its own baseline, whichever is higher.
+Mail from a source goes to bulk as soon as it is more than a small burst ahead of that limit
+(a GCRA / leaky-bucket check: a new bot is caught within its first dozen messages, where a
+rate average needs a second or more of its traffic), or while its short-term rate is above
+the limit; it returns once both are well below again (hysteresis). With N ingress
 processes each sees its own connections, so the thresholds apply per process. Both are
 settings (``[admission]``, ``FLOODGATE_ADMISSION_FLOOD_RATE``, ``FLOODGATE_ADMISSION_SURGE``).
 
@@ -62,6 +65,14 @@ MIN_HISTORY_S = 10.0
 # its threshold (hysteresis: no flapping between lanes at the threshold; and not so low that a
 # busy list which once peaked over the threshold stays diverted while it sends as it always did).
 RELEASE_FRACTION = 2 / 3
+# Burst allowance: a source may send this many messages back to back before it is judged by
+# its rate (a list's digest, a retry queue flushing). Beyond it, each message must wait out its
+# 1/limit share: a bot at twice the floor is caught after ~20 messages (the short-term rate
+# alone needed ~1.2 s: 24 bots at 68 a second put ~1,900 spam in the priority lane first).
+BURST = 10
+# How far ahead of its allowance a source can get: a flood is remembered about as long as the
+# short-term rate remembers it, not for as long as the flood lasted.
+MAX_DEBT_S = TAU_S
 # Forget sources idle this long, so memory stays bounded by recent traffic.
 IDLE_S = 600.0
 # How often to look again for the reputation topic (or the broker) when it is not there.
@@ -75,6 +86,7 @@ class _Rate:
     at: float
     learned_s: float = 0.0  # seconds of unflagged history behind the baseline
     flagged: bool = False
+    tat: float = 0.0  # GCRA theoretical arrival time: when the source's allowance catches up
 
 
 class RateTracker:
@@ -113,7 +125,9 @@ class RateTracker:
             r.learned_s += dt
         r.at = now
         limit = self.threshold(r)
-        if r.short > limit:
+        r.tat = min(max(r.tat, now) + 1.0 / limit, now + MAX_DEBT_S)
+        ahead = r.tat - now > BURST / limit
+        if r.short > limit or ahead:
             r.flagged = True
         elif r.flagged and r.short < limit * RELEASE_FRACTION:
             r.flagged = False

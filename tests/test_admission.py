@@ -57,6 +57,22 @@ def test_a_burst_is_flagged_within_seconds_and_released_after_it_stops():
     assert not r.hit("client:203.0.113.9", t + 60)
 
 
+def test_a_new_bot_is_caught_within_its_first_few_dozen_messages():
+    # 24 bots sharing a flood at 5x capacity send ~68 a second each: the short-term rate alone
+    # took ~1.2 s (~80 messages per bot) to cross the floor.
+    r = RateTracker(flood_rate=30.0)
+    hits = [r.hit("client:2001:db8:1::1", i / 68) for i in range(200)]
+    assert hits.index(True) < 25
+    assert all(hits[hits.index(True):])  # and it stays caught while it keeps sending
+
+
+def test_a_short_burst_from_a_new_source_is_not_a_flood():
+    r = RateTracker(flood_rate=30.0)
+    # A list's digest or a retry queue: ten messages back to back, then its usual trickle.
+    assert not any(r.hit("addr:list@example.org", 0.001 * i) for i in range(10))
+    assert not any(r.hit("addr:list@example.org", 1.0 + i) for i in range(30))
+
+
 def test_a_sustained_flood_never_becomes_the_flooders_normal():
     r = RateTracker(flood_rate=30.0)
     t = 0.0
