@@ -409,7 +409,7 @@ def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignor
         result: dict[str, traffic.Sent] = {}
         route = admission.topic
         sender = threading.Thread(name="traffic", daemon=True, target=lambda: result.update(
-            sent=traffic.send(kafka.producer(settings), route, planned, source="chaos")))
+            sent=traffic.send(kafka.lane_producer(settings), route, planned, source="chaos")))
         t0 = time.time()
         sender.start()
         chaos = Chaos(settings, plan, workers, cluster, rng, log)

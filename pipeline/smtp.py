@@ -128,8 +128,8 @@ class KafkaBridge:
 
         # librdkafka gives up on a message after the same timeout, so that a message we
         # answered 451 for is rarely still in flight behind our back (see ``resolve``).
-        return kafka.producer(self.settings, **{"message.timeout.ms": max(1, int(self.ack_timeout_s * 1000)),
-                                                "error_cb": on_error})
+        return kafka.lane_producer(self.settings, **{"message.timeout.ms": max(1, int(self.ack_timeout_s * 1000)),
+                                                     "error_cb": on_error})
 
     def _serve(self) -> None:
         while not self._stop.is_set():

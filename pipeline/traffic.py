@@ -20,10 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from confluent_kafka import Producer
-
 from models.corpus import Message
 from pipeline import events
+from pipeline.kafka import LaneProducer
 
 RECIPIENT_DOMAINS = ("example.com", "example.net", "example.org")
 USERS_PER_DOMAIN = 40
@@ -108,7 +107,7 @@ def plan(ham: Sequence[Message], spam: Sequence[Message], *, base_rate: float, f
     return out
 
 
-def send(producer: Producer, route: Callable[[events.MailEvent], str], planned: Sequence[Planned],
+def send(producer: LaneProducer, route: Callable[[events.MailEvent], str], planned: Sequence[Planned],
          source: str = "replay") -> Sent:
     """Produce the plan at its times (the event's ``accepted_at`` is its send time); ``route``
     names each event's topic, as an ingress's admission does."""

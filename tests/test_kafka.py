@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import NewTopic
 
 from pipeline import events, kafka
@@ -72,3 +73,20 @@ def test_topics_dry_run_changes_nothing(settings):
     assert len(planned) == len(topics.desired(settings))
     existing = admin.list_topics(timeout=10).topics
     assert not any(t.name in existing for t in topics.desired(settings))
+
+
+def test_lane_producer_sends_each_lane_on_its_own_producer(topic_settings):
+    settings = topic_settings
+    inbound, bulk = settings.topic("inbound"), settings.topic("bulk")
+    producer = kafka.lane_producer(settings)
+    acks: list[tuple[str, object]] = []
+    for i in range(20):
+        producer.produce(inbound if i % 4 else bulk, key=f"k{i}", value=b"x",
+                         on_delivery=lambda err, msg: acks.append((msg.topic(), err)))
+    assert producer.flush(30) == 0
+    assert len(producer) == 0
+    assert sorted(acks) == sorted([(bulk, None)] * 5 + [(inbound, None)] * 15)
+    # The lanes do not share a client, so one lane's queue never holds the other's mail.
+    assert producer._by_topic[inbound] is not producer._by_topic[bulk]
+    with pytest.raises(KafkaException, match="not a lane topic"):
+        producer.produce(settings.topic("ham"), key="k", value=b"x")

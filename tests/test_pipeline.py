@@ -64,7 +64,7 @@ def replay(settings, msgs: list[corpus.Message], seed: int) -> traffic.Sent:
     plan = [traffic.Planned(0.0, m.raw, m.label or "ham", "base", traffic.envelope_for(m.raw, rng)) for m in msgs]
     admission = Admission(settings)
     try:
-        return traffic.send(kafka.producer(settings), admission.topic, plan)
+        return traffic.send(kafka.lane_producer(settings), admission.topic, plan)
     finally:
         admission.close()
 
@@ -76,8 +76,9 @@ def placed(settings, ids: set[str]) -> accounting.Found | None:
     return found if ids <= (set(found.delivered) | set(found.quarantined) | set(found.dead)) else None
 
 
-def routed_ids(settings, keys=("ham", "spam")) -> Counter:
-    """Every event id on the ham and spam topics, as a read_committed consumer sees them."""
+def routed_ids(settings, keys=("ham", "spam", "bulk_ham", "bulk_spam")) -> Counter:
+    """Every event id on both lanes' ham and spam topics, as a read_committed consumer sees them
+    (a replay as fast as it goes sends bursts that admission may divert to the bulk lane)."""
     consumer = kafka.consumer(settings, group=f"check-{uuid.uuid4().hex[:6]}")
     counts: Counter = Counter()
     try:
@@ -135,7 +136,8 @@ def test_classifier_killed_mid_stream_loses_and_duplicates_nothing(pipeline, mai
     before = routed_ids(settings)
     sent = replay(settings, msgs[:250], seed=2)
     # Kill as soon as part of this batch has been routed, so the kill lands mid-stream.
-    wait_for(lambda: len(set(routed_ids(settings)) & set(sent.acked)) >= 20, timeout=60, what="routing under way")
+    wait_for(lambda: len(set(routed_ids(settings, ("ham", "spam"))) & set(sent.acked)) >= 20, timeout=60,
+             what="priority-lane routing under way")
     workers.kill("classify-priority")
     more = replay(settings, msgs[250:], seed=3)
     workers.restart("classify-priority")
@@ -154,7 +156,8 @@ def test_sigterm_mid_batch_exits_zero_and_keeps_exactly_once(pipeline, mail):
     ham, spam = mail
     before = routed_ids(settings)
     sent = replay(settings, ham[420:620] + spam[280:380], seed=4)
-    wait_for(lambda: len(set(routed_ids(settings)) & set(sent.acked)) >= 10, timeout=60, what="routing under way")
+    wait_for(lambda: len(set(routed_ids(settings, ("ham", "spam"))) & set(sent.acked)) >= 10, timeout=60,
+             what="priority-lane routing under way")
     assert workers.stop("classify-priority") == 0
     workers.restart("classify-priority")
     workers.wait_ready()

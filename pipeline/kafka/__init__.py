@@ -6,6 +6,8 @@ isolation levels are decided in one place.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
@@ -47,6 +49,51 @@ def producer(settings: Settings, transactional_id: str | None = None, **override
     if transactional_id:
         conf["transactional.id"] = transactional_id
     return Producer(conf | overrides)
+
+
+class LaneProducer:
+    """An ingress's producer: one durable producer per lane topic, behind the calls of one.
+
+    librdkafka sends a connection's requests in order and the broker serves each connection one
+    request at a time, so with a single producer a ham message's produce request queued behind
+    the flood's batches (``make bench-flood``: ham accepted-to-acknowledged p99 during the flood
+    0.19 s with one producer, 0.10 s with one per lane). Separate producers have separate
+    connections, queues and in-flight windows: the bulk lane's backlog never sits in front of
+    the priority lane's mail, not even inside the client.
+    """
+
+    def __init__(self, settings: Settings, topics: Iterable[str], **overrides: Any) -> None:
+        self._by_topic = {t: producer(settings, **overrides) for t in topics}
+        self._all = list(self._by_topic.values())
+
+    def produce(self, topic: str, **kwargs: Any) -> None:
+        try:
+            p = self._by_topic[topic]
+        except KeyError:
+            raise KafkaException(f"{topic!r} is not a lane topic of this producer") from None
+        p.produce(topic, **kwargs)
+
+    def poll(self, timeout: float = 0) -> int:
+        return sum(p.poll(timeout / len(self._all)) for p in self._all)
+
+    def flush(self, timeout: float = -1) -> int:
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        left = 0
+        for p in self._all:
+            left += p.flush(-1 if deadline is None else max(0.0, deadline - time.monotonic()))
+        return left
+
+    def purge(self) -> None:
+        for p in self._all:
+            p.purge()
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self._all)
+
+
+def lane_producer(settings: Settings, **overrides: Any) -> LaneProducer:
+    """The producer for an ingress: a connection per lane topic (``inbound`` and ``bulk``)."""
+    return LaneProducer(settings, (settings.topic("inbound"), settings.topic("bulk")), **overrides)
 
 
 def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
