@@ -100,7 +100,7 @@ def measure_capacity(settings: Settings, workers: WorkerSet, ham: list, spam: li
     plan = [traffic.Planned(0.0, m.raw, label, "calibration",
                             traffic.envelope_for(m.raw, rng, client=traffic.client_for(f"c{i}")))
             for i, (m, label) in enumerate(mixed[:CALIBRATION_MESSAGES])]
-    producer = kafka.producer(settings)
+    producer = kafka.lane_producer(settings)
     start = time.time()
     inbound = settings.topic("inbound")
     sent = traffic.send(producer, lambda ev: inbound, plan)  # straight into the priority lane
@@ -192,7 +192,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
                 from rich.live import Live
 
                 stack.enter_context(Live(get_renderable=sampler.view, refresh_per_second=2))
-            sent = traffic.send(kafka.producer(settings), route, plan)
+            sent = traffic.send(kafka.lane_producer(settings), route, plan)
             accounting.wait_accounted(settings, set(sent.acked), DRAIN_TIMEOUT_S)
         lag = sampler.finish()
     finally:
@@ -216,7 +216,11 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
         else:
             continue
         latency = max(0.0, landed - accepted)
-        series.append((round(accepted - t0, 3), path, round(latency, 4)))
+        # Plotted by what the message is (corpus truth) and where it went: legitimate ham
+        # delivered, spam quarantined, spam the model missed (delivered), ham held as spam.
+        kind = {("ham", "ham"): "ham", ("spam", "spam"): "spam", ("spam", "ham"): "missed spam",
+                ("ham", "spam"): "held ham"}[(sent.labels[event_id], path)]
+        series.append((round(accepted - t0, 3), kind, round(latency, 4)))
         phase = buckets.setdefault(phase_of(accepted - sent.start), {})
         phase.setdefault(path, []).append(latency)
         if path == "ham" and sent.labels[event_id] == "ham":
@@ -341,7 +345,8 @@ def plot(results: dict[str, ConfigResult], s: Scenario, path: Path) -> None:
     fig, axes = plt.subplots(2, len(results), figsize=(7 * len(results), 8), squeeze=False, sharex="col")
     for col, (name, r) in enumerate(results.items()):
         ax = axes[0][col]
-        for verdict, color in (("spam", "tab:red"), ("ham", "tab:blue")):
+        for verdict, color in (("spam", "tab:red"), ("missed spam", "tab:orange"), ("held ham", "tab:purple"),
+                               ("ham", "tab:blue")):
             pts = [(t, lat) for t, p, lat in r.series if p == verdict]
             if pts:
                 ax.scatter([t for t, _ in pts], [lat for _, lat in pts], s=2, c=color, label=verdict, alpha=0.5)
