@@ -39,7 +39,7 @@ from pipeline.config import Settings
 from pipeline.kafka import topics
 from pipeline.lag import LagMonitor
 from pipeline.sinks import from_iso, parse_trace, unstamp
-from pipeline.workers import WorkerSet
+from pipeline.workers import INGRESS_NICE, WorkerSet, take_priority
 
 REPORTS = Path("reports")
 CALIBRATION_MESSAGES = 1500
@@ -184,6 +184,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
         inbound = settings.topic("inbound")
         route = admission.topic if admission else (lambda ev: inbound)
 
+        take_priority(INGRESS_NICE)  # the generator is the ingress here
         t0 = time.time()
         sampler = LagSampler(settings, groups, t0)
         sampler.start()

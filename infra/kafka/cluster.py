@@ -164,7 +164,7 @@ def _spawn(c: Cluster, n: Node) -> int:
         logfile.replace(n.state / "server.log.prev")
     with open(n.state / "broker.out", "ab") as out:
         proc = subprocess.Popen(
-            broker.java("kafka.Kafka", str(n.state / "server.properties"), heap=c.heap, state=n.state),
+            broker.niced(broker.java("kafka.Kafka", str(n.state / "server.properties"), heap=c.heap, state=n.state)),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     (n.state / "broker.pid").write_text(f"{proc.pid}\n")
     log(f"node {n.id}: started (pid {proc.pid}, heap {c.heap}) on {n.address}")
