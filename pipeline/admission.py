@@ -125,13 +125,17 @@ class RateTracker:
             r.learned_s += dt
         r.at = now
         limit = self.threshold(r)
+        # Two checks. Over its limit by more than a burst (GCRA): diverted at once, and back as
+        # soon as it keeps to its limit again (a list near the floor that bunches up a little
+        # loses a few messages to bulk, not its lane). Short-term rate over the limit: diverted
+        # until the rate falls well below (hysteresis), and its usual rate is not learned meanwhile.
         r.tat = min(max(r.tat, now) + 1.0 / limit, now + MAX_DEBT_S)
         ahead = r.tat - now > BURST / limit
-        if r.short > limit or ahead:
+        if r.short > limit:
             r.flagged = True
         elif r.flagged and r.short < limit * RELEASE_FRACTION:
             r.flagged = False
-        return r.flagged
+        return r.flagged or ahead
 
     def rate(self, key: str, now: float) -> float:
         r = self._rates.get(key)
