@@ -214,6 +214,8 @@ class Admission:
         self.rates = RateTracker(settings.admission.flood_rate, settings.admission.surge)
         self.good = GoodSenders(settings)
         self.inbound, self.bulk = settings.topic("inbound"), settings.topic("bulk")
+        # The counters' children, looked up once: labels() per message cost a third of admission.
+        self._admitted = {lane: metrics.MESSAGES.labels("admission", lane, "admitted") for lane in ("priority", "bulk")}
         if follow_reputation:
             self.good.start()
 
@@ -235,7 +237,7 @@ class Admission:
 
     def topic(self, ev: events.MailEvent, now: float | None = None) -> str:
         lane = self.lane(ev, now)
-        metrics.MESSAGES.labels("admission", lane, "admitted").inc()
+        self._admitted[lane].inc()
         return self.bulk if lane == "bulk" else self.inbound
 
     def close(self) -> None:
