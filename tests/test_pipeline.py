@@ -7,6 +7,7 @@ every routing on the ham/spam topics must exist exactly once (exactly-once trans
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from models import corpus
 from pipeline import accounting, config, events, kafka, traffic
 from pipeline.admission import Admission
 from pipeline.kafka import topics
-from pipeline.workers import WorkerSet, settings_env
+from pipeline.workers import NICE, WorkerSet, settings_env
 from tests.kafka_helpers import wait_for
 
 pytestmark = pytest.mark.kafka
@@ -126,6 +127,16 @@ def test_replayed_corpus_is_accounted_exactly_once(pipeline, mail):
     ham_ids = {i for i in sent.acked if sent.labels[i] == "ham"}
     assert len(ham_ids & set(found.delivered)) >= 110
     assert len((set(sent.acked) - ham_ids) & set(found.quarantined)) >= 30
+
+
+def test_the_spam_side_yields_the_cpu_to_the_ham_side(pipeline):
+    _, workers = pipeline
+    nice = {name: os.getpriority(os.PRIO_PROCESS, w.proc.pid) for name, w in workers.workers.items()}
+    for ham_side in ("classify-priority", "deliver"):
+        for spam_side in ("classify-bulk", "deliver-bulk", "cleanup", "reputation"):
+            assert nice[ham_side] < nice[spam_side], nice
+    if os.geteuid() == 0:  # allowed to raise priority: exactly as configured
+        assert nice == {name: NICE.get(name, 0) for name in nice}
 
 
 def test_classifier_killed_mid_stream_loses_and_duplicates_nothing(pipeline, mail):
