@@ -228,15 +228,20 @@ class Loop:
         return kafka.producer(self.service.settings, transactional_id=tid,
                               **({"transaction.timeout.ms": TRANSACTION_TIMEOUT_MS} if tid else {}))
 
-    def _init_transactions(self) -> None:
+    def _retrying(self, call: Callable[[float], None], what: str) -> None:
+        """``call(timeout)`` on the producer until it is acknowledged; a retriable error is
+        retried unless the worker is stopping, anything else raised."""
         while True:
             try:
-                self.producer.init_transactions(30)
+                call(30)
                 return
             except KafkaException as e:
                 if not e.args[0].retriable() or self.service.stopping.is_set():
                     raise
-                self.log.warning("init_transactions not acknowledged; retrying", extra={"error": str(e.args[0])})
+                self.log.warning(f"{what} not acknowledged; retrying", extra={"error": str(e.args[0])})
+
+    def _init_transactions(self) -> None:
+        self._retrying(self.producer.init_transactions, "init_transactions")
 
     def _renew_producer(self, err: KafkaError) -> None:
         """Replace a transactional producer that failed fatally. A broker outage longer than the
@@ -388,14 +393,7 @@ class Loop:
                 self.log.warning("transaction commit not acknowledged; retrying", extra={"error": str(err)})
 
     def _abort(self) -> None:
-        while True:
-            try:
-                self.producer.abort_transaction(30)
-                return
-            except KafkaException as e:
-                if not e.args[0].retriable() or self.service.stopping.is_set():
-                    raise
-                self.log.warning("transaction abort not acknowledged; retrying", extra={"error": str(e.args[0])})
+        self._retrying(self.producer.abort_transaction, "transaction abort")
 
     def _rewind(self, msgs: Sequence[Message]) -> None:
         """Seek back to the first record of the failed batch, on partitions still assigned."""
