@@ -112,7 +112,8 @@ class WorkerSet:
         } | (extra_env or {})
         log = worker.log_path.open("ab")
         # ``nice -n`` is relative to this process's own niceness, which may have been raised.
-        nice = ["nice", "-n", str(NICE.get(name, 0) - os.nice(0))] if NICE.get(name, 0) != os.nice(0) else []
+        delta = NICE.get(name, 0) - os.nice(0)
+        nice = ["nice", "-n", str(delta)] if delta else []
         worker.proc = subprocess.Popen([*nice, sys.executable, "-m", "pipeline.cli", *worker.argv], env=env,
                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
