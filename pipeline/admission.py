@@ -109,7 +109,9 @@ class RateTracker:
         return r.baseline / (1.0 - math.exp(-r.learned_s / self.baseline_tau))
 
     def threshold(self, r: _Rate) -> float:
-        usual = self.usual(r)
+        return self._limit(self.usual(r))
+
+    def _limit(self, usual: float | None) -> float:
         return self.flood_rate if usual is None else max(self.flood_rate, self.surge * usual)
 
     def hit(self, key: str, now: float) -> bool:
@@ -119,7 +121,8 @@ class RateTracker:
             r = self._rates[key] = _Rate(0.0, 0.0, now)
         dt = max(0.0, now - r.at)
         r.short = r.short * math.exp(-dt / self.tau) + 1.0 / self.tau
-        calm = not r.flagged and (self.usual(r) is None or r.short < self.threshold(r) * LEARN_FRACTION)
+        usual = self.usual(r)
+        calm = not r.flagged and (usual is None or r.short < self._limit(usual) * LEARN_FRACTION)
         if calm:
             r.baseline = r.baseline * math.exp(-dt / self.baseline_tau) + 1.0 / self.baseline_tau
             r.learned_s += dt
