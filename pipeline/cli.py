@@ -212,6 +212,28 @@ def bench_flood(
     typer.echo("wrote reports/flood.json and reports/flood.png")
 
 
+@bench_app.command("reputation")
+def bench_reputation(
+    verdicts: int = typer.Option(20_000, help="classified events in the backlog the worker drains"),
+) -> None:
+    """Verdicts per second one reputation worker tallies, and its CPU per verdict -> BENCHMARKS.md."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from models.bench import write_section
+    from pipeline import reputation_bench as bench
+
+    out = config.ROOT / "BENCHMARKS.md"
+    with tempfile.TemporaryDirectory(prefix="floodgate-repbench-") as tmp:
+        result = bench.run(config.load(), verdicts, Path(tmp))
+    command = "make bench-reputation" if verdicts == 20_000 else " ".join(["floodgate", *sys.argv[1:]])
+    write_section(out, bench.section(bench.old_section(out), result, command))
+    typer.echo(f"{result['verdicts_per_s']:,} verdicts/s, {result['cpu_s_per_1k']} CPU s per 1,000 verdicts, "
+               f"{result['internal_per_verdict']} internal records per verdict {result['internal_records']}")
+    typer.echo("wrote the reputation section of BENCHMARKS.md")
+
+
 @app.command()
 def chaos(
     messages: int = typer.Option(100_000, help="messages per run"),

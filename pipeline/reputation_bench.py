@@ -1,0 +1,192 @@
+"""``make bench-reputation``: how many verdicts a second one reputation worker tallies.
+
+A backlog of classified corpus mail (every SpamAssassin group, the corpus's label as the
+verdict, envelopes as the flood bench makes them: a few hundred sender domains, addresses and
+client addresses) is produced to private ``ham``/``spam`` topics first; then one
+``floodgate reputation`` process starts on it (its own group, nice 0) and is timed from the
+moment it is ready until its ``/reputation/stats/`` show every observation tallied. Reported:
+verdicts per wall second, the worker's CPU seconds per 1,000 verdicts (from ``/proc``: other
+load on a shared machine does not count against it), and the records the worker wrote to its
+internal topics (observations and the two table changelogs) per verdict. One row per run is
+appended to the reputation section of BENCHMARKS.md, with the commit, command and machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import TopicPartition
+
+from models import corpus
+from models.bench import machine
+from pipeline import events, kafka, senders, traffic
+from pipeline.config import ROOT, Settings
+from pipeline.flood import private
+from pipeline.kafka import topics
+from pipeline.reputation import internal_topics
+from pipeline.workers import WorkerSet
+
+SECTION_START = "<!-- bench-reputation:start -->"
+SECTION_END = "<!-- bench-reputation:end -->"
+TABLE_HEAD = ("| when (UTC) | commit | verdicts | verdicts / s | CPU s / 1k verdicts | internal records / verdict "
+              "| load avg (1 min) |")
+# Starting means joining a group, creating internal topics and recovering (empty) tables.
+READY_TIMEOUT_S = 180.0
+# A backlog of 20,000 verdicts at the slowest rate seen (~100/s on a loaded machine).
+DRAIN_TIMEOUT_S = 600.0
+POLL_S = 0.2
+SEED = 11
+
+
+def backlog(data_dir: Path, n: int, seed: int = SEED) -> list[events.MailEvent]:
+    """``n`` classified events from the corpus, cycled, with the flood bench's envelopes."""
+    rng = random.Random(seed)
+    msgs = list(corpus.load_spamassassin(data_dir))
+    rng.shuffle(msgs)
+    out = []
+    for i in range(n):
+        m = msgs[i % len(msgs)]
+        ev = events.new_event(traffic.envelope_for(m.raw, rng), m.raw, source="bench", label=m.label)
+        out.append(ev.classified(m.label, 0.9 if m.label == "spam" else 0.1, "bench"))
+    return out
+
+
+def produce(settings: Settings, evs: list[events.MailEvent]) -> None:
+    producer = kafka.producer(settings)
+    for ev in evs:
+        while True:
+            try:
+                producer.produce(settings.topic(ev.verdict or "ham"), key=ev.key, value=events.encode(ev))
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    if producer.flush(120):
+        raise RuntimeError("the backlog was not acknowledged within 120 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stats(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/reputation/stats/", timeout=2) as r:
+            return orjson.loads(r.read())
+    except OSError:
+        return None
+
+
+def internal_records(settings: Settings) -> dict[str, int]:
+    """Records per internal topic of the app (the sum of end offsets)."""
+    admin = kafka.admin(settings)
+    meta = admin.list_topics(timeout=10).topics
+    probe = kafka.consumer(settings, group=f"{settings.kafka.group_prefix}.probe")
+    try:
+        out = {}
+        for name in internal_topics(settings, meta):
+            parts = meta[name].partitions
+            out[name.removeprefix(settings.group("reputation") + "-")] = sum(
+                probe.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts)
+        return out
+    finally:
+        probe.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
+    settings = private(base, "repbench", workdir)
+    evs = backlog(settings.paths.data, n)
+    expected = sum(len(senders.keys(e.envelope.mail_from, e.envelope.client_address)) for e in evs)
+    admin = kafka.admin(settings)
+    topics.apply(settings, admin)
+    workers = WorkerSet(settings, workdir / "logs", base_port=free_port())
+    try:
+        produce(settings, evs)
+        w = workers.start("reputation-bench", ["reputation"])  # not NICE's "reputation": nice 0
+        assert w.proc is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ((s := stats(w.port)) and s.get("ready")):
+            if not w.alive() or time.monotonic() > deadline:
+                raise RuntimeError("the worker did not become ready:\n" + w.log_path.read_text()[-3000:])
+            time.sleep(POLL_S)  # polling interval of a deadline-bounded wait
+        t0, c0, obs0 = time.monotonic(), cpu_seconds(w.proc.pid), s.get("observations", 0)
+        deadline = t0 + DRAIN_TIMEOUT_S
+        while (s := stats(w.port) or {}).get("observations", 0) < expected:
+            if not w.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"not drained: {s} of {expected} observations\n"
+                                   + w.log_path.read_text()[-3000:])
+            time.sleep(POLL_S)  # polling interval of a deadline-bounded wait
+        t1, c1 = time.monotonic(), cpu_seconds(w.proc.pid)
+        written = internal_records(settings)
+    finally:
+        codes = workers.stop_all()
+        topics.delete(settings, admin)
+        leftovers = internal_topics(settings, admin.list_topics(timeout=10).topics)
+        if leftovers:
+            admin.delete_topics(leftovers, operation_timeout=30)
+    timed = (expected - obs0) * n / expected  # verdicts tallied after t0
+    return {"verdicts": n, "observations": expected, "timed_verdicts": round(timed), "seconds": round(t1 - t0, 2),
+            "verdicts_per_s": round(timed / (t1 - t0)), "cpu_s_per_1k": round((c1 - c0) / timed * 1000, 3),
+            "internal_records": written,
+            "internal_per_verdict": round(sum(v for k, v in written.items() if k != "__assignor-__leader") / n, 2),
+            "exit_codes": codes, "stats": s, "machine": machine()}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def row(r: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    return (f"| {when} | {commit()} | {r['verdicts']:,} | {r['verdicts_per_s']:,} | {r['cpu_s_per_1k']} | "
+            f"{r['internal_per_verdict']} | {r['machine']['load_average'][0]} |")
+
+
+def section(old: str, r: dict[str, Any], command: str) -> str:
+    """The BENCHMARKS.md section: earlier runs' rows kept, this run's appended."""
+    rows = [line for line in old.splitlines() if line.startswith("| 20")]
+    m = r["machine"]
+    return "\n".join([
+        SECTION_START,
+        "## Reputation: verdicts tallied per second",
+        "",
+        f"Command: `{command}` · a backlog of classified SpamAssassin corpus mail (flood-bench envelopes) on "
+        "private ham/spam topics, one `floodgate reputation` process (6 partitions, memory store, nice 0), "
+        "timed from ready until every observation is tallied. CPU is the worker's own (per 1,000 verdicts); "
+        "internal records = observations + senders and traffic changelog records the worker wrote, per verdict.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']} (a shared machine: CPU per verdict is "
+        "the comparable figure; the load average is the 1-minute one at the end of the run).",
+        "",
+        TABLE_HEAD,
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows, row(r),
+        "",
+        SECTION_END,
+    ]) + "\n"
+
+
+def old_section(path: Path) -> str:
+    text = path.read_text() if path.exists() else ""
+    if SECTION_START in text and SECTION_END in text:
+        return text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0]
+    return ""
