@@ -48,7 +48,7 @@ def train_cmd(
 
     settings = _settings()
     try:
-        version, card, promoted = train.train_corpus(settings.paths.data, settings.paths.registry,
+        version, card, promoted, refused = train.train_corpus(settings.paths.data, settings.paths.registry,
                                                      target_fpr=target_fpr, promote_if_first=promote_if_first)
     except FileNotFoundError as e:
         _fail(f"train: {e}")
@@ -59,8 +59,14 @@ def train_cmd(
     typer.echo(f"  cross-validation: {metrics.summary(m['cross_validation'])}")
     typer.echo(f"  time split test:  {metrics.summary(m['time_split_test'])}")
     typer.echo(f"  random split:     {metrics.summary(m['random_split'])}")
-    typer.echo(f"promoted {version} to champion (there was no usable one)" if promoted
-               else "not promoted: a champion exists; use `floodgate model promote` (gated)")
+    if promoted:
+        typer.echo(f"promoted {version} to champion (there was no usable one)")
+    elif refused:
+        typer.echo("not promoted: the champion is unusable by this code, and this model fails the gates against "
+                   "its recorded metrics:\n  " + "\n  ".join(refused)
+                   + "\n(`floodgate model promote --recall-tolerance ...` promotes it with explicit limits)")
+    else:
+        typer.echo("not promoted: a champion exists; use `floodgate model promote` (gated)")
 
 
 @app.command("evaluate")
@@ -121,17 +127,30 @@ def _gated_promote(settings: Settings, candidate_version: str, limits: Any) -> N
     if champion_version:
         try:
             champion = evaluate.measure(registry.load(reg, champion_version), eval_set)[0]
-        except registry.ModelIntegrityError as e:  # the workers cannot load it either: nothing to compare with
-            typer.echo(f"champion {champion_version} is unusable ({e}); judging on the absolute limits only")
+        except registry.ModelIntegrityError as e:  # e.g. trained on an older feature version
+            champion = _recorded_metrics(reg, champion_version)
+            typer.echo(f"champion {champion_version} cannot be scored by this code ({e}); "
+                       + ("comparing with the metrics its card recorded on the same evaluation set" if champion
+                          else "it has no recorded metrics: judging on the absolute limits only"))
     typer.echo(f"candidate {candidate_version}: {metrics.summary(candidate)}")
     if champion is not None:
-        typer.echo(f"champion  {champion_version}: {metrics.summary(champion)}")
+        typer.echo(f"champion  {champion_version}: " + (metrics.summary(champion) if "confusion" in champion else
+                   f"ham FPR {100 * champion['ham_fpr']:.3f}%  spam recall {100 * champion['spam_recall']:.2f}%"))
     reasons = gates.check(candidate, champion, limits)
     if reasons:
         _fail(f"refused to promote {candidate_version}:\n  " + "\n  ".join(reasons))
         return
     registry.promote(reg, candidate_version)
     typer.echo(f"promoted {candidate_version} (was {champion_version or 'none'})")
+
+
+def _recorded_metrics(reg: Path, version: str) -> dict[str, Any] | None:
+    from models import gates, registry
+
+    try:
+        return gates.recorded(registry.read_card(reg, version))
+    except (registry.ModelNotFound, registry.ModelIntegrityError):  # a damaged artifact records nothing trustworthy
+        return None
 
 
 @app.command("retrain")

@@ -1,7 +1,9 @@
 """Promotion gates: a candidate replaces the champion only if it is no worse on the fixed evaluation set.
 
 The fixed set is the time split's test part (:func:`models.evaluate.fixed_eval_set`): every
-model is judged on the same messages, with its own decision threshold.
+model is judged on the same messages, with its own decision threshold. A champion this code can
+no longer load (trained on an older feature version) is judged by the metrics its card recorded
+on that same set when it was trained (:func:`recorded`), so a feature change never skips the gates.
 """
 
 from __future__ import annotations
@@ -34,3 +36,12 @@ def check(candidate: dict[str, Any], champion: dict[str, Any] | None, limits: Li
             reasons.append(f"spam recall {100 * recall:.2f}% is worse than the champion's "
                            f"{100 * champion['spam_recall']:.2f}% (tolerance {100 * limits.recall_tolerance:.2f}%)")
     return reasons
+
+
+def recorded(card: dict[str, Any]) -> dict[str, Any] | None:
+    """The metrics a model card recorded on the fixed evaluation set (the time split's test part),
+    or None if it has none (an online update's card copies its parent's, which still counts)."""
+    found = card.get("metrics", {}).get("time_split_test")
+    if isinstance(found, dict) and "ham_fpr" in found and "spam_recall" in found:
+        return found
+    return None

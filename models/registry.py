@@ -170,6 +170,17 @@ def load(registry: Path, version: str) -> LoadedModel:
     return LoadedModel(version=version, threshold=float(card["threshold"]), card=card, pipeline=pipeline)
 
 
+def read_card(registry: Path, version: str) -> dict[str, Any]:
+    """A version's model card, checksums verified, without loading the model: what a model trained
+    on another feature version still tells (its metrics on the fixed evaluation set)."""
+    vdir = Path(registry) / version
+    if not vdir.is_dir():
+        raise ModelNotFound(f"no version {version} in {registry}")
+    _verify(vdir)
+    card: dict[str, Any] = json.loads((vdir / CARD_FILE).read_text())
+    return card
+
+
 def load_champion(registry: Path) -> LoadedModel:
     version = champion_version(registry)
     if version is None:

@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 
-from models import metrics, registry, splits
+from models import gates, metrics, registry, splits
 from models import pipeline as model_pipeline
 from models.corpus import Message
 
@@ -116,11 +116,27 @@ def _usable_champion(registry_dir: Path) -> bool:
     return True
 
 
+def _refusals(registry_dir: Path, time_eval: dict[str, Any]) -> list[str]:
+    """Why a new model must not replace an unusable champion: the gates against the metrics the
+    champion's card recorded on the same evaluation set (none when there is no champion at all, or
+    it recorded nothing: then there is nothing in service to protect)."""
+    version = registry.champion_version(registry_dir)
+    if version is None:
+        return []
+    try:
+        reference = gates.recorded(registry.read_card(registry_dir, version))
+    except (registry.ModelNotFound, registry.ModelIntegrityError):
+        return []
+    return [f"{r} ({version}, as its card recorded)" for r in gates.check(time_eval, reference, gates.Limits())
+            ] if reference else []
+
+
 def train_corpus(data_dir: Path, registry_dir: Path, *, target_fpr: float = TARGET_FPR,
-                 promote_if_first: bool = True) -> tuple[str, dict[str, Any], bool]:
+                 promote_if_first: bool = True) -> tuple[str, dict[str, Any], bool, list[str]]:
     """``make train``: fit on the time split's training part, measure on its test part, record a random
     split too, register; promote when there is no usable champion (none, or one this code cannot
-    load, e.g. trained on an older feature version). Returns (version, card, promoted)."""
+    load, e.g. trained on an older feature version, if the new model passes the gates against the
+    metrics that champion's card recorded). Returns (version, card, promoted, reasons refused)."""
     from models.corpus import load_spamassassin
 
     corpus = list(load_spamassassin(data_dir))
@@ -138,7 +154,11 @@ def train_corpus(data_dir: Path, registry_dir: Path, *, target_fpr: float = TARG
         "test_fraction": splits.RANDOM_TEST_FRACTION, "seed": splits.RANDOM_SEED,
         "training_data": r_trained.fingerprint, **random_eval}
     version = registry.register(trained.pipeline, card, registry_dir)
+    refused: list[str] = []
     promoted = promote_if_first and not _usable_champion(registry_dir)
     if promoted:
+        refused = _refusals(registry_dir, time_eval)
+        promoted = not refused
+    if promoted:
         registry.promote(registry_dir, version)
-    return version, registry.load(registry_dir, version).card, promoted
+    return version, registry.load(registry_dir, version).card, promoted, refused

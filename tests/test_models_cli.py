@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from models.corpus import load_spamassassin
 from models.train import train_and_register
 from pipeline import config
 from pipeline.cli import app
+from tests.model_helpers import rewrite_card
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,28 @@ def test_check_and_gated_promotion(env: dict[str, str]) -> None:
 
     code, out = run(env, "promote", env["strong"])
     assert code == 0 and registry.champion_version(reg) == env["strong"]
+
+
+def test_a_champion_this_code_cannot_load_is_judged_by_the_metrics_its_card_recorded(
+        env: dict[str, str], tmp_path: Path) -> None:
+    reg = tmp_path / "registry"
+    shutil.copytree(env["FLOODGATE_PATHS_REGISTRY"], reg)
+    strong, weak = env["strong"], env["weak"]
+    registry.promote(reg, strong)
+
+    def older(card: dict) -> None:  # type: ignore[type-arg]
+        card["features"]["feature_version"] = -1  # trained on features this code no longer extracts
+        card["metrics"]["time_split_test"] = {"ham_fpr": 0.0, "spam_recall": 0.95}
+
+    rewrite_card(reg / strong, older)
+    here = env | {"FLOODGATE_PATHS_REGISTRY": str(reg)}
+    code, out = run(here, "promote", weak)
+    assert code == 1 and "cannot be scored by this code" in out and "worse than the champion" in out
+    assert registry.champion_version(reg) == strong
+
+    rewrite_card(reg / strong, lambda card: card["metrics"].pop("time_split_test"))
+    code, out = run(here, "promote", weak, "--max-fpr", "1")
+    assert code == 0 and "absolute limits only" in out and registry.champion_version(reg) == weak
 
 
 def test_evaluate_writes_report_and_plot(env: dict[str, str]) -> None:

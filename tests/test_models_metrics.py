@@ -42,3 +42,10 @@ def test_gates() -> None:
     tolerant = gates.Limits(max_fpr=0.001, fpr_tolerance=0.001, recall_tolerance=0.02)
     assert gates.check(_m(0.0007, 0.88), _m(0.0, 0.89), tolerant) == []
     assert "floor" in gates.check(_m(0.0, 0.5), None, gates.Limits(min_recall=0.9))[0]
+
+
+def test_recorded_metrics_of_a_card() -> None:
+    card = {"metrics": {"time_split_test": {**_m(0.0, 0.86), "auc": 0.999}, "cross_validation": _m(0.001, 0.9)}}
+    assert gates.recorded(card) == {**_m(0.0, 0.86), "auc": 0.999}
+    assert gates.recorded({"metrics": {"cross_validation": _m(0.0, 0.9)}}) is None
+    assert gates.recorded({}) is None

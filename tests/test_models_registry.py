@@ -17,6 +17,7 @@ from models import registry
 from models.corpus import Message
 from models.registry import LoadedModel, ModelIntegrityError, ModelNotFound
 from models.train import train_and_register
+from tests.model_helpers import rewrite_card
 
 HAM_WORDS = ("meeting", "agenda", "patch", "review", "kernel", "release", "notes", "lunch", "thanks", "build")
 SPAM_WORDS = ("viagra", "casino", "winner", "prize", "cheap", "pills", "click", "offer", "money", "guaranteed")
@@ -121,6 +122,26 @@ def test_model_for_other_features_is_refused(reg: tuple[Path, str], tmp_path: Pa
     (vdir / registry.SUMS_FILE).write_text(sums)
     with pytest.raises(ModelIntegrityError, match="feature version"):
         registry.load_champion(tmp_path)
+
+
+def test_a_champion_of_older_features_still_gates_a_new_model_by_its_recorded_metrics(
+        reg: tuple[Path, str], tmp_path: Path) -> None:
+    from models.train import _refusals
+
+    version = copy_of(reg, tmp_path)
+
+    def older(card: dict) -> None:  # type: ignore[type-arg]
+        card["features"]["feature_version"] = -1
+        card["metrics"]["time_split_test"] = {"ham_fpr": 0.0, "spam_recall": 0.9}
+
+    rewrite_card(tmp_path / version, older)
+    with pytest.raises(ModelIntegrityError):
+        registry.load_champion(tmp_path)  # unusable by this code...
+    assert registry.read_card(tmp_path, version)["metrics"]["time_split_test"]["spam_recall"] == 0.9  # ...but it tells
+    refused = _refusals(tmp_path, {"ham_fpr": 0.0, "spam_recall": 0.85})
+    assert len(refused) == 1 and "recall" in refused[0] and version in refused[0]
+    assert _refusals(tmp_path, {"ham_fpr": 0.0, "spam_recall": 0.9}) == []
+    assert _refusals(tmp_path / "empty", {"ham_fpr": 0.5, "spam_recall": 0.1}) == []  # no champion: nothing to protect
 
 
 def test_register_refuses_untrusted_pipeline(tmp_path: Path) -> None:
