@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.features import MailText, message_tokens
+from models.features import MailText, _delimited, message_tokens
 from tests import hostile
 
 
@@ -97,3 +98,71 @@ def test_any_bytes_give_a_string(raw: bytes) -> None:
                                  b"\xff\xfe", b"Subject: x\r\n", b"@", b"&#x", b"\x00"]), max_size=60))
 def test_mime_shaped_garbage_gives_a_string(pieces: list[bytes]) -> None:
     assert isinstance(message_tokens(b"".join(pieces)), str)
+
+
+def _nested(outer: bytes, inner: bytes, pad: bytes = b"", filler: bytes = b"") -> bytes:
+    """multipart/mixed (``outer``) holding a multipart/alternative (``inner``), then a text part."""
+    return (b"From: a@b.example\r\nSubject: Hello\r\nContent-Type: multipart/mixed; boundary=\"" + outer
+            + b"\"\r\n\r\n" + filler
+            + b"--" + outer + pad + b"\r\nContent-Type: multipart/alternative; boundary=\"" + inner + b"\"\r\n\r\n"
+            b"--" + inner + b"\r\nContent-Type: text/plain\r\n\r\nrefinance mortgage\r\n"
+            b"--" + inner + b"\r\nContent-Type: text/html\r\n\r\n<p>lowest rates</p>\r\n"
+            b"--" + inner + b"--\r\n"
+            b"--" + outer + pad + b"\r\nContent-Type: text/plain\r\n\r\nunsubscribe anytime\r\n"
+            b"--" + outer + b"--" + pad + b"\r\n")
+
+
+def _assert_all_parts_read(got: list[str]) -> None:
+    for t in ("refinance", "mortgage", "lowest", "rates", "unsubscribe", "anytime",
+              "ct:multipart/mixed", "ct:multipart/alternative", "ct:text/html"):
+        assert t in got, t
+    assert got.count("ct:text/plain") == 2
+    assert "mime:boundary_missing" not in got and "aa" not in got
+
+
+# "--XAA" and "--X--AA" start with "--X" but are not delimiters of X (RFC 2046 5.1.1): cutting
+# there made junk parts ("aa", a part with no boundary), and "--X--AA" read as X's close delimiter
+# hid every part after it.
+@pytest.mark.parametrize("inner", [b"XAA", b"X--AA", b"X_inner"])
+def test_nested_boundary_that_extends_its_parents_keeps_the_inner_parts(inner: bytes) -> None:
+    _assert_all_parts_read(tokens(_nested(b"X", inner)))
+
+
+def test_transport_padded_delimiters_still_split() -> None:
+    _assert_all_parts_read(tokens(_nested(b"X", b"Y", pad=b" \t ")))
+
+
+def test_close_delimiter_ends_the_multipart() -> None:
+    raw = _nested(b"X", b"Y") + b"epilogue words\r\n--X\r\nContent-Type: text/plain\r\n\r\nafter close\r\n"
+    got = tokens(raw)
+    _assert_all_parts_read(got)
+    assert "epilogue" not in got and "after" not in got and "close" not in got
+    # padded, or cut off at the end of the bytes (a message truncated by MAX_MESSAGE_BYTES)
+    for close in (b"--X-- \t\r\nepilogue words", b"--X--"):
+        got = tokens(PLAIN.split(b"Content-Type")[0] + b"Content-Type: multipart/mixed; boundary=X\r\n\r\n"
+                     b"--X\r\n\r\nfirst part\r\n" + close)
+        assert "first" in got and "epilogue" not in got, close
+
+
+def test_boundary_inside_a_line_is_text() -> None:
+    # A "--X--" inside a line is not a close delimiter: it must not hide the parts after it.
+    raw = _nested(b"X", b"Y").replace(b"refinance mortgage", b"refinance --X-- mortgage")
+    _assert_all_parts_read(tokens(raw))
+
+
+def test_many_lines_that_only_start_like_a_delimiter_hide_nothing() -> None:
+    # Hostile: enough such lines that the rest of the body is scanned by a regex (_delimited).
+    filler = b"--XAA decoy\r\n" * 500
+    _assert_all_parts_read(tokens(_nested(b"X", b"XAA", filler=filler)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"--X", b"--XAA", b"--X--", b"\r\n", b"\n", b"\r", b" ", b"\t", b"-", b"X", b"a"]),
+                max_size=80))
+def test_delimiter_cuts_lose_nothing(pieces: list[bytes]) -> None:
+    body = b"".join(pieces)
+    chunks = _delimited(body, b"X")
+    assert b"--X".join(chunks) == body  # each cut removes exactly one "--X": no byte lost or added
+    for i, chunk in enumerate(chunks[:-1]):  # each cut is a whole line: "--X", maybe "--", padding, line end
+        assert chunk.endswith(b"\n") or (i == 0 and chunk == b""), chunks
+        assert i == 0 or chunk[:1] in (b"\r", b"\n", b" ", b"\t"), chunks
