@@ -236,6 +236,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
             if event_id in classified:
                 when, lane = classified[event_id]
                 phase.setdefault("legit_ham_queued", []).append(max(0.0, when - accepted))
+                phase.setdefault("legit_ham_delivering", []).append(max(0.0, landed - when))
                 if lane == "bulk":  # legitimate mail admission took for a flood
                     phase.setdefault("legit_ham_bulk", []).append(latency)
             if event_id in sent.acked:
@@ -383,20 +384,21 @@ def summary(report: dict[str, Any]) -> str:
     lines = ["", f"capacity {s['capacity']:.0f} msg/s; base {s['base_rate']} msg/s; flood {s['flood_rate']} msg/s "
              f"for {s['flood_s']:.0f} s; {s['messages']} messages; admission floor {s.get('admission_floor')} msg/s",
              "ham = legitimate mail delivered (corpus truth); ingress = accepted -> broker ack;"
-             " queued = accepted -> classified; seconds",
+             " queued = accepted -> classified; delivering = classified -> in the Maildir; seconds",
              f"{'config':10} {'phase':9} {'ham p50':>9} {'ham p99':>9} {'ham max':>9} {'ingress p99':>11} "
-             f"{'queued p99':>10} {'spam p50':>9} {'n ham':>6} {'via bulk':>8}"]
+             f"{'queued p99':>10} {'delivering p99':>14} {'spam p50':>9} {'n ham':>6} {'via bulk':>8}"]
     for name, r in report["results"].items():
         for phase, paths in r["phases"].items():
             if phase == "0-warmup":
                 continue
             h, sp, q = paths.get("legit_ham", {}), paths.get("spam", {}), paths.get("legit_ham_queued", {})
-            ing = paths.get("legit_ham_ingress", {})
+            ing, dlv = paths.get("legit_ham_ingress", {}), paths.get("legit_ham_delivering", {})
 
             def f(v: float | None) -> str:
                 return "-" if v is None else f"{v:.3f}"
             lines.append(f"{name:10} {phase[2:]:9} {f(h.get('p50')):>9} {f(h.get('p99')):>9} {f(h.get('max')):>9} "
-                         f"{f(ing.get('p99')):>11} {f(q.get('p99')):>10} {f(sp.get('p50')):>9} {h.get('n', 0):>6} "
+                         f"{f(ing.get('p99')):>11} {f(q.get('p99')):>10} {f(dlv.get('p99')):>14} {f(sp.get('p50')):>9} "
+                         f"{h.get('n', 0):>6} "
                          f"{paths.get('legit_ham_bulk', {}).get('n', 0):>8}")
         lines.append(f"{name:10} accounting: {r['ledger']}; spam drained {r['drain_s']} s after the flood")
         verdict = "every message in exactly one place" if r["ok"] else "MAIL LOST OR DUPLICATED"
