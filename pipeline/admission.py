@@ -13,7 +13,8 @@ rates per key, O(1) per message, memory bounded by recent traffic). A source's l
 floor (``flood_rate``) or a multiple (``surge``) of its own baseline, whichever is higher.
 Mail from a source goes to bulk as soon as it is more than a small burst ahead of that limit
 (a GCRA / leaky-bucket check: a new bot is caught within its first dozen messages, where a
-rate average needs a second or more of its traffic), or while its short-term rate is above
+rate average needs a second or more of its traffic; within its first few while another source
+is being diverted, i.e. during a flood), or while its short-term rate is above
 the limit; it returns once both are well below again (hysteresis). With N ingress
 processes each sees its own connections, so the thresholds apply per process. Both are
 settings (``[admission]``, ``FLOODGATE_ADMISSION_FLOOD_RATE``, ``FLOODGATE_ADMISSION_SURGE``).
@@ -70,6 +71,15 @@ RELEASE_FRACTION = 2 / 3
 # 1/limit share: a bot at twice the floor is caught after ~20 messages (the short-term rate
 # alone needed ~1.2 s: 24 bots at 68 a second put ~1,900 spam in the priority lane first).
 BURST = 10
+# Under stress (some source was diverted within the last STRESS_S), a source with no history of
+# its own gets this smaller allowance: a flood's bots arrive as new sources, and at BURST each of
+# 24 bots got ~18 messages into the priority lane when a diverse flood began (~430 in all; ~100
+# at 3). A new legitimate sender rarely sends more than three messages back to back; one that
+# does waits in the bulk lane during a flood, and gets the full burst again once the flood has
+# been over for STRESS_S. (Postfix's stress-dependent settings are the same idea: tighter limits
+# only while under attack.)
+BURST_UNDER_STRESS = 3
+STRESS_S = 10.0
 # How far ahead of its allowance a source can get: a flood is remembered about as long as the
 # short-term rate remembers it, not for as long as the flood lasted.
 MAX_DEBT_S = TAU_S
@@ -100,6 +110,7 @@ class RateTracker:
         self.baseline_tau = baseline_tau_s
         self._rates: dict[str, _Rate] = {}
         self._last_prune = 0.0
+        self._last_flood_at = -math.inf  # when a source was last found flooding (stress)
 
     def usual(self, r: _Rate) -> float | None:
         """The source's own usual rate, once known: the baseline EWMA corrected for its short
@@ -133,12 +144,16 @@ class RateTracker:
         # loses a few messages to bulk, not its lane). Short-term rate over the limit: diverted
         # until the rate falls well below (hysteresis), and its usual rate is not learned meanwhile.
         r.tat = min(max(r.tat, now) + 1.0 / limit, now + MAX_DEBT_S)
-        ahead = r.tat - now > BURST / limit
+        stressed = usual is None and now - self._last_flood_at < STRESS_S
+        ahead = r.tat - now > (BURST_UNDER_STRESS if stressed else BURST) / limit
         if r.short > limit:
             r.flagged = True
         elif r.flagged and r.short < limit * RELEASE_FRACTION:
             r.flagged = False
-        return r.flagged or ahead
+        if r.flagged or ahead:
+            self._last_flood_at = now
+            return True
+        return False
 
     def rate(self, key: str, now: float) -> float:
         r = self._rates.get(key)

@@ -4,7 +4,7 @@ import random
 from dataclasses import replace
 
 from pipeline import config, events
-from pipeline.admission import RELEASE_FRACTION, Admission, RateTracker
+from pipeline.admission import RELEASE_FRACTION, STRESS_S, Admission, RateTracker
 
 
 def test_a_steady_source_is_never_a_flood_even_a_busy_one():
@@ -72,6 +72,38 @@ def test_a_short_burst_from_a_new_source_is_not_a_flood():
     # A list's digest or a retry queue: ten messages back to back, then its usual trickle.
     assert not any(r.hit("addr:list@example.org", 0.001 * i) for i in range(10))
     assert not any(r.hit("addr:list@example.org", 1.0 + i) for i in range(30))
+
+
+def flooding(r: RateTracker, until: float) -> None:
+    """A campaign sending 500 a second up to ``until``: the ingress is under stress."""
+    t = until - 2.0
+    while t < until:
+        r.hit("campaign:abc", t)
+        t += 0.002
+
+
+def test_under_stress_a_new_bot_gets_only_a_couple_of_messages_through():
+    # A diverse flood's 24 new bots at ~115 a second each, starting while a campaign is being
+    # diverted: without the stress rule each got ~18 messages into the priority lane.
+    r = RateTracker(flood_rate=55.0)
+    flooding(r, 100.0)
+    hits = [r.hit("client:2001:db8:7::1", 100.0 + i / 115) for i in range(50)]
+    assert hits.index(True) <= 4
+    assert all(hits[hits.index(True):])
+
+
+def test_under_stress_a_source_with_history_keeps_its_burst_and_a_new_one_gets_it_back_later():
+    r = RateTracker(flood_rate=30.0)
+    for i in range(30):  # a list's usual trickle, one a second: it has history
+        assert not r.hit("addr:list@example.org", float(i))
+    flooding(r, 40.0)
+    # Its digest, ten back to back, during the flood: still not a flood.
+    assert not any(r.hit("addr:list@example.org", 40.0 + 0.001 * i) for i in range(10))
+    # A new source sending back to back during the flood goes to bulk after its first three...
+    assert [r.hit("addr:new@example.net", 40.5 + 0.001 * i) for i in range(5)] == [False] * 3 + [True] * 2
+    # ...and once nothing has flooded for STRESS_S, a new source's burst is allowed again.
+    later = 40.5 + STRESS_S + 5.0
+    assert not any(r.hit("addr:other@example.net", later + 0.001 * i) for i in range(10))
 
 
 def test_a_list_near_the_floor_that_bunches_up_keeps_its_lane():
