@@ -61,7 +61,9 @@ Web (optional, ``--web-port`` or ``FLOODGATE_WORKER_METRICS_PORT``; loopback by 
 
 from __future__ import annotations
 
+import operator
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterable
 from datetime import timedelta
@@ -70,6 +72,7 @@ from typing import Any
 
 import faust
 from faust.exceptions import SameNode
+from faust.streams import _current_event
 from faust.web import Request, Response, View
 
 from pipeline import events, log, metrics, senders
@@ -88,6 +91,12 @@ TRAFFIC_WINDOW_S = 60.0
 TRAFFIC_EXPIRES_S = 600.0
 # Partitions of the internal topics and tables: the most workers that can share the stage.
 DEFAULT_PARTITIONS = 6
+# Batches: each agent takes up to TAKE_MAX records, or what came within TAKE_WITHIN_S, and
+# writes once per distinct key (and kind, and traffic window) of the batch. A backlog fills
+# batches at once; at a quiet moment a standing change waits at most this long per stage (two
+# stages), nothing next to the twenty verdicts it takes to earn one.
+TAKE_MAX = 1000
+TAKE_WITHIN_S = 0.5
 # How many senders the traffic view lists.
 TRAFFIC_TOP = 100
 DEFAULT_DATADIR = ROOT / ".run" / "reputation"
@@ -129,13 +138,60 @@ def observations(event: events.MailEvent, feedback: bool) -> list[tuple[str, str
     return [(k, kind) for k in keys] if keys else "no_sender"
 
 
+def encode_observation(kind: str, count: int) -> bytes:
+    """An observation record's value: ``kind:count`` (e.g. ``ham:3``)."""
+    return f"{kind}:{count}".encode()
+
+
+def decode_observation(value: bytes | None) -> tuple[str, int] | None:
+    """(kind, count) of an observation record, or None if it is not one. A bare kind (``ham``,
+    the format before counts) counts one."""
+    kind, sep, n = (value or b"").decode(errors="replace").partition(":")
+    if kind not in KINDS:
+        return None
+    if not sep:
+        return kind, 1
+    count = int(n) if n.isascii() and n.isdigit() else 0
+    return (kind, count) if count > 0 else None
+
+
+def window_of(timestamp: float) -> int:
+    """The traffic window (index) a record time falls in: Faust's tumbling windows start at
+    multiples of their size."""
+    return int(timestamp // TRAFFIC_WINDOW_S)
+
+
+def aggregate(found: Iterable[tuple[Iterable[tuple[str, str]], float]]) -> list[tuple[str, str, int, float]]:
+    """One batch's observations as (sender key, kind, count, record time): one per distinct key,
+    kind and traffic window, in the order each first appears; the time is its latest record's."""
+    out: dict[tuple[str, str, int], list[Any]] = {}
+    for pairs, ts in found:
+        w = window_of(ts)
+        for key, kind in pairs:
+            group = out.get((key, kind, w))
+            if group is None:
+                out[(key, kind, w)] = [1, ts]
+            else:
+                group[0] += 1
+                group[1] = max(group[1], ts)
+    return [(key, kind, n, ts) for (key, kind, _w), (n, ts) in out.items()]
+
+
+def as_current(event: faust.EventT) -> None:
+    """Make ``event`` this task's current stream event, as Faust's stream iterator does for each
+    event it yields. Tables pick the changelog partition of a write from it; a batch from
+    ``take_events`` leaves it unset (``faust.streams``, faust-streaming 0.15)."""
+    _current_event.set(weakref.ref(event))
+
+
 def new_entry() -> dict[str, Any]:
     return {HAM: 0, SPAM: 0, FEEDBACK_HAM: 0, FEEDBACK_SPAM: 0, "good": False}
 
 
-def tally(entry: dict[str, Any], kind: str) -> tuple[dict[str, Any], bool]:
-    """The entry after one observation, and whether the sender is good now."""
-    entry = {**new_entry(), **entry, kind: int(entry.get(kind, 0)) + 1}
+def tally(entry: dict[str, Any], kind: str, count: int = 1) -> tuple[dict[str, Any], bool]:
+    """The entry after one observation (``count`` messages of one kind), and whether the
+    sender is good now."""
+    entry = {**new_entry(), **entry, kind: int(entry.get(kind, 0)) + count}
     return entry, is_good(entry[HAM], entry[SPAM], entry[FEEDBACK_HAM], entry[FEEDBACK_SPAM])
 
 
@@ -237,25 +293,34 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
         TRAFFIC_WINDOW_S, expires=timedelta(seconds=TRAFFIC_EXPIRES_S))
 
     async def observe(stream: faust.StreamT, feedback: bool) -> None:
-        async for event in stream.events():
-            msg = event.message
-            where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
-            try:
-                ev = events.decode(event.value)
-            except events.EventError as e:
-                skip("undecodable", reason=str(e), **where)
-                continue
-            try:
-                found = observations(ev, feedback)
-                if isinstance(found, str):
-                    skip(found, event_id=ev.id)
+        async for batch in stream.take_events(TAKE_MAX, within=TAKE_WITHIN_S):
+            found: list[tuple[list[tuple[str, str]], float]] = []
+            for event in batch:
+                msg = event.message
+                where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+                try:
+                    ev = events.decode(event.value)
+                except events.EventError as e:
+                    skip("undecodable", reason=str(e), **where)
                     continue
-                for key, kind in found:
+                try:
+                    pairs = observations(ev, feedback)
+                    if isinstance(pairs, str):
+                        skip(pairs, event_id=ev.id)
+                        continue
+                    found.append((pairs, msg.timestamp))
+                except Exception:  # one record never stops the worker
+                    skip("error", event_id=ev.id, **where)
+            sent = 0
+            for key, kind, count, ts in aggregate(found):
+                try:
                     # Record time travels along, so traffic windows follow when mail was classified.
-                    await observed.send(key=key, value=kind.encode(), timestamp=msg.timestamp)
-                stats["feedback" if feedback else "verdicts"] += 1
-            except Exception:  # one record never stops the worker
-                skip("error", event_id=ev.id, **where)
+                    await observed.send(key=key, value=encode_observation(kind, count), timestamp=ts)
+                    sent += 1
+                except Exception:  # one send never stops the worker
+                    skip("error", sender=key)
+            stats["feedback" if feedback else "verdicts"] += len(found)
+            stats["observation_records_sent"] += sent
 
     @app.agent(feedback_topic, name="feedback")
     async def read_feedback(stream: faust.StreamT) -> None:
@@ -265,35 +330,51 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
     async def read_verdicts(stream: faust.StreamT) -> None:
         await observe(stream, feedback=False)
 
-    async def tally_one(key: str, kind: str) -> None:
-        if kind in VERDICT_KINDS:
-            traffic[key] += 1
-        entry, good = tally(totals.get(key) or new_entry(), kind)
-        if good != entry["good"]:
-            standing = senders.Standing(key=key, good=good, ham=entry[HAM],
-                                        spam=entry[SPAM], feedback_ham=entry[FEEDBACK_HAM],
-                                        feedback_spam=entry[FEEDBACK_SPAM], updated_at=time.time())
-            k, v = senders.encode_standing(standing)
-            # Acknowledged before the table says "published": a crash repeats, never loses, it.
-            await (await reputation_topic.send(key=k, value=v))
-            stats["published"] += 1
-            lg.info("standing changed", extra={"sender": standing.key, "good": good})
-        entry["good"] = good
+    async def tally_key(key: str, observed_: list[tuple[faust.EventT, str, int]]) -> None:
+        """Apply one key's observations of a batch, in order: a standing change is published
+        when it happens, the table entry and each traffic window are written once."""
+        entry = totals.get(key) or new_entry()
+        windows: dict[int, tuple[faust.EventT, int]] = {}
+        for event, kind, count in observed_:
+            if kind in VERDICT_KINDS:
+                w = window_of(event.message.timestamp)
+                windows[w] = (event, windows.get(w, (event, 0))[1] + count)
+            entry, good = tally(entry, kind, count)
+            if good != entry["good"]:
+                standing = senders.Standing(key=key, good=good, ham=entry[HAM],
+                                            spam=entry[SPAM], feedback_ham=entry[FEEDBACK_HAM],
+                                            feedback_spam=entry[FEEDBACK_SPAM], updated_at=time.time())
+                k, v = senders.encode_standing(standing)
+                # Acknowledged before the table says "published": a crash repeats, never loses, it.
+                await (await reputation_topic.send(key=k, value=v))
+                stats["published"] += 1
+                lg.info("standing changed", extra={"sender": standing.key, "good": good})
+            entry["good"] = good
+        # A table write goes to the changelog partition of the current event's (Faust's rule
+        # for a stream's table): in a batch that is the key's own observation, set here.
+        as_current(observed_[-1][0])
         totals[key] = entry
-        stats["observations"] += 1
+        for event, n in windows.values():
+            traffic[key].apply(operator.add, n, event)  # the window of that event's record time
+        stats["observations"] += sum(count for _e, _k, count in observed_)
 
     @app.agent(observed, name="tally")
     async def tally_observations(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            key, kind = event.key, event.value.decode(errors="replace")
-            if not key or kind not in KINDS:
-                skip("bad_observation")
-                continue
-            try:
-                await tally_one(key, kind)
-            except Exception:  # one record never stops the worker
-                msg = event.message
-                skip("error", topic=msg.topic, partition=msg.partition, offset=msg.offset)
+        async for batch in stream.take_events(TAKE_MAX, within=TAKE_WITHIN_S):
+            by_key: dict[str, list[tuple[faust.EventT, str, int]]] = {}
+            for event in batch:
+                parsed = decode_observation(event.value)
+                if not event.key or parsed is None:
+                    skip("bad_observation")
+                    continue
+                by_key.setdefault(event.key, []).append((event, *parsed))
+            stats["observation_records"] += sum(map(len, by_key.values()))
+            for key, observed_ in by_key.items():
+                try:
+                    await tally_key(key, observed_)
+                except Exception:  # one key never stops the worker
+                    msg = observed_[-1][0].message
+                    skip("error", topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
     if web_port:
         from faust.sensors.prometheus import setup_prometheus_sensors

@@ -128,7 +128,7 @@ def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
         t0, c0, obs0 = time.monotonic(), cpu_seconds(w.proc.pid), s.get("observations", 0)
         deadline = t0 + DRAIN_TIMEOUT_S
         while (s := stats(w.port) or {}).get("observations", 0) < expected:
-            if not w.alive() or time.monotonic() > deadline:
+            if not w.alive() or time.monotonic() > deadline or s.get("skipped_error"):
                 raise RuntimeError(f"not drained: {s} of {expected} observations\n"
                                    + w.log_path.read_text()[-3000:])
             time.sleep(POLL_S)  # polling interval of a deadline-bounded wait

@@ -14,6 +14,7 @@ import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,19 @@ from pipeline import config, events, kafka, senders
 from pipeline.config import ROOT, Settings
 from pipeline.reputation import (
     GOOD_MIN_HAM,
+    TRAFFIC_WINDOW_S,
+    aggregate,
     broker_credentials,
+    decode_observation,
+    encode_observation,
     internal_topics,
     is_good,
     observations,
+    observations_topic,
     store_url,
     tally,
 )
-from tests.kafka_helpers import wait_for
+from tests.kafka_helpers import consume_n, wait_for
 
 # Faust's worker starts in a few seconds here, but creating internal topics, joining the group
 # and recovering tables can take much longer on a loaded machine.
@@ -119,6 +125,33 @@ def test_tally_counts_and_keeps_the_published_standing():
     entry, good = tally(entry, "feedback_spam")
     entry, good = tally(entry, "feedback_spam")
     assert not good and entry["good"] is True and entry["feedback_spam"] == 2
+
+
+def test_observation_records_carry_a_count_and_the_old_format_counts_one():
+    assert decode_observation(encode_observation("ham", 3)) == ("ham", 3)
+    assert decode_observation(b"feedback_spam:12") == ("feedback_spam", 12)
+    assert decode_observation(b"spam") == ("spam", 1)  # records written before counts existed
+    for bad in (b"ham:0", b"ham:-1", b"ham:x", b"ham:", b"eggs:2", b"", None, b"ham:\xd9\xa3"):
+        assert decode_observation(bad) is None, bad
+
+
+def test_a_batch_is_aggregated_per_key_kind_and_traffic_window():
+    w = TRAFFIC_WINDOW_S
+    ham = [("addr:a@x.example", "ham"), ("domain:x.example", "ham")]
+    batch = [(ham, 10 * w + 1), ([("domain:x.example", "spam")], 10 * w + 2), (ham, 10 * w + 5),
+             (ham, 11 * w)]  # the last one in the next window
+    assert aggregate(batch) == [
+        ("addr:a@x.example", "ham", 2, 10 * w + 5), ("domain:x.example", "ham", 2, 10 * w + 5),
+        ("domain:x.example", "spam", 1, 10 * w + 2),
+        ("addr:a@x.example", "ham", 1, 11 * w), ("domain:x.example", "ham", 1, 11 * w)]
+    assert aggregate([]) == []
+
+
+def test_tally_applies_a_count_at_once():
+    entry, good = tally({}, "ham", GOOD_MIN_HAM - 1)
+    assert not good and entry["ham"] == GOOD_MIN_HAM - 1
+    entry, good = tally(entry, "ham", 1)
+    assert good and entry["ham"] == GOOD_MIN_HAM
 
 
 # -- the worker on the real broker ------------------------------------------------------------
@@ -230,23 +263,38 @@ class Worker:
             raise AssertionError(f"{e}; last view of {key}: {last[0]}") from None
 
 
-@pytest.fixture
-def worker(topic_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
-    w = Worker(topic_settings, tmp_path)
+@contextmanager
+def _worker(settings: Settings, tmp_path: Path, *, start: bool) -> Iterator[Worker]:
+    """A worker (started, or for the caller to start), stopped and its topics deleted after."""
+    w = Worker(settings, tmp_path)
     codes: list[int | None] = []
     try:
-        w.start()
+        if start:
+            w.start()
         yield w
     finally:
         if w.alive():
             codes.append(w.stop())
         w.reader.close()
-        admin = kafka.admin(topic_settings)
-        faust_topics = internal_topics(topic_settings, admin.list_topics(timeout=10).topics)
+        admin = kafka.admin(settings)
+        faust_topics = internal_topics(settings, admin.list_topics(timeout=10).topics)
         if faust_topics:
             for fut in admin.delete_topics(faust_topics, operation_timeout=30).values():
                 fut.result(30)
     assert codes == [0], f"the worker exited with {codes} on SIGTERM"
+
+
+@pytest.fixture
+def worker(topic_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
+    with _worker(topic_settings, tmp_path, start=True) as w:
+        yield w
+
+
+@pytest.fixture
+def cold_worker(topic_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
+    """A worker not started yet: input produced first is a backlog when it starts."""
+    with _worker(topic_settings, tmp_path, start=False) as w:
+        yield w
 
 
 @pytest.mark.kafka
@@ -333,3 +381,71 @@ def test_verdicts_make_a_steady_ham_sender_good_and_a_spammer_not(worker: Worker
     busiest = {s["key"]: s["messages"] for s in traffic["senders"]}
     assert busiest["client:203.0.113.9"] == 33 and busiest["domain:newsletter.example"] == 25
     assert worker.alive()
+
+
+def _read_all(settings: Settings, topic: str) -> list[tuple[int, bytes]]:
+    """(partition, key) of every record on a topic, from the beginning to its end now."""
+    admin = kafka.admin(settings)
+    parts = admin.list_topics(topic, timeout=10).topics[topic].partitions
+    reader = kafka.consumer(settings, group=f"check-{uuid.uuid4().hex[:8]}")
+    try:
+        ends = {p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        reader.assign([TopicPartition(topic, p, 0) for p in parts])
+        return [(m.partition(), m.key()) for m in consume_n(reader, sum(ends.values()))]
+    finally:
+        reader.close()
+
+
+@pytest.mark.kafka
+def test_a_backlog_of_verdicts_is_counted_per_sender_once_per_batch(cold_worker: Worker):
+    worker = cold_worker
+    n = 2 * GOOD_MIN_HAM
+    worker.send("ham", [events.encode(_event(f"n{i}@bulk.example", "198.51.100.40", verdict="ham"))
+                        for i in range(n)])
+    worker.start()  # the backlog reaches the agents as batches
+
+    view = worker.wait_sender("domain:bulk.example", f"all {n} verdicts to be counted", ham=n, spam=0)
+    assert view["good"] is True and view["traffic_recent"] == n
+    client = worker.wait_sender("client:198.51.100.40", "the client's verdicts", ham=n)
+    assert client["good"] is True
+    # One standing change per sender, carrying the counts it was decided on.
+    published = worker.published("domain:bulk.example")
+    assert [s.good for s in published] == [True] and GOOD_MIN_HAM <= published[0].ham <= n
+    assert worker.standings("client:198.51.100.40") == [True]
+    assert not any(k.startswith("addr:") for k in worker.good())  # one message per address
+
+    stats = worker.get("/reputation/stats/")
+    assert stats["verdicts"] == n and stats["observations"] == 3 * n
+    assert "skipped_error" not in stats
+    # Counted observations: fewer records than observations (a batch sends one per sender key
+    # and kind), and every table write in the changelog partition of the key's observations
+    # (changelog keys are JSON: the sender key, or [sender key, window range]).
+    assert stats["observation_records"] < stats["observations"]
+    observed = _read_all(worker.settings, observations_topic(worker.settings))
+    assert len(observed) == stats["observation_records"]
+    partition_of = {key.decode(): p for p, key in observed}  # observation keys: raw UTF-8
+    app_id = worker.settings.group("reputation")
+    senders_log = _read_all(worker.settings, f"{app_id}-senders-changelog")
+    assert {orjson.loads(k) for _p, k in senders_log} == set(partition_of)
+    assert all(partition_of[orjson.loads(k)] == p for p, k in senders_log)
+    traffic_log = _read_all(worker.settings, f"{app_id}-traffic-changelog")
+    assert traffic_log and all(partition_of[orjson.loads(k)[0]] == p for p, k in traffic_log)
+
+
+@pytest.mark.kafka
+def test_observation_records_of_the_old_format_are_still_counted(worker: Worker):
+    # Observations on the topic from before counts existed: a bare kind is one observation.
+    # Keys as Faust writes them (raw UTF-8), partitioned as Faust does (murmur2).
+    producer = kafka.producer(worker.settings, partitioner="murmur2_random")
+    key = b"domain:legacy.example"
+    for value in (b"ham", b"ham", b"spam:2", b"ham:0", b"eggs"):
+        producer.produce(observations_topic(worker.settings), key=key, value=value)
+    assert producer.flush(30) == 0
+    worker.wait_sender("domain:legacy.example", "the old and new observations to be counted", ham=2, spam=2)
+
+    def skipped_both() -> dict[str, Any] | None:
+        stats = worker.try_get("/reputation/stats/") or {}
+        return stats if stats.get("skipped_bad_observation") == 2 else None
+
+    stats = wait_for(skipped_both, STEP_TIMEOUT_S, what="the two bad observations to be skipped")
+    assert "skipped_error" not in stats
