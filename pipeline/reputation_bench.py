@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,10 @@ def free_port() -> int:
 def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
     settings = private(base, "repbench", workdir)
     evs = backlog(settings.paths.data, n)
-    expected = sum(len(senders.keys(e.envelope.mail_from, e.envelope.client_address)) for e in evs)
+    keys = [senders.keys(e.envelope.mail_from, e.envelope.client_address) for e in evs]
+    expected = sum(map(len, keys))
+    kinds = Counter(k.split(":", 1)[0] for k in {k for ks in keys for k in ks})
+    distinct = ", ".join(f"{n:,} {kind}" for kind, n in sorted(kinds.items()))
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
     workers = WorkerSet(settings, workdir / "logs", base_port=free_port())
@@ -147,7 +151,7 @@ def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
             "verdicts_per_s": round(timed / (t1 - t0)), "cpu_s_per_1k": round((c1 - c0) / timed * 1000, 3),
             "internal_records": written,
             "internal_per_verdict": round(sum(v for k, v in written.items() if k != "__assignor-__leader") / n, 2),
-            "exit_codes": codes, "stats": s, "machine": machine()}
+            "distinct": distinct, "exit_codes": codes, "stats": s, "machine": machine()}
 
 
 def commit() -> str:
@@ -177,8 +181,9 @@ def section(old: str, r: dict[str, Any], command: str) -> str:
         SECTION_START,
         "## Reputation: verdicts tallied per second",
         "",
-        f"Command: `{command}` · a backlog of classified SpamAssassin corpus mail (flood-bench envelopes) on "
-        "private ham/spam topics, one `floodgate reputation` process (6 partitions, memory store, nice 0), "
+        f"Command: `{command}` · a backlog of classified SpamAssassin corpus mail (every group, flood-bench "
+        f"envelopes: {r['distinct']}) on private ham/spam topics, one `floodgate reputation` process "
+        "(6 partitions, memory store, nice 0), "
         "timed from ready until every observation is tallied. CPU is the worker's own (per 1,000 verdicts); "
         "internal records = observations + senders and traffic changelog records the worker wrote, per verdict.",
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']} (a shared machine: CPU per verdict is "
