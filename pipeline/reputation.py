@@ -90,6 +90,7 @@ import faust
 from faust.exceptions import SameNode
 from faust.streams import _current_event
 from faust.web import Request, Response, View
+from faust.web.exceptions import ServiceUnavailable
 
 from pipeline import events, log, metrics, senders
 from pipeline.config import ROOT, Settings
@@ -304,9 +305,9 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
     raw = {"key_type": bytes, "value_type": bytes, "value_serializer": "raw"}
     feedback_topic = app.topic(settings.topic("feedback"), **raw)
     verdict_topic = app.topic(settings.topic("ham"), settings.topic("spam"), **raw)
-    # Sender keys are str with Faust's default (JSON) key serializer on the observations topic
-    # and in both tables: the same key bytes hash to the same partition everywhere, which the
-    # web view's routing relies on, and windowed changelog keys are JSON anyway.
+    # Sender keys are str: raw bytes on the observations topic (the app's key serializer), JSON in
+    # the tables' changelogs (windowed keys are tuples). A key's table entries are written to its
+    # observation's partition (see tally), and the web view routes by that topic, not the table.
     observed = app.topic(observations_topic(settings), internal=True, partitions=partitions,
                          retention=OBSERVATIONS_RETENTION, key_type=str, value_type=bytes,
                          value_serializer="raw")
@@ -412,12 +413,18 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
 
         @app.page("/reputation/senders/{key}/")
         async def sender_view(web: View, request: Request, key: str) -> Response:
-            """One sender's counts and standing, answered by the worker that owns the key."""
+            """One sender's counts and standing, answered by the worker that owns the key.
+
+            The owner is the worker assigned the key's partition of the observations topic, where
+            ``tally`` keeps the key's entry. (Routing by the table instead would hash the key's JSON
+            form, ``"domain:x"``, which lands on another partition than the raw key the
+            observations are sent with: with two workers, a key asked of the wrong one was unknown.)
+            """
             try:
-                return await app.router.route_req(totals.name, key, web, request)
+                return await app.router.route_topic_req(observed, key, web, request)
             except SameNode:
                 pass
-            except TypeError:  # a fresh worker's producer has no metadata of the changelog yet
+            except (ServiceUnavailable, TypeError):  # no assignment (or metadata) yet: a fresh worker
                 return web.json({"error": "not ready, try again"}, status=503)
             entry = totals.get(key)
             if entry is None:
