@@ -110,7 +110,7 @@ def promote_cmd(
 
 def _gated_promote(settings: Settings, candidate_version: str, limits: Any) -> None:
     """Measure candidate and champion on the fixed evaluation set; promote or refuse (exit 1) with reasons."""
-    from models import evaluate, gates, metrics, registry
+    from models import evaluate, gates, metrics, registry, train
 
     reg = settings.paths.registry
     champion_version = registry.champion_version(reg)
@@ -128,7 +128,7 @@ def _gated_promote(settings: Settings, candidate_version: str, limits: Any) -> N
         try:
             champion = evaluate.measure(registry.load(reg, champion_version), eval_set)[0]
         except registry.ModelIntegrityError as e:  # e.g. trained on an older feature version
-            champion = _recorded_metrics(reg, champion_version)
+            champion = train.recorded_metrics(reg, champion_version)
             typer.echo(f"champion {champion_version} cannot be scored by this code ({e}); "
                        + ("comparing with the metrics its card recorded on the same evaluation set" if champion
                           else "it has no recorded metrics: judging on the absolute limits only"))
@@ -142,15 +142,6 @@ def _gated_promote(settings: Settings, candidate_version: str, limits: Any) -> N
         return
     registry.promote(reg, candidate_version)
     typer.echo(f"promoted {candidate_version} (was {champion_version or 'none'})")
-
-
-def _recorded_metrics(reg: Path, version: str) -> dict[str, Any] | None:
-    from models import gates, registry
-
-    try:
-        return gates.recorded(registry.read_card(reg, version))
-    except (registry.ModelNotFound, registry.ModelIntegrityError):  # a damaged artifact records nothing trustworthy
-        return None
 
 
 @app.command("retrain")

@@ -116,19 +116,24 @@ def _usable_champion(registry_dir: Path) -> bool:
     return True
 
 
+def recorded_metrics(registry_dir: Path, version: str) -> dict[str, Any] | None:
+    """The metrics ``version``'s card recorded on the fixed evaluation set, without loading the
+    model (one this code cannot load still tells them); None if it recorded none or is damaged."""
+    try:
+        return gates.recorded(registry.read_card(registry_dir, version))
+    except (registry.ModelNotFound, registry.ModelIntegrityError):  # a damaged artifact records nothing trustworthy
+        return None
+
+
 def _refusals(registry_dir: Path, time_eval: dict[str, Any]) -> list[str]:
     """Why a new model must not replace an unusable champion: the gates against the metrics the
     champion's card recorded on the same evaluation set (none when there is no champion at all, or
     it recorded nothing: then there is nothing in service to protect)."""
     version = registry.champion_version(registry_dir)
-    if version is None:
+    reference = recorded_metrics(registry_dir, version) if version else None
+    if reference is None:
         return []
-    try:
-        reference = gates.recorded(registry.read_card(registry_dir, version))
-    except (registry.ModelNotFound, registry.ModelIntegrityError):
-        return []
-    return [f"{r} ({version}, as its card recorded)" for r in gates.check(time_eval, reference, gates.Limits())
-            ] if reference else []
+    return [f"{r} ({version}, as its card recorded)" for r in gates.check(time_eval, reference, gates.Limits())]
 
 
 def train_corpus(data_dir: Path, registry_dir: Path, *, target_fpr: float = TARGET_FPR,
