@@ -264,36 +264,39 @@ class Worker:
 
 
 @contextmanager
-def _worker(settings: Settings, tmp_path: Path, *, start: bool) -> Iterator[Worker]:
-    """A worker (started, or for the caller to start), stopped and its topics deleted after."""
-    w = Worker(settings, tmp_path)
+def _workers(settings: Settings, dirs: list[Path], *, start: bool) -> Iterator[list[Worker]]:
+    """Workers of one app, one per directory (started, or for the caller to start), each stopped
+    and the app's topics deleted after."""
+    workers = [Worker(settings, d) for d in dirs]
     codes: list[int | None] = []
     try:
         if start:
-            w.start()
-        yield w
+            for w in workers:
+                w.start()
+        yield workers
     finally:
-        if w.alive():
-            codes.append(w.stop())
-        w.reader.close()
+        for w in workers:
+            if w.alive():
+                codes.append(w.stop())
+            w.reader.close()
         admin = kafka.admin(settings)
         faust_topics = internal_topics(settings, admin.list_topics(timeout=10).topics)
         if faust_topics:
             for fut in admin.delete_topics(faust_topics, operation_timeout=30).values():
                 fut.result(30)
-    assert codes == [0], f"the worker exited with {codes} on SIGTERM"
+    assert codes == [0] * len(workers), f"the workers exited with {codes} on SIGTERM"
 
 
 @pytest.fixture
 def worker(topic_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
-    with _worker(topic_settings, tmp_path, start=True) as w:
+    with _workers(topic_settings, [tmp_path], start=True) as (w,):
         yield w
 
 
 @pytest.fixture
 def cold_worker(topic_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
     """A worker not started yet: input produced first is a backlog when it starts."""
-    with _worker(topic_settings, tmp_path, start=False) as w:
+    with _workers(topic_settings, [tmp_path], start=False) as (w,):
         yield w
 
 
@@ -455,32 +458,16 @@ def test_observation_records_of_the_old_format_are_still_counted(worker: Worker)
 def test_any_of_two_workers_answers_for_every_sender(topic_settings: Settings, tmp_path: Path):
     # Two workers share the 2 partitions; a sender's view is asked of each, and the one that
     # does not hold the key forwards the request to the one that does.
-    workers = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        workers.append(Worker(topic_settings, tmp_path / name))
-    a, b = workers
-    codes: list[int | None] = []
-    try:
-        a.start()
-        b.start()
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+    with _workers(topic_settings, dirs, start=True) as workers:
         wait_for(lambda: all((w.try_get("/reputation/stats/") or {}).get("ready") for w in workers),
                  START_TIMEOUT_S, interval=0.2, what="both workers to be ready after the rebalance")
         domains = [f"d{i}.example" for i in range(8)]  # 8 keys over 2 partitions: both workers own some
-        a.send("ham", [events.encode(_event(f"u{n}@{d}", f"192.0.2.{i}", verdict="ham"))
-                       for i, d in enumerate(domains) for n in range(3)])
+        workers[0].send("ham", [events.encode(_event(f"u{n}@{d}", f"192.0.2.{i}", verdict="ham"))
+                                for i, d in enumerate(domains) for n in range(3)])
         for d in domains:
             for w in workers:
                 view = w.wait_sender(f"domain:{d}", f"{d}'s verdicts, asked of worker {w.port}", ham=3)
                 assert view["known"] is True and view["spam"] == 0
-    finally:
-        for w in workers:
-            if w.alive():
-                codes.append(w.stop())
-            w.reader.close()
-        admin = kafka.admin(topic_settings)
-        faust_topics = internal_topics(topic_settings, admin.list_topics(timeout=10).topics)
-        if faust_topics:
-            for fut in admin.delete_topics(faust_topics, operation_timeout=30).values():
-                fut.result(30)
-    assert codes == [0, 0], f"the workers exited with {codes} on SIGTERM"
