@@ -75,6 +75,17 @@ def test_topics_dry_run_changes_nothing(settings):
     assert not any(t.name in existing for t in topics.desired(settings))
 
 
+def test_lane_configs_batch_the_bulk_lane_and_name_each_lane(settings):
+    configs = kafka.lane_configs(settings)
+    inbound, bulk = configs[settings.topic("inbound")], configs[settings.topic("bulk")]
+    # Flood mail is batched longer than the priority lane's, which keeps the durable producer's linger.
+    assert bulk["linger.ms"] > kafka.DURABLE_PRODUCER["linger.ms"]
+    assert "linger.ms" not in inbound
+    # A client id per lane, so that the broker can tell the bulk lane's requests apart.
+    assert inbound["client.id"] != bulk["client.id"]
+    assert set(configs) == {settings.topic("inbound"), settings.topic("bulk")}
+
+
 def test_lane_producer_sends_each_lane_on_its_own_producer(topic_settings):
     settings = topic_settings
     inbound, bulk = settings.topic("inbound"), settings.topic("bulk")
