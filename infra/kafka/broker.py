@@ -62,7 +62,8 @@ HEAP = os.environ.get("FLOODGATE_KAFKA_HEAP", "512m")
 # CPU priority on a shared host. Every message crosses the broker three times, whatever its lane,
 # so on one machine the broker must not wait for CPU behind the workers: the bulk lane yields to
 # it as it yields to the priority lane (make bench-flood on 2 cores: flood-phase ham p99 was
-# 2.5x its pre-flood p99 with the broker at normal priority, 1.3x at -10). Raising priority
+# 2.5x its pre-flood p99 with the broker at normal priority, 1.3x at -10). Only the priority
+# lane's workers, which use little CPU, run above it (-20, pipeline/workers.py). Raising priority
 # needs CAP_SYS_NICE (root); without it `nice` says so in broker.out and the broker runs as is.
 NICE = os.environ.get("FLOODGATE_KAFKA_NICE", "-10")
 START_TIMEOUT_S = 90.0
