@@ -150,11 +150,8 @@ def load(registry: Path, version: str) -> LoadedModel:
     """One version, checksums verified, loaded with skops and the explicit trusted list."""
     import skops.io as sio
 
+    card = read_card(registry, version)
     vdir = Path(registry) / version
-    if not vdir.is_dir():
-        raise ModelNotFound(f"no version {version} in {registry}")
-    _verify(vdir)
-    card = json.loads((vdir / CARD_FILE).read_text())
     from models.features import FEATURE_VERSION
 
     built_for = card.get("features", {}).get("feature_version")
