@@ -434,11 +434,6 @@ def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignor
     ledger = accounting.reconcile(sent.acked, found)
     with contextlib.suppress(Exception):
         topics.delete(settings, admin)
-        from pipeline.reputation import internal_topics
-
-        leftovers = internal_topics(settings, admin.list_topics(timeout=10).topics)
-        if leftovers:
-            admin.delete_topics(leftovers, operation_timeout=30)
     if cluster:
         cluster.down()
     return RunResult(plan.brokers, plan.__dict__ | {"bootstrap": bootstrap}, chaos.faults, ledger, sent, found,

@@ -94,6 +94,7 @@ from faust.web.exceptions import ServiceUnavailable
 
 from pipeline import events, log, metrics, senders
 from pipeline.config import ROOT, Settings
+from pipeline.kafka import topics
 
 STAGE = "reputation"
 
@@ -252,8 +253,6 @@ def store_url(store: str) -> str:
 
 
 def replication_factor(settings: Settings) -> int:
-    from pipeline.kafka import topics
-
     return next(t.replication_factor for t in topics.desired(settings) if t.name == settings.topic("reputation"))
 
 
@@ -263,9 +262,8 @@ def observations_topic(settings: Settings) -> str:
 
 def internal_topics(settings: Settings, existing: Iterable[str]) -> list[str]:
     """The topics Faust made for this app (observations, changelogs, assignor): all named
-    ``<app id>-…``. Tests and demos with a private group prefix delete them afterwards."""
-    prefix = f"{settings.group(STAGE)}-"
-    return sorted(t for t in existing if t.startswith(prefix))
+    ``<app id>-…``; :func:`pipeline.kafka.topics.delete` removes them with a private deployment."""
+    return topics.app_topics(settings, existing, (STAGE,))
 
 
 def build_app(settings: Settings, *, web_port: int | None = None, partitions: int = DEFAULT_PARTITIONS,

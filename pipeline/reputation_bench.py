@@ -143,9 +143,6 @@ def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
     finally:
         codes = workers.stop_all()
         topics.delete(settings, admin)
-        leftovers = internal_topics(settings, admin.list_topics(timeout=10).topics)
-        if leftovers:
-            admin.delete_topics(leftovers, operation_timeout=30)
     timed = (expected - obs0) * n / expected  # verdicts tallied after t0
     return {"verdicts": n, "observations": expected, "timed_verdicts": round(timed), "seconds": round(t1 - t0, 2),
             "verdicts_per_s": round(timed / (t1 - t0)), "cpu_s_per_1k": round((c1 - c0) / timed * 1000, 3),

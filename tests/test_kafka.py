@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import pytest
 from confluent_kafka import KafkaException
@@ -65,6 +66,33 @@ def test_topic_spec_applied_twice_changes_nothing(settings):
         assert topics.apply(settings, admin) == []
     finally:
         topics.delete(settings, admin)
+
+
+def test_delete_takes_the_stream_apps_topics_and_nothing_of_another_deployment(settings):
+    """What the reputation app made under the deployment's group prefix goes with the spec's
+    topics; another deployment's topics stay, and an unprefixed deployment is refused."""
+    admin = kafka.admin(settings)
+    topics.apply(settings, admin)
+    app_made = f"{settings.group('reputation')}-senders-changelog"
+    neighbour = f"{settings.group('reputation')}x-observations"  # another deployment's prefix
+    for fut in admin.create_topics([NewTopic(app_made, 1, 1), NewTopic(neighbour, 1, 1)]).values():
+        fut.result(30)
+    wait_for(lambda: {app_made, neighbour} <= set(admin.list_topics(timeout=10).topics), timeout=30,
+             what="the created topics in the metadata")
+    try:
+        topics.delete(settings, admin)
+
+        def gone() -> bool:
+            existing = admin.list_topics(timeout=10).topics
+            return not any(t.name in existing for t in topics.desired(settings)) and app_made not in existing
+
+        wait_for(gone, timeout=30, what="the deployment's topics to be deleted")
+        assert neighbour in admin.list_topics(timeout=10).topics
+        shared = replace(settings, kafka=replace(settings.kafka, topic_prefix=""))
+        with pytest.raises(ValueError, match="without a topic prefix"):
+            topics.delete(shared, admin)
+    finally:
+        admin.delete_topics([neighbour], operation_timeout=30)[neighbour].result(30)
 
 
 def test_topics_dry_run_changes_nothing(settings):

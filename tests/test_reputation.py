@@ -266,7 +266,7 @@ class Worker:
 @contextmanager
 def _workers(settings: Settings, dirs: list[Path], *, start: bool) -> Iterator[list[Worker]]:
     """Workers of one app, one per directory (started, or for the caller to start), each stopped
-    and the app's topics deleted after."""
+    after (``topic_settings`` then deletes the app's topics with the spec's)."""
     workers = [Worker(settings, d) for d in dirs]
     codes: list[int | None] = []
     try:
@@ -279,11 +279,6 @@ def _workers(settings: Settings, dirs: list[Path], *, start: bool) -> Iterator[l
             if w.alive():
                 codes.append(w.stop())
             w.reader.close()
-        admin = kafka.admin(settings)
-        faust_topics = internal_topics(settings, admin.list_topics(timeout=10).topics)
-        if faust_topics:
-            for fut in admin.delete_topics(faust_topics, operation_timeout=30).values():
-                fut.result(30)
     assert codes == [0] * len(workers), f"the workers exited with {codes} on SIGTERM"
 
 
