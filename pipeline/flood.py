@@ -19,6 +19,7 @@ message. Results: ``reports/flood.json`` and ``reports/flood.png``.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import random
 import shutil
@@ -191,6 +192,11 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
         route = admission.topic if admission else (lambda ev: inbound)
 
         take_priority(INGRESS_NICE)  # the generator is the ingress here
+        # What the previous configuration (or calibration, or run) left dirty in the page cache
+        # would be written back 30 s later, inside this one's measurement, and delivery's fsyncs
+        # would wait behind it: start from a clean page cache. This configuration's own writes
+        # are part of what is measured.
+        os.sync()
         t0 = time.time()
         sampler = LagSampler(settings, groups, t0)
         sampler.start()

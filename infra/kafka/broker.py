@@ -122,6 +122,10 @@ num.partitions=1
 group.initial.rebalance.delay.ms=0
 offsets.topic.num.partitions=8
 transaction.state.log.num.partitions=8
+# Tests and benchmarks delete their topics when they end. With the default of 60 s the files of
+# a deleted topic were unlinked a minute later, in the middle of the next measurement, whose
+# Maildir fsyncs then waited behind the unlinks in the filesystem journal.
+log.segment.delete.delay.ms=1000
 """
 
 
