@@ -63,6 +63,8 @@ def test_topic_spec_applied_twice_changes_nothing(settings):
         wait_for(drifted, timeout=30, what="the changed retention to be visible")
         fixed = topics.apply(settings, admin)
         assert fixed == [f"set {inbound} retention.ms=604800000 (was 1000)"]
+        # The fix, too, reaches describe_configs a moment after its ack: then nothing is left to do.
+        wait_for(lambda: not drifted(), timeout=30, what="the restored retention to be visible")
         assert topics.apply(settings, admin) == []
     finally:
         topics.delete(settings, admin)
