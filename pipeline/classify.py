@@ -163,7 +163,7 @@ class Classifier:
             verdict, score = results[i]
             out = replace(ev.classified(verdict, round(score, 6), model.version), lane=ev.lane or self.lane)
             # No key: librdkafka's sticky partitioner then puts a whole batch on one partition of
-            # each output topic, so a transaction touches two or three partitions, not a dozen
+            # each output topic, so a transaction touches about three partitions instead of eight
             # (each one a produce request, a partition check by the broker and a commit marker).
             # Nothing downstream reads the key: the event id is in the record itself.
             outputs.append(Output(self.ham if verdict == "ham" else self.spam, None, events.encode(out)))

@@ -123,8 +123,9 @@ group.initial.rebalance.delay.ms=0
 offsets.topic.num.partitions=8
 transaction.state.log.num.partitions=8
 # Tests and benchmarks delete their topics when they end. With the default of 60 s the files of
-# a deleted topic were unlinked a minute later, in the middle of the next measurement, whose
-# Maildir fsyncs then waited behind the unlinks in the filesystem journal.
+# a deleted topic are unlinked a minute later, in the middle of the next measurement, whose
+# Maildir fsyncs share the filesystem journal with those unlinks; at 1 s they happen before the
+# bench's page-cache flush (pipeline/flood.py) instead.
 log.segment.delete.delay.ms=1000
 """
 
