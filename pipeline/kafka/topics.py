@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (
@@ -16,6 +16,7 @@ from confluent_kafka.admin import (
     NewPartitions,
     NewTopic,
 )
+from tenacity import RetryCallState, retry, retry_if_result, stop_after_delay, wait_fixed
 
 from pipeline.config import Settings, topic_spec
 
@@ -64,6 +65,22 @@ def _describe_configs(admin: AdminClient, names: list[str]) -> dict[str, dict[st
     return {res.name: {k: v.value for k, v in fut.result(TIMEOUT_S).items()} for res, fut in futures.items()}
 
 
+def _still_unseen(state: RetryCallState) -> NoReturn:
+    unseen = state.outcome.result() if state.outcome else "?"
+    raise TimeoutError(f"created topics not in the metadata after {TIMEOUT_S:.0f} s: {unseen}")
+
+
+@retry(retry=retry_if_result(bool), stop=stop_after_delay(TIMEOUT_S), wait=wait_fixed(0.1),
+       retry_error_callback=_still_unseen)
+def _unseen(admin: AdminClient, names: list[str]) -> list[str]:
+    """Of ``names``, the topics the metadata does not show yet with a leader for every partition.
+    The controller acknowledges a creation before every broker knows the topic: a worker, or a
+    second ``apply``, started at once would not find it. Retried until none is left."""
+    found = admin.list_topics(timeout=TIMEOUT_S).topics
+    return [n for n in names
+            if n not in found or not found[n].partitions or any(p.leader < 0 for p in found[n].partitions.values())]
+
+
 def apply(settings: Settings, admin: AdminClient, dry_run: bool = False) -> list[str]:
     """Bring the cluster to the spec. Returns one line per change made (or, dry, to make) and per drift."""
     report: list[str] = []
@@ -81,6 +98,7 @@ def apply(settings: Settings, admin: AdminClient, dry_run: bool = False) -> list
             except KafkaException as e:
                 if "TOPIC_ALREADY_EXISTS" not in str(e):  # a concurrent apply won the race
                     raise
+        _unseen(admin, [t.name for t in missing])  # applied means usable
     report += [f"create {t.name} partitions={t.partitions} rf={t.replication_factor}" for t in missing]
 
     existing = [t for t in topics if t.name in metadata]
