@@ -23,7 +23,7 @@ from models import corpus
 from pipeline import accounting, config, events, kafka, traffic
 from pipeline.admission import Admission
 from pipeline.kafka import topics
-from pipeline.workers import NICE, WorkerSet, settings_env
+from pipeline.workers import NICE, WorkerSet, settings_env, spam_side_cpus
 from tests.kafka_helpers import wait_for
 
 pytestmark = pytest.mark.kafka
@@ -137,6 +137,36 @@ def test_the_spam_side_yields_the_cpu_to_the_ham_side(pipeline):
             assert nice[ham_side] < nice[spam_side], nice
     if os.geteuid() == 0:  # allowed to raise priority: exactly as configured
         assert nice == {name: NICE.get(name, 0) for name in nice}
+
+
+def test_the_spam_side_keeps_off_the_ham_sides_cpus(pipeline):
+    _, workers = pipeline
+    if workers.spam_cpus is None:
+        pytest.skip("a single CPU, or no CPU affinity (taskset) on this host")
+    cpus = {name: os.sched_getaffinity(w.proc.pid) for name, w in workers.workers.items()}
+    for ham_side in ("classify-priority", "deliver"):
+        assert cpus[ham_side] == os.sched_getaffinity(0), cpus  # may run anywhere
+        for spam_side in ("classify-bulk", "deliver-bulk", "cleanup", "reputation"):
+            assert cpus[spam_side] < cpus[ham_side], cpus  # a strict subset: some CPUs are the ham side's
+
+
+@pytest.mark.parametrize(("available", "spec", "expected"), [
+    ({0, 1}, None, "1"),
+    ({0, 1, 2}, "auto", "2"),
+    ({0, 1, 2, 3}, None, "2,3"),
+    ({4, 5, 6, 7}, None, "6,7"),  # the CPUs this process may use, not 0..n
+    ({0}, None, None),  # one CPU: nothing to keep apart
+    ({0, 1}, "all", None),
+    ({0, 1, 2, 3}, "2-3", "2-3"),
+    ({0, 1, 2, 3}, "1,3", "1,3"),
+])
+def test_spam_side_cpus(available, spec, expected):
+    assert spam_side_cpus(available, spec) == expected
+
+
+def test_spam_side_cpus_rejects_what_taskset_would_not_take():
+    with pytest.raises(ValueError, match="FLOODGATE_SPAM_SIDE_CPUS"):
+        spam_side_cpus({0, 1}, "half")
 
 
 def test_classifier_killed_mid_stream_loses_and_duplicates_nothing(pipeline, mail):
