@@ -39,6 +39,7 @@ from pipeline.admission import Admission
 from pipeline.config import Settings
 from pipeline.kafka import topics
 from pipeline.lag import LagMonitor
+from pipeline.service import freeze_start_up
 from pipeline.sinks import from_iso, parse_trace, unstamp
 from pipeline.workers import INGRESS_NICE, WorkerSet, take_priority
 
@@ -197,6 +198,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
         # would wait behind it: start from a clean page cache. This configuration's own writes
         # are part of what is measured.
         os.sync()
+        freeze_start_up()  # the plan and the corpus: a full collection would walk them mid-flood
         t0 = time.time()
         sampler = LagSampler(settings, groups, t0)
         sampler.start()

@@ -6,6 +6,7 @@ the batch in hand, commit or abort its transaction, and exit 0.
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +15,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import log
 from pipeline.config import Settings
+
+
+def freeze_start_up() -> None:
+    """Call once start-up is done, before the work loop: what start-up loaded (modules, the model,
+    a benchmark's plan) lives as long as the process, so take it out of the cyclic collector's
+    reach (``gc.freeze``). A full collection then walks only what the loop allocated. Measured in
+    a flood run: with ~120,000 start-up objects the priority classifier's full collections took
+    65-80 ms with the GIL held, a stall for the batch in hand; frozen, under 1 ms (deliver 22 ms
+    to 0.4 ms). Objects created later (a hot-reloaded model) are collected as usual."""
+    gc.freeze()
 
 
 class Service:

@@ -33,7 +33,7 @@ import ipaddress
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AnyStr
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from confluent_kafka import KafkaError, KafkaException
@@ -41,9 +41,7 @@ from confluent_kafka import KafkaError, KafkaException
 from pipeline import events, kafka, metrics
 from pipeline.admission import Admission
 from pipeline.config import Settings
-
-if TYPE_CHECKING:
-    from pipeline.service import Service
+from pipeline.service import Service, freeze_start_up
 
 STAGE = "smtp"
 log = logging.getLogger("floodgate.smtp")
@@ -393,6 +391,7 @@ def run(settings: Settings, service: Service) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command and address
     ingress = SmtpIngress(settings)
     ingress.start()
+    freeze_start_up()
     service.ready.set()
     try:
         service.stopping.wait()

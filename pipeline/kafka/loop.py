@@ -40,7 +40,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 
 from pipeline import events, kafka, metrics
 from pipeline import log as logs
-from pipeline.service import Service
+from pipeline.service import Service, freeze_start_up
 
 log = logs.get("loop")
 
@@ -265,6 +265,7 @@ class Loop:
         # Ready once the group has given this member its partitions (possibly none), not merely
         # after subscribing: until then mail on the topic waits for the join.
         self.consumer.subscribe(self.topics, on_assign=lambda _consumer, _partitions: self.service.ready.set())
+        freeze_start_up()
         backoff = 0.5
         try:
             while not self.service.stopping.is_set():
