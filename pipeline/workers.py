@@ -54,12 +54,13 @@ NICE = {"classify-priority": PRIORITY_LANE_NICE, "deliver": PRIORITY_LANE_NICE,
 INGRESS_NICE = -10
 # CPUs for the spam side (the workers NICE puts above 0). Niceness decides who runs first on a
 # core, not where: at +10 the spam side still ran on every core, so during a flood a ham-path
-# thread that woke often found its core busy with bulk work and waited for it to be preempted,
+# thread that woke could find its core busy with bulk work and wait for it to be preempted,
 # and the broker's threads, which serve both lanes, did the same. Confined to the upper half of
 # the host's CPUs (the last one on 2 cores), the spam side leaves the other half to the priority
-# lane, the broker and the ingress, which may still use every core (make bench-flood, 2 cores,
-# seven interleaved pairs: flood-phase ham p99 median 0.17 s vs 0.22 s unconfined). The bulk lane
-# and cleanup then drain a flood a few seconds later, which is theirs to absorb.
+# lane, the broker and the ingress, which may still use every core (flood bench, 2 cores, ten
+# interleaved pairs: flood-phase ham p99 lower in 7, median 0.18 s vs 0.22 s unconfined; a modest
+# gain). The cost is the spam side's: it drains a flood ~5 s later, and mixed mail, timed to the
+# last message quarantined, goes through ~15 % slower on 2 cores (BENCHMARKS.md).
 # ``FLOODGATE_SPAM_SIDE_CPUS`` overrides it: a CPU list as ``taskset -c`` takes it (``1``,
 # ``2-3``), or ``all`` for no confinement. On Kubernetes the same is a CPU limit on the spam
 # side's deployments, or exclusive cores for the priority lane (the static CPU manager policy).
