@@ -72,7 +72,8 @@ classifier crash, never a missed one.
 Web (optional, ``--web-port`` or ``FLOODGATE_WORKER_METRICS_PORT``; loopback by default):
 ``/reputation/senders/{key}/`` (routed to the worker that owns the key),
 ``/reputation/traffic/`` (this worker's busiest senders over the kept windows),
-``/reputation/stats/`` and ``/metrics`` (Prometheus).
+``/reputation/stats/``, ``/healthz``, ``/readyz`` (200 once its tables are recovered) and
+``/metrics`` (Prometheus).
 """
 
 from __future__ import annotations
@@ -444,12 +445,24 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
                              "senders": [{"key": k, "messages": n}
                                          for k, n in recent.most_common(TRAFFIC_TOP)]})
 
+        def ready() -> bool:
+            # Tables recovered and no rebalance under way. Records that arrive before then wait,
+            # and Faust has been seen to drop one fetched while its flow is suspended.
+            return app.tables.recovery.completed.is_set() and not app.rebalancing
+
         @app.page("/reputation/stats/")
         async def stats_view(web: View, request: Request) -> Response:
-            # ready: tables recovered and no rebalance under way. Records that arrive before
-            # then wait, and Faust has been seen to drop one fetched while its flow is suspended.
-            ready = app.tables.recovery.completed.is_set() and not app.rebalancing
-            return web.json({"ready": ready, **stats})
+            return web.json({"ready": ready(), **stats})
+
+        # What every worker serves (pipeline/service.py). Until /readyz answers 200 the worker
+        # is still starting, and a SIGTERM then makes Faust's worker exit 1 (InvalidStateError).
+        @app.page("/healthz")
+        async def healthz_view(web: View, request: Request) -> Response:
+            return web.text("ok\n")
+
+        @app.page("/readyz")
+        async def readyz_view(web: View, request: Request) -> Response:
+            return web.text("ready\n") if ready() else web.text("not ready\n", status=503)
 
     return app
 

@@ -30,9 +30,6 @@ STANDARD = {
     "cleanup": ["cleanup"],
     "reputation": ["reputation"],
 }
-# Where a worker says it is ready. Faust's web server has no /readyz; its /metrics answers
-# once the app is up.
-READY_PATH = {"reputation": "/metrics"}
 # CPU niceness per worker: the spam side yields the CPU to the ham side, so a flood that
 # saturates the machine still leaves ham its share (the bulk lane and cleanup may fall behind;
 # that is their job), and the priority lane is served first when it wakes (make bench-flood,
@@ -122,8 +119,7 @@ class Worker:
 
     def ready(self) -> bool:
         try:
-            path = READY_PATH.get(self.name, "/readyz")
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
                 return r.status == 200
         except OSError:
             return False

@@ -156,9 +156,6 @@ def test_a_deployment_per_worker_with_probes() -> None:
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == port
         live, ready = container["livenessProbe"], container["readinessProbe"]
-        if name == "floodgate-reputation":  # Faust's web server: no /healthz or /readyz
-            assert live["tcpSocket"]["port"] == ready["tcpSocket"]["port"] == "metrics"
-            continue
         assert (live["httpGet"]["path"], live["httpGet"]["port"]) == ("/healthz", "metrics"), name
         assert (ready["httpGet"]["path"], ready["httpGet"]["port"]) == ("/readyz", "metrics"), name
         assert d["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True

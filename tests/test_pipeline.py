@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import replace
@@ -137,6 +138,14 @@ def test_the_spam_side_yields_the_cpu_to_the_ham_side(pipeline):
             assert nice[ham_side] < nice[spam_side], nice
     if os.geteuid() == 0:  # allowed to raise priority: exactly as configured
         assert nice == {name: NICE.get(name, 0) for name in nice}
+
+
+def test_every_worker_answers_health_and_readiness(pipeline):
+    _, workers = pipeline
+    for w in workers.workers.values():
+        for path, body in (("/healthz", b"ok\n"), ("/readyz", b"ready\n")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{w.port}{path}", timeout=5) as r:
+                assert (r.status, r.read()) == (200, body), (w.name, path)
 
 
 def test_the_spam_side_keeps_off_the_ham_sides_cpus(pipeline):
