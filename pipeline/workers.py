@@ -52,7 +52,7 @@ INGRESS_NICE = -10
 # CPUs for the spam side (the workers NICE puts above 0). Niceness decides who runs first on a
 # core, not where: at +10 the spam side still ran on every core, so during a flood a ham-path
 # thread that woke could find its core busy with bulk work and wait for it to be preempted,
-# and the broker's threads, which serve both lanes, did the same. Confined to the upper half of
+# and so could the broker's threads, which serve both lanes. Confined to the upper half of
 # the host's CPUs (the last one on 2 cores), the spam side leaves the other half to the priority
 # lane, the broker and the ingress, which may still use every core (flood bench, 2 cores, ten
 # interleaved pairs: flood-phase ham p99 lower in 7, median 0.18 s vs 0.22 s unconfined; a modest
