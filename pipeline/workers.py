@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,6 +63,7 @@ INGRESS_NICE = -10
 # ``2-3``), or ``all`` for no confinement. On Kubernetes the same is a CPU limit on the spam
 # side's deployments, or exclusive cores for the priority lane (the static CPU manager policy).
 SPAM_SIDE_CPUS_ENV = "FLOODGATE_SPAM_SIDE_CPUS"
+_CPU_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")  # taskset -c: 1 or 2-3,5
 
 
 def spam_side_cpus(available: set[int], spec: str | None = None) -> str | None:
@@ -73,7 +75,7 @@ def spam_side_cpus(available: set[int], spec: str | None = None) -> str | None:
     if spec == "all":
         return None
     if spec != "auto":
-        if not all(part.replace("-", "", 1).isdigit() for part in spec.split(",")):
+        if not _CPU_LIST.fullmatch(spec):
             raise ValueError(f"{SPAM_SIDE_CPUS_ENV}={spec!r}: expected a CPU list such as 1 or 2-3,5, or all")
         return spec
     cpus = sorted(available)

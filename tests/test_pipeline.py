@@ -173,9 +173,10 @@ def test_spam_side_cpus(available, spec, expected):
     assert spam_side_cpus(available, spec) == expected
 
 
-def test_spam_side_cpus_rejects_what_taskset_would_not_take():
+@pytest.mark.parametrize("spec", ["half", "-1", "1-", "1,,2", "1-2-3"])
+def test_spam_side_cpus_rejects_what_taskset_would_not_take(spec):
     with pytest.raises(ValueError, match="FLOODGATE_SPAM_SIDE_CPUS"):
-        spam_side_cpus({0, 1}, "half")
+        spam_side_cpus({0, 1}, spec)
 
 
 def test_classifier_killed_mid_stream_loses_and_duplicates_nothing(pipeline, mail):
