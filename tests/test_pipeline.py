@@ -71,11 +71,16 @@ def replay(settings, msgs: list[corpus.Message], seed: int) -> traffic.Sent:
         admission.close()
 
 
+def holds(found: accounting.Found, ids: set[str]) -> bool:
+    """Every one of ``ids`` is in a mailbox, the quarantine or the dead letters ``found`` saw."""
+    return ids <= set(found.delivered) | set(found.quarantined) | set(found.dead)
+
+
 def placed(settings, ids: set[str]) -> accounting.Found | None:
     found = accounting.Found()
     accounting.scan_maildirs(settings.paths.maildir_root, found)
     accounting.scan_quarantine(settings.paths.quarantine_db, found)
-    return found if ids <= (set(found.delivered) | set(found.quarantined) | set(found.dead)) else None
+    return found if holds(found, ids) else None
 
 
 def routed_ids(settings, keys=("ham", "spam", "bulk_ham", "bulk_spam")) -> Counter:
@@ -235,9 +240,8 @@ def test_malformed_records_are_dead_lettered_with_a_reason_and_work_goes_on(pipe
         # One scan decides and is returned: a second one could see mail the first had not.
         found = accounting.scan(settings)
         reasons = [r for r in found.dead.values()]
-        landed = set(found.delivered) | set(found.quarantined) | set(found.dead)
         ok = (sum(r.startswith("classify: not a mail event") for r in reasons) >= 2
-              and set(after.acked) | {hostile.id} <= landed)
+              and holds(found, set(after.acked) | {hostile.id}))
         return found if ok else None
 
     found = wait_for(dead_and_done, timeout=120, what="dead letters with reasons, later mail placed")
