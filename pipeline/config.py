@@ -65,6 +65,10 @@ class WorkerSettings:
     # The bulk lane's deliveries a second (0: unlimited). Flood mail the model lets through is
     # delivered, but never at a pace whose disk writes and fsyncs crowd out the priority lane's.
     bulk_delivery_rate: float = 200.0
+    # A batch whose handling, publishing and commit took longer than this is logged with the time
+    # of each phase (the ``floodgate_batch_seconds`` histogram has them all): one second is ham's
+    # whole end-to-end target, so a batch this slow made its ham miss it.
+    slow_batch_s: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,13 @@ END_TO_END = Histogram(
 )
 BATCH_SIZE = Histogram("floodgate_batch_size", "Records per processed batch", ["stage"],
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+# Where a worker's time goes, per batch: "handle" is the stage's own work (scoring, Maildir
+# fsyncs, the quarantine's commit), "publish" its outputs acknowledged by the broker, "commit" the
+# consumer offsets (for a transactional stage: the transaction, outputs and offsets together).
+# A stalled lane shows here whether the disk, the broker or the model held it.
+BATCH_SECONDS = Histogram("floodgate_batch_seconds", "Time per processed batch, by stage and phase",
+                          ["stage", "phase"],
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 MODEL = Info("floodgate_model", "The model version a classifier scores with")
 MODEL_LOADED = Gauge("floodgate_model_loaded", "1 when a classifier has a model loaded")
 LAG = Gauge("kafka_consumergroup_lag", "Consumer group lag in messages",

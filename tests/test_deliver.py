@@ -77,6 +77,27 @@ def test_each_ham_event_is_delivered_once_even_when_consumed_twice(topic_setting
     assert len({p.parent.parent for p in files}) == 5
 
 
+def _batch_seconds_count(stage: str, phase: str) -> float:
+    return REGISTRY.get_sample_value("floodgate_batch_seconds_count", {"stage": stage, "phase": phase}) or 0.0
+
+
+def test_each_batch_is_timed_by_phase_and_a_slow_one_is_logged(topic_settings, caplog):
+    # A threshold of 0 makes every batch "slow": each one is logged with its phases.
+    s = replace(topic_settings, worker=replace(topic_settings.worker, slow_batch_s=0.0, batch_size=10))
+    batch = [classified("ham", i) for i in range(30)]
+    before = {phase: _batch_seconds_count("deliver", phase) for phase in ("handle", "publish", "commit")}
+    produce(s, "ham", batch)
+    with caplog.at_level("WARNING", logger="floodgate"), running(s, deliver.build, "deliver") as loop:
+        wait_for(lambda: loop.processed == len(batch), what="all ham processed")
+    slow = [r for r in caplog.records if r.getMessage() == "slow batch"]
+    assert sum(r.records for r in slow) == len(batch)
+    for r in slow:
+        assert r.seconds >= r.handle_s + r.publish_s + r.commit_s - 0.002  # the phases are parts of the whole
+        assert r.handle_s > 0  # a Maildir write and fsync is never free
+    for phase, count in before.items():
+        assert _batch_seconds_count("deliver", phase) - count == len(slow), phase
+
+
 def test_hostile_recipients_through_kafka_stay_inside_the_root(topic_settings):
     s = topic_settings
     root = s.paths.maildir_root

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from models import corpus
 from pipeline import accounting, config, events, kafka, traffic
@@ -151,6 +152,30 @@ def test_every_worker_answers_health_and_readiness(pipeline):
         for path, body in (("/healthz", b"ok\n"), ("/readyz", b"ready\n")):
             with urllib.request.urlopen(f"http://127.0.0.1:{w.port}{path}", timeout=5) as r:
                 assert (r.status, r.read()) == (200, body), (w.name, path)
+
+
+def test_every_kafka_worker_times_each_phase_of_its_batches(pipeline, mail):
+    settings, workers = pipeline
+    ham, spam = mail
+    sent = replay(settings, ham[200:210] + spam[200:210], seed=5)
+    wait_for(lambda: placed(settings, set(sent.acked)), timeout=120, what="20 messages placed")
+    timed: dict[str, float] = {}
+    for w in workers.workers.values():
+        if w.name == "reputation":  # a Faust app, not a Loop
+            continue
+        with urllib.request.urlopen(f"http://127.0.0.1:{w.port}/metrics", timeout=5) as r:
+            samples = {(s.name, s.labels.get("phase") or s.labels.get("kind")): s.value
+                       for family in text_string_to_metric_families(r.read().decode()) for s in family.samples}
+        # Every batch that went through is timed, phase by phase (one a sink or the broker sent
+        # back to be retried is counted as a batch, and as a transient error, but not timed).
+        batches = (samples.get(("floodgate_batch_size_count", None), 0.0)
+                   - samples.get(("floodgate_errors_total", "transient"), 0.0))
+        phases = ("handle", "commit") if w.name.startswith("classify") else ("handle", "publish", "commit")
+        for phase in phases:
+            assert samples.get(("floodgate_batch_seconds_count", phase), 0.0) == batches, (w.name, phase)
+        timed[w.name] = batches
+    assert timed["classify-priority"] + timed["classify-bulk"] > 0, timed
+    assert timed["deliver"] + timed["deliver-bulk"] > 0 and timed["cleanup"] > 0, timed
 
 
 def test_the_spam_side_keeps_off_the_ham_sides_cpus(pipeline):

@@ -200,6 +200,22 @@ class Watchdog:
                 os._exit(EXIT_BLOCKED)
 
 
+class BatchTimer:
+    """How long each phase of one batch took (``mark`` ends the phase under way)."""
+
+    def __init__(self) -> None:
+        self.start = self._last = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        return self._last - self.start
+
+
 class Loop:
     def __init__(self, service: Service, stage: str, group: str, topics: list[str], handler: Handler,
                  *, transactional: bool, batch_size: int | None = None, batch_timeout_s: float | None = None,
@@ -213,6 +229,7 @@ class Loop:
         self.transactional = transactional
         self.batch_size = batch_size or s.worker.batch_size
         self.batch_timeout_s = batch_timeout_s if batch_timeout_s is not None else s.worker.batch_timeout_s
+        self.slow_batch_s = s.worker.slow_batch_s
         self.dead_letter_topic = s.topic("dead_letter")
         self.consumer = kafka.consumer(s, group, **(consumer_overrides or {}))
         self._tid = f"{group}.{instance_id()}" if transactional else None
@@ -274,8 +291,10 @@ class Loop:
                 if not msgs:
                     continue
                 metrics.BATCH_SIZE.labels(self.stage).observe(len(msgs))
+                timer = BatchTimer()
                 try:
-                    self._process(msgs)
+                    self._process(msgs, timer)
+                    self._timed(timer, len(msgs))
                     backoff = 0.5
                 except TransientError as e:
                     metrics.ERRORS.labels(self.stage, "transient").inc()
@@ -306,14 +325,16 @@ class Loop:
             self.log.warning("consume error", extra={"error": str(err)})
         return False
 
-    def _process(self, msgs: Sequence[Message]) -> None:
+    def _process(self, msgs: Sequence[Message], timer: BatchTimer) -> None:
         outputs = self._handle(msgs)
+        timer.mark("handle")
         if self.transactional:
             self._commit_transaction(msgs, outputs)
         else:
             self._produce(outputs)
             if self.producer.flush(30) > 0:
                 raise TransientError("outputs not acknowledged by the broker")
+            timer.mark("publish")
             try:
                 self.consumer.commit(offsets=_next_offsets(msgs), asynchronous=False)
             except KafkaException as e:
@@ -323,7 +344,15 @@ class Loop:
                 if e.args[0].fatal():
                     raise
                 raise TransientError(f"offset commit failed: {e.args[0]}") from None
+        timer.mark("commit")
         self.processed += len(msgs)
+
+    def _timed(self, timer: BatchTimer, records: int) -> None:
+        for phase, seconds in timer.phases.items():
+            metrics.BATCH_SECONDS.labels(self.stage, phase).observe(seconds)
+        if timer.total() > self.slow_batch_s:
+            self.log.warning("slow batch", extra={"records": records, "seconds": round(timer.total(), 3)}
+                             | {f"{phase}_s": round(seconds, 3) for phase, seconds in timer.phases.items()})
 
     def _checked(self, msgs: Sequence[Message]) -> list[Output]:
         outputs = self.handler(msgs)
