@@ -40,7 +40,7 @@ from pipeline.config import Settings
 from pipeline.kafka import topics
 from pipeline.lag import LagMonitor
 from pipeline.service import freeze_start_up
-from pipeline.sinks import from_iso, parse_trace, unstamp
+from pipeline.sinks import from_iso, maildir, parse_trace, unstamp
 from pipeline.workers import INGRESS_NICE, WorkerSet, take_priority
 
 REPORTS = Path("reports")
@@ -53,6 +53,9 @@ DRAIN_TIMEOUT_S = 900.0
 # (~15 % of its ham each) floods from their first seconds once a faster run put the base rate
 # above 200/s, and a source diverted from the start never learns its usual rate.
 SOURCE_SHARE = 0.1
+# The disk probe: one small Maildir delivery this often, beside the Maildirs (DiskProbe).
+DISK_PROBE_S = 0.1
+DISK_PROBE_BYTES = 4096
 
 
 @dataclass
@@ -80,6 +83,7 @@ class ConfigResult:
     drain_s: float | None
     series: list[tuple[float, str, float]] = field(default_factory=list)  # (t, kind, latency)
     lag: list[tuple[float, str, int]] = field(default_factory=list)  # (t, group, lag)
+    disk: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds one durable write took)
     generator_behind_max_s: float = 0.0
 
 
@@ -163,6 +167,35 @@ class LagSampler(threading.Thread):
         return self.samples
 
 
+class DiskProbe(threading.Thread):
+    """A control for the disk: one small Maildir delivery (write, fsync, link, fsync of ``new/``)
+    every ``DISK_PROBE_S`` into a mailbox of its own on the Maildirs' filesystem, timed.
+
+    What the probe waited for, every durable write on that disk waited for, whatever Floodgate's
+    code did: a phase whose ham p99 is near the probe's max in that phase waited for the disk
+    (its write cache, a shared or throttled virtual disk), not for the pipeline.
+    """
+
+    def __init__(self, mailbox: Path) -> None:
+        super().__init__(name="disk-probe", daemon=True)
+        self.mailbox = mailbox
+        self.samples: list[tuple[float, float]] = []  # (wall time, seconds)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        data = b"X" * DISK_PROBE_BYTES
+        maildir.ensure(self.mailbox)
+        while not self.stop.wait(DISK_PROBE_S):
+            started, t = time.time(), time.monotonic()
+            maildir.deliver(self.mailbox, f"probe.{len(self.samples)}", data)
+            self.samples.append((started, time.monotonic() - t))
+
+    def finish(self) -> list[tuple[float, float]]:
+        self.stop.set()
+        self.join(10)
+        return self.samples
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -202,6 +235,8 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
         t0 = time.time()
         sampler = LagSampler(settings, groups, t0)
         sampler.start()
+        probe = DiskProbe(workdir / name / "disk-probe")  # beside the Maildirs: the same filesystem
+        probe.start()
         with contextlib.ExitStack() as stack:
             if live:
                 from rich.live import Live
@@ -210,6 +245,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
             sent = traffic.send(kafka.lane_producer(settings), route, plan)
             accounting.wait_accounted(settings, set(sent.acked), DRAIN_TIMEOUT_S)
         lag = sampler.finish()
+        disk = probe.finish()
     finally:
         workers.stop_all()
         if admission:
@@ -249,13 +285,16 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
                     phase.setdefault("legit_ham_bulk", []).append(latency)
             if event_id in sent.acked:
                 phase.setdefault("legit_ham_ingress", []).append(max(0.0, sent.acked[event_id] - accepted))
+    for when, seconds in disk:
+        buckets.setdefault(phase_of(when - sent.start), {}).setdefault("disk", []).append(seconds)
     flood_end = sent.start + scenario.warmup_s + scenario.pre_s + scenario.flood_s
     topics.delete(settings, admin)
     return ConfigResult(
         name=name, ledger=ledger.summary(), ok=ledger.ok, lost=len(ledger.lost), duplicated=len(ledger.duplicated),
         phases={ph: {path: stats(v) for path, v in paths.items()} for ph, paths in sorted(buckets.items())},
         drain_s=round(last_spam - flood_end, 2) if last_spam else None,
-        series=series, lag=lag, generator_behind_max_s=round(sent.behind_max_s, 3),
+        series=series, lag=lag, disk=[(round(when - t0, 3), round(seconds, 4)) for when, seconds in disk],
+        generator_behind_max_s=round(sent.behind_max_s, 3),
     )
 
 
@@ -329,12 +368,12 @@ def run(settings: Settings, scenario: Scenario, configs: tuple[str, ...] = ("flo
                      "admission_floor": round(floor, 1),
                      "messages": len(plan)},
         "machine": {"cpu": _cpu(), "cores": _cores(), "python": platform.python_version()},
-        "results": {n: {k: v for k, v in r.__dict__.items() if k not in ("series", "lag")}
+        "results": {n: {k: v for k, v in r.__dict__.items() if k not in ("series", "lag", "disk")}
                     for n, r in results.items()},
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "flood.json").write_bytes(orjson.dumps(
-        report | {"series": {n: {"latency": r.series, "lag": r.lag} for n, r in results.items()}}))
+        report | {"series": {n: {"latency": r.series, "lag": r.lag, "disk": r.disk} for n, r in results.items()}}))
     plot(results, scenario, out / "flood.png")
     return report
 
@@ -369,6 +408,9 @@ def plot(results: dict[str, ConfigResult], s: Scenario, path: Path) -> None:
             pts = [(t, lat) for t, p, lat in r.series if p == verdict]
             if pts:
                 ax.scatter([t for t, _ in pts], [lat for _, lat in pts], s=2, c=color, label=verdict, alpha=0.5)
+        if r.disk:
+            ax.scatter([t for t, _ in r.disk], [sec for _, sec in r.disk], s=4, c="black", marker="x",
+                       label="one fsynced write (disk probe)", alpha=0.5)
         ax.set_yscale("log")
         ax.set_ylabel("end-to-end latency (s)")
         ax.set_title(f"{name}: latency by acceptance time")
@@ -392,22 +434,26 @@ def summary(report: dict[str, Any]) -> str:
     lines = ["", f"capacity {s['capacity']:.0f} msg/s; base {s['base_rate']} msg/s; flood {s['flood_rate']} msg/s "
              f"for {s['flood_s']:.0f} s; {s['messages']} messages; admission floor {s.get('admission_floor')} msg/s",
              "ham = legitimate mail delivered (corpus truth); ingress = accepted -> broker ack;"
-             " queued = accepted -> classified; delivering = classified -> in the Maildir; seconds",
+             " queued = accepted -> classified; delivering = classified -> in the Maildir;"
+             " disk = one small fsynced Maildir write beside the Maildirs, every 0.1 s; seconds",
              f"{'config':10} {'phase':9} {'ham p50':>9} {'ham p99':>9} {'ham max':>9} {'ingress p99':>11} "
-             f"{'queued p99':>10} {'delivering p99':>14} {'spam p50':>9} {'n ham':>6} {'via bulk':>8}"]
+             f"{'queued p99':>10} {'delivering p99':>14} {'spam p50':>9} {'n ham':>6} {'via bulk':>8} "
+             f"{'disk p99':>8} {'disk max':>8}"]
     for name, r in report["results"].items():
         for phase, paths in r["phases"].items():
             if phase == "0-warmup":
                 continue
             h, sp, q = paths.get("legit_ham", {}), paths.get("spam", {}), paths.get("legit_ham_queued", {})
             ing, dlv = paths.get("legit_ham_ingress", {}), paths.get("legit_ham_delivering", {})
+            disk = paths.get("disk", {})
 
             def f(v: float | None) -> str:
                 return "-" if v is None else f"{v:.3f}"
             lines.append(f"{name:10} {phase[2:]:9} {f(h.get('p50')):>9} {f(h.get('p99')):>9} {f(h.get('max')):>9} "
                          f"{f(ing.get('p99')):>11} {f(q.get('p99')):>10} {f(dlv.get('p99')):>14} {f(sp.get('p50')):>9} "
                          f"{h.get('n', 0):>6} "
-                         f"{paths.get('legit_ham_bulk', {}).get('n', 0):>8}")
+                         f"{paths.get('legit_ham_bulk', {}).get('n', 0):>8} "
+                         f"{f(disk.get('p99')):>8} {f(disk.get('max')):>8}")
         lines.append(f"{name:10} accounting: {r['ledger']}; spam drained {r['drain_s']} s after the flood")
         verdict = "every message in exactly one place" if r["ok"] else "MAIL LOST OR DUPLICATED"
         lines.append(f"{name:10} {verdict} (mailbox, quarantine or dead-letter topic)")

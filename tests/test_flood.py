@@ -1,0 +1,32 @@
+"""Pieces of the flood benchmark (``make bench-flood``) that can be checked without running it."""
+
+from __future__ import annotations
+
+from pipeline import flood
+from pipeline.sinks import maildir
+from tests.kafka_helpers import wait_for
+
+
+def test_the_disk_probe_times_real_maildir_deliveries(tmp_path):
+    box = tmp_path / "probe"
+    probe = flood.DiskProbe(box)
+    probe.start()
+    wait_for(lambda: len(probe.samples) >= 3, timeout=30, what="three probe writes")
+    samples = probe.finish()
+    assert not probe.is_alive()
+    delivered = sorted(p.name for p in (box / "new").iterdir())
+    assert len(delivered) == len(samples) >= 3  # every sample is a message durably in new/
+    assert all(maildir.delivered(box, name) for name in delivered)
+    assert all(seconds > 0 for _, seconds in samples)
+    assert [t for t, _ in samples] == sorted(t for t, _ in samples)
+
+
+def test_the_summary_shows_the_disk_beside_ham(tmp_path):
+    phase = {"legit_ham": flood.stats([0.1, 0.2]), "spam": flood.stats([5.0]), "disk": flood.stats([0.002, 0.3])}
+    report = {"scenario": {"capacity": 500.0, "base_rate": 125.0, "flood_rate": 2500.0, "flood_s": 20.0,
+                           "messages": 3},
+              "results": {"floodgate": {"phases": {"1-before": phase}, "ledger": "3 sent", "drain_s": 1.0,
+                                        "ok": True}}}
+    header, row = flood.summary(report).splitlines()[3:5]
+    assert header.split()[-4:] == ["disk", "p99", "disk", "max"]
+    assert row.split()[-2:] == ["0.300", "0.300"]  # p99 and max of the two probe writes
