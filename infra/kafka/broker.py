@@ -124,8 +124,8 @@ offsets.topic.num.partitions=8
 transaction.state.log.num.partitions=8
 # Tests and benchmarks delete their topics when they end. With the default of 60 s the files of
 # a deleted topic are unlinked a minute later, in the middle of the next measurement, whose
-# Maildir fsyncs share the filesystem journal with those unlinks; at 1 s they happen before the
-# bench's page-cache flush (pipeline/flood.py) instead.
+# Maildir fsyncs share the disk (and, on a journalled filesystem, the journal) with those
+# unlinks; at 1 s they happen before the bench's page-cache flush (pipeline/flood.py) instead.
 log.segment.delete.delay.ms=1000
 # The log cleaner's key map is allocated on the heap at start and held for good: 128 MiB by
 # default, a quarter of this broker's heap (its live heap after a full collection went from
