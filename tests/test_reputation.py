@@ -466,3 +466,37 @@ def test_any_of_two_workers_answers_for_every_sender(topic_settings: Settings, t
             for w in workers:
                 view = w.wait_sender(f"domain:{d}", f"{d}'s verdicts, asked of worker {w.port}", ham=3)
                 assert view["known"] is True and view["spam"] == 0
+
+
+def _committed_behind(settings: Settings, topic_key: str) -> int:
+    """How far the worker's committed offsets are from the end, on the topic's furthest partition."""
+    topic = settings.topic(topic_key)
+    reader = kafka.consumer(settings, group=settings.group("reputation"))
+    try:
+        parts = [TopicPartition(topic, p) for p in reader.list_topics(topic, timeout=10).topics[topic].partitions]
+        committed = {tp.partition: tp.offset for tp in reader.committed(parts, timeout=10)}
+        ends = {tp.partition: reader.get_watermark_offsets(tp, timeout=10)[1] for tp in parts}
+    finally:
+        reader.close()
+    return max(ends[p] - max(committed[p], 0) for p in ends)
+
+
+@pytest.mark.kafka
+def test_verdicts_written_in_transactions_are_counted_and_committed(worker: Worker):
+    # The classifier writes its verdicts in transactions, so the verdict topics carry commit
+    # markers between batches: offsets with no record behind them, which Faust must step over
+    # both to count every verdict and to commit its position.
+    producer = kafka.producer(worker.settings, transactional_id=f"test-{uuid.uuid4().hex[:8]}")
+    producer.init_transactions(30)
+    n, per_transaction = 600, 20
+    for start in range(0, n, per_transaction):
+        producer.begin_transaction()
+        for i in range(start, start + per_transaction):
+            ev = _event(f"t{i}@txn.example", "198.51.100.77", verdict="ham")
+            producer.produce(worker.settings.topic("ham"), key=ev.key, value=events.encode(ev))
+        producer.commit_transaction(30)
+    worker.wait_sender("domain:txn.example", f"all {n} verdicts to be counted", ham=n)
+    assert worker.get("/reputation/stats/")["verdicts"] == n
+    # Committed up to the last record of each partition: at most its final marker is left.
+    wait_for(lambda: _committed_behind(worker.settings, "ham") <= 1, STEP_TIMEOUT_S,
+             what="the worker's offsets committed past the transactions")
