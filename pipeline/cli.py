@@ -201,15 +201,17 @@ def bench_flood(
     post: float = typer.Option(20.0, help="seconds of steady mail after it"),
     capacity: float = typer.Option(0.0, help="pipeline capacity in msg/s; 0 measures it first"),
     naive: bool = typer.Option(True, help="also run the naive single-lane configuration"),
+    keep: bool = typer.Option(False, help="keep the work directory (worker logs, Maildirs, quarantine)"),
 ) -> None:
     """A spam flood at 5x capacity: ham latency before, during and after, beside the naive design."""
     from pipeline import flood as bench
 
     settings = config.load()
     scenario = bench.Scenario(pre_s=pre, flood_s=flood, post_s=post, capacity=capacity or None)
-    report = bench.run(settings, scenario, ("floodgate", "naive") if naive else ("floodgate",))
+    report = bench.run(settings, scenario, ("floodgate", "naive") if naive else ("floodgate",), keep=keep)
     typer.echo(bench.summary(report))
-    typer.echo("wrote reports/flood.json and reports/flood.png")
+    typer.echo("wrote reports/flood.json and reports/flood.png"
+               + (f"; kept {report['workdir']}" if keep else ""))
 
 
 @bench_app.command("reputation")

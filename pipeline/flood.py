@@ -85,6 +85,7 @@ class ConfigResult:
     lag: list[tuple[float, str, int]] = field(default_factory=list)  # (t, group, lag)
     disk: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds one durable write took)
     generator_behind_max_s: float = 0.0
+    started_at: float = 0.0  # the wall clock at t = 0 of the series, to match worker logs (--keep)
 
 
 def private(settings: Settings, name: str, workdir: Path) -> Settings:
@@ -294,7 +295,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
         phases={ph: {path: stats(v) for path, v in paths.items()} for ph, paths in sorted(buckets.items())},
         drain_s=round(last_spam - flood_end, 2) if last_spam else None,
         series=series, lag=lag, disk=[(round(when - t0, 3), round(seconds, 4)) for when, seconds in disk],
-        generator_behind_max_s=round(sent.behind_max_s, 3),
+        generator_behind_max_s=round(sent.behind_max_s, 3), started_at=t0,
     )
 
 
@@ -337,7 +338,9 @@ def start_naive(workers: WorkerSet, settings: Settings) -> list[str]:
 
 
 def run(settings: Settings, scenario: Scenario, configs: tuple[str, ...] = ("floodgate", "naive"),
-        out: Path = REPORTS, live: bool = False) -> dict[str, Any]:
+        out: Path = REPORTS, live: bool = False, keep: bool = False) -> dict[str, Any]:
+    """Both configurations on one plan; ``keep`` leaves the work directory (each configuration's
+    worker logs, Maildirs and quarantine) for inspection, its path in the report."""
     ham, spam = load_mail(settings.paths.data)
     workdir = Path(settings.paths.maildir_root).parent / f"flood-{uuid.uuid4().hex[:6]}"
     if scenario.capacity is None:
@@ -362,12 +365,14 @@ def run(settings: Settings, scenario: Scenario, configs: tuple[str, ...] = ("flo
         starter = start_floodgate if name == "floodgate" else start_naive
         results[name] = run_config(name, settings, scenario, plan, workdir, starter, admit=name == "floodgate",
                                    live=live)
-    shutil.rmtree(workdir, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "scenario": {**scenario.__dict__, "base_rate": round(base_rate, 1), "flood_rate": round(flood_rate, 1),
                      "admission_floor": round(floor, 1),
                      "messages": len(plan)},
         "machine": {"cpu": _cpu(), "cores": _cores(), "python": platform.python_version()},
+        **({"workdir": str(workdir)} if keep else {}),
         "results": {n: {k: v for k, v in r.__dict__.items() if k not in ("series", "lag", "disk")}
                     for n, r in results.items()},
     }
