@@ -154,6 +154,17 @@ def test_every_worker_answers_health_and_readiness(pipeline):
                 assert (r.status, r.read()) == (200, body), (w.name, path)
 
 
+def _batch_timings(port: int, phases: tuple[str, ...]) -> tuple[float, list[float]]:
+    """From a worker's /metrics: its batches (less those sent back to be retried, which are
+    counted as batches and as transient errors but not timed) and its timed count per phase."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        samples = {(s.name, s.labels.get("phase") or s.labels.get("kind")): s.value
+                   for family in text_string_to_metric_families(r.read().decode()) for s in family.samples}
+    batches = (samples.get(("floodgate_batch_size_count", None), 0.0)
+               - samples.get(("floodgate_errors_total", "transient"), 0.0))
+    return batches, [samples.get(("floodgate_batch_seconds_count", phase), 0.0) for phase in phases]
+
+
 def test_every_kafka_worker_times_each_phase_of_its_batches(pipeline, mail):
     settings, workers = pipeline
     ham, spam = mail
@@ -163,17 +174,15 @@ def test_every_kafka_worker_times_each_phase_of_its_batches(pipeline, mail):
     for w in workers.workers.values():
         if w.name == "reputation":  # a Faust app, not a Loop
             continue
-        with urllib.request.urlopen(f"http://127.0.0.1:{w.port}/metrics", timeout=5) as r:
-            samples = {(s.name, s.labels.get("phase") or s.labels.get("kind")): s.value
-                       for family in text_string_to_metric_families(r.read().decode()) for s in family.samples}
-        # Every batch that went through is timed, phase by phase (one a sink or the broker sent
-        # back to be retried is counted as a batch, and as a transient error, but not timed).
-        batches = (samples.get(("floodgate_batch_size_count", None), 0.0)
-                   - samples.get(("floodgate_errors_total", "transient"), 0.0))
         phases = ("handle", "commit") if w.name.startswith("classify") else ("handle", "publish", "commit")
-        for phase in phases:
-            assert samples.get(("floodgate_batch_seconds_count", phase), 0.0) == batches, (w.name, phase)
-        timed[w.name] = batches
+
+        def consistent(port: int = w.port, phases: tuple[str, ...] = phases) -> tuple[float] | None:
+            # A batch is counted when it is taken and timed when it is done: a scrape in between
+            # sees one more batch than timings, so wait for the worker to finish what it holds.
+            batches, counts = _batch_timings(port, phases)
+            return (batches,) if all(c == batches for c in counts) else None
+
+        (timed[w.name],) = wait_for(consistent, timeout=30, what=f"{w.name}'s batches all timed, phase by phase")
     assert timed["classify-priority"] + timed["classify-bulk"] > 0, timed
     assert timed["deliver"] + timed["deliver-bulk"] > 0 and timed["cleanup"] > 0, timed
 
