@@ -41,6 +41,7 @@ from pipeline.reputation import (
     tally,
 )
 from tests.kafka_helpers import consume_n, wait_for
+from tests.worker_helpers import partition_lags
 
 # Faust's worker starts in a few seconds here, but creating internal topics, joining the group
 # and recovering tables can take much longer on a loaded machine.
@@ -468,19 +469,6 @@ def test_any_of_two_workers_answers_for_every_sender(topic_settings: Settings, t
                 assert view["known"] is True and view["spam"] == 0
 
 
-def _committed_behind(settings: Settings, topic_key: str) -> int:
-    """How far the worker's committed offsets are from the end, on the topic's furthest partition."""
-    topic = settings.topic(topic_key)
-    reader = kafka.consumer(settings, group=settings.group("reputation"))
-    try:
-        parts = [TopicPartition(topic, p) for p in reader.list_topics(topic, timeout=10).topics[topic].partitions]
-        committed = {tp.partition: tp.offset for tp in reader.committed(parts, timeout=10)}
-        ends = {tp.partition: reader.get_watermark_offsets(tp, timeout=10)[1] for tp in parts}
-    finally:
-        reader.close()
-    return max(ends[p] - max(committed[p], 0) for p in ends)
-
-
 @pytest.mark.kafka
 def test_verdicts_written_in_transactions_are_counted_and_committed(worker: Worker):
     # The classifier writes its verdicts in transactions, so the verdict topics carry commit
@@ -498,5 +486,6 @@ def test_verdicts_written_in_transactions_are_counted_and_committed(worker: Work
     worker.wait_sender("domain:txn.example", f"all {n} verdicts to be counted", ham=n)
     assert worker.get("/reputation/stats/")["verdicts"] == n
     # Committed up to the last record of each partition: at most its final marker is left.
-    wait_for(lambda: _committed_behind(worker.settings, "ham") <= 1, STEP_TIMEOUT_S,
+    s = worker.settings
+    wait_for(lambda: max(partition_lags(s, s.group("reputation"), "ham").values()) <= 1, STEP_TIMEOUT_S,
              what="the worker's offsets committed past the transactions")

@@ -86,20 +86,26 @@ def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
     return wait_for(ask, 30, interval=0.1, what=f"a leader for {tp.topic}/{tp.partition}")
 
 
-def group_lag(settings: Settings, group: str, topic_key: str) -> int:
-    """Records on the topic that the group has not committed yet (all of them if it never committed)."""
+def partition_lags(settings: Settings, group: str, topic_key: str) -> dict[int, int]:
+    """Per partition of the topic, the offsets the group has not committed yet (all of them if
+    it never committed; transaction markers count, as they do for any consumer's position)."""
     topic = settings.topic(topic_key)
     consumer = kafka.consumer(settings, group)
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
-        lag = 0
+        lags = {}
         for tp in committed:
             low, high = _watermarks(consumer, TopicPartition(topic, tp.partition))
-            lag += high - (tp.offset if tp.offset >= 0 else low)
-        return lag
+            lags[tp.partition] = high - (tp.offset if tp.offset >= 0 else low)
+        return lags
     finally:
         consumer.close()
+
+
+def group_lag(settings: Settings, group: str, topic_key: str) -> int:
+    """Records on the topic that the group has not committed yet (all of them if it never committed)."""
+    return sum(partition_lags(settings, group, topic_key).values())
 
 
 def end_offsets(settings: Settings, topic_key: str) -> int:
