@@ -4,14 +4,12 @@ and catches up, and the monitor (and its /metrics endpoint) says so."""
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from pipeline import kafka
@@ -21,6 +19,7 @@ from pipeline.lag import LagMonitor, PartitionLag, interpolate_time
 from pipeline.lagstatus import Status
 from pipeline.service import Service
 from tests.kafka_helpers import wait_for
+from tests.worker_helpers import scrape
 
 pytestmark = pytest.mark.kafka
 # The probe returns as soon as every partition answered; a loaded machine must not turn a slow
@@ -122,12 +121,9 @@ def test_lag_moves_through_stall_stop_and_back_to_ok(topic_settings: Settings,
     service = Service("lag", s)
     port = service.serve_http(port=0)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
+        samples = scrape(port)
     finally:
         service.close()
-    samples = {(m.name, tuple(sorted(m.labels.items()))): m.value
-               for fam in text_string_to_metric_families(text) for m in fam.samples}
     assert samples[("kafka_consumergroup_lag",
                     (("consumergroup", group), ("partition", "0"), ("topic", ham)))] == 15
     assert samples[("floodgate_consumergroup_status", (("consumergroup", group), ("status", "STOP")))] == 1

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from models import corpus
 from pipeline import accounting, config, events, kafka, traffic
@@ -27,6 +26,7 @@ from pipeline.admission import Admission
 from pipeline.kafka import topics
 from pipeline.workers import NICE, WorkerSet, settings_env, spam_side_cpus
 from tests.kafka_helpers import wait_for
+from tests.worker_helpers import scrape
 
 pytestmark = pytest.mark.kafka
 DATA = config.ROOT / "data"
@@ -157,12 +157,13 @@ def test_every_worker_answers_health_and_readiness(pipeline):
 def _batch_timings(port: int, phases: tuple[str, ...]) -> tuple[float, list[float]]:
     """From a worker's /metrics: its batches (less those sent back to be retried, which are
     counted as batches and as transient errors but not timed) and its timed count per phase."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        samples = {(s.name, s.labels.get("phase") or s.labels.get("kind")): s.value
-                   for family in text_string_to_metric_families(r.read().decode()) for s in family.samples}
-    batches = (samples.get(("floodgate_batch_size_count", None), 0.0)
-               - samples.get(("floodgate_errors_total", "transient"), 0.0))
-    return batches, [samples.get(("floodgate_batch_seconds_count", phase), 0.0) for phase in phases]
+    samples = scrape(port)
+
+    def value(name: str, **labels: str) -> float:  # a worker has one stage: no need to name it
+        return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+    batches = value("floodgate_batch_size_count") - value("floodgate_errors_total", kind="transient")
+    return batches, [value("floodgate_batch_seconds_count", phase=phase) for phase in phases]
 
 
 def test_every_kafka_worker_times_each_phase_of_its_batches(pipeline, mail):

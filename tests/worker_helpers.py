@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import events, kafka
 from pipeline.config import Settings
@@ -127,6 +128,14 @@ def delivered_files(root: Path) -> list[Path]:
 
 def event_ids(files: Iterable[Path]) -> list[str]:
     return [p.name.split(".")[1] for p in files]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A worker's /metrics, read over HTTP as Prometheus would: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(m.name, tuple(sorted(m.labels.items()))): m.value
+            for family in text_string_to_metric_families(text) for m in family.samples}
 
 
 def free_port() -> int:
