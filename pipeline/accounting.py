@@ -46,7 +46,9 @@ def scan_maildirs(root: Path, found: Found) -> None:
             if len(parts) < 3:
                 continue
             event_id = parts[1]
-            found.delivered.setdefault(event_id, []).append(path.stat().st_mtime)
+            # ctime, not mtime: the link into new/ sets it, after the message's data is fsynced
+            # (mtime is the write, before), and new/ is fsynced right after the link.
+            found.delivered.setdefault(event_id, []).append(path.stat().st_ctime)
             found.accepted.setdefault(event_id, float(parts[0]))
 
 
