@@ -56,6 +56,11 @@ SOURCE_SHARE = 0.1
 # The disk probe: one small Maildir delivery this often, beside the Maildirs (DiskProbe).
 DISK_PROBE_S = 0.1
 DISK_PROBE_BYTES = 4096
+# A probe write this slow means the disk stopped (its median is ~1 ms when idle, 0.1 s is a
+# hundred times that): ham on its way through the pipeline meanwhile may have waited for the
+# disk, whatever the flood did. The report's "clear p99" leaves those messages out, to tell the
+# pipeline's own tail from the host's disk; the targets are judged on all ham.
+DISK_STALL_S = 0.1
 
 
 @dataclass
@@ -197,6 +202,16 @@ class DiskProbe(threading.Thread):
         return self.samples
 
 
+def stall_windows(disk: list[tuple[float, float]], threshold: float = DISK_STALL_S) -> list[tuple[float, float]]:
+    """(start, end) wall times of the probe writes that took longer than ``threshold``."""
+    return [(started, started + seconds) for started, seconds in disk if seconds > threshold]
+
+
+def clear_of(windows: list[tuple[float, float]], start: float, end: float) -> bool:
+    """Did [start, end] (a message's way from acceptance to its mailbox) miss every window?"""
+    return not any(a < end and b > start for a, b in windows)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -258,6 +273,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
     series: list[tuple[float, str, float]] = []
     buckets: dict[str, dict[str, list[float]]] = {}
     last_spam = 0.0
+    stalls = stall_windows(disk)
     for event_id in sent.kinds:
         accepted = sent.accepted[event_id]
         if event_id in found.delivered:
@@ -278,6 +294,8 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
         if path == "ham" and sent.labels[event_id] == "ham":
             # Legitimate mail (by the corpus's truth), and where its time went.
             phase.setdefault("legit_ham", []).append(latency)
+            if clear_of(stalls, accepted, landed):
+                phase.setdefault("legit_ham_clear", []).append(latency)
             if event_id in classified:
                 when, lane = classified[event_id]
                 phase.setdefault("legit_ham_queued", []).append(max(0.0, when - accepted))
@@ -440,22 +458,25 @@ def summary(report: dict[str, Any]) -> str:
              f"for {s['flood_s']:.0f} s; {s['messages']} messages; admission floor {s.get('admission_floor')} msg/s",
              "ham = legitimate mail delivered (corpus truth); ingress = accepted -> broker ack;"
              " queued = accepted -> classified; delivering = classified -> in the Maildir;"
-             " disk = one small fsynced Maildir write beside the Maildirs, every 0.1 s; seconds",
-             f"{'config':10} {'phase':9} {'ham p50':>9} {'ham p99':>9} {'ham max':>9} {'ingress p99':>11} "
-             f"{'queued p99':>10} {'delivering p99':>14} {'spam p50':>9} {'n ham':>6} {'via bulk':>8} "
-             f"{'disk p99':>8} {'disk max':>8}"]
+             " disk = one small fsynced Maildir write beside the Maildirs, every 0.1 s;"
+             f" clear = ham whose way overlapped no probe write over {DISK_STALL_S} s (a diagnostic:"
+             " the targets are on all ham); seconds",
+             f"{'config':10} {'phase':9} {'ham p50':>9} {'ham p99':>9} {'ham max':>9} {'clear p99':>9} "
+             f"{'ingress p99':>11} {'queued p99':>10} {'delivering p99':>14} {'spam p50':>9} {'n ham':>6} "
+             f"{'via bulk':>8} {'disk p99':>8} {'disk max':>8}"]
     for name, r in report["results"].items():
         for phase, paths in r["phases"].items():
             if phase == "0-warmup":
                 continue
             h, sp, q = paths.get("legit_ham", {}), paths.get("spam", {}), paths.get("legit_ham_queued", {})
             ing, dlv = paths.get("legit_ham_ingress", {}), paths.get("legit_ham_delivering", {})
-            disk = paths.get("disk", {})
+            disk, clear = paths.get("disk", {}), paths.get("legit_ham_clear", {})
 
             def f(v: float | None) -> str:
                 return "-" if v is None else f"{v:.3f}"
             lines.append(f"{name:10} {phase[2:]:9} {f(h.get('p50')):>9} {f(h.get('p99')):>9} {f(h.get('max')):>9} "
-                         f"{f(ing.get('p99')):>11} {f(q.get('p99')):>10} {f(dlv.get('p99')):>14} {f(sp.get('p50')):>9} "
+                         f"{f(clear.get('p99')):>9} {f(ing.get('p99')):>11} {f(q.get('p99')):>10} "
+                         f"{f(dlv.get('p99')):>14} {f(sp.get('p50')):>9} "
                          f"{h.get('n', 0):>6} "
                          f"{paths.get('legit_ham_bulk', {}).get('n', 0):>8} "
                          f"{f(disk.get('p99')):>8} {f(disk.get('max')):>8}")

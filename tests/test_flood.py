@@ -30,3 +30,28 @@ def test_the_summary_shows_the_disk_beside_ham(tmp_path):
     header, row = flood.summary(report).splitlines()[3:5]
     assert header.split()[-4:] == ["disk", "p99", "disk", "max"]
     assert row.split()[-2:] == ["0.300", "0.300"]  # p99 and max of the two probe writes
+
+
+def test_ham_that_met_a_disk_stall_is_left_out_of_the_clear_p99_only():
+    # Probe writes (start, seconds): one stall from t=10.0 to 10.5, fast writes around it.
+    disk = [(9.0, 0.001), (10.0, 0.5), (11.0, 0.002), (12.0, flood.DISK_STALL_S)]  # the last is not over
+    windows = flood.stall_windows(disk)
+    assert windows == [(10.0, 10.5)]
+    assert not flood.clear_of(windows, 9.9, 10.2)  # on its way when the disk stopped
+    assert not flood.clear_of(windows, 10.1, 10.3)  # wholly inside the stall
+    assert not flood.clear_of(windows, 9.0, 11.0)  # around it
+    assert flood.clear_of(windows, 9.0, 9.95)  # in its mailbox before
+    assert flood.clear_of(windows, 10.6, 10.7)  # accepted after
+
+
+def test_the_summary_shows_all_ham_and_the_clear_p99_side_by_side():
+    phase = {"legit_ham": flood.stats([0.1, 0.2, 0.9]), "legit_ham_clear": flood.stats([0.1, 0.2]),
+             "disk": flood.stats([0.002, 0.6])}
+    report = {"scenario": {"capacity": 500.0, "base_rate": 125.0, "flood_rate": 2500.0, "flood_s": 20.0,
+                           "messages": 3},
+              "results": {"floodgate": {"phases": {"2-during": phase}, "ledger": "3 sent", "drain_s": 1.0,
+                                        "ok": True}}}
+    header, row = flood.summary(report).splitlines()[3:5]
+    columns = header.replace(" p", "_p").replace("ham max", "ham_max").split()
+    values = dict(zip(columns, row.split(), strict=False))
+    assert values["ham_p99"] == "0.900" and values["clear_p99"] == "0.200"
