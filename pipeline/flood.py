@@ -59,7 +59,8 @@ DISK_PROBE_BYTES = 4096
 # A probe write this slow means the disk stopped (its median is ~1 ms when idle, 0.1 s is a
 # hundred times that): ham on its way through the pipeline meanwhile may have waited for the
 # disk, whatever the flood did. The report's "clear p99" leaves those messages out, to tell the
-# pipeline's own tail from the host's disk; the targets are judged on all ham.
+# pipeline's own tail from the host's disk; the targets are judged on all ham. (A longer way is
+# likelier to overlap a stop, whatever made it long, so it favours fast messages somewhat.)
 DISK_STALL_S = 0.1
 
 
