@@ -172,10 +172,8 @@ def deliver_many(items: Sequence[tuple[Path, str, bytes]], pool: Executor) -> li
 
     Each item is written, fsynced, linked and its ``new/`` fsynced in a task of its own, so the
     fsyncs that wait together share the disk's cache flushes, and no item waits for the others'
-    directories one after another (a batch to eight mailboxes: median 0.7 ms against 2.4 ms when
-    the directories were fsynced in turn after the files). Every item is attempted; the first
-    error is raised after the rest are done, so a retried batch that finds those files may rightly
-    count them as delivered.
+    directories one after another. Every item is attempted; the first error is raised after the
+    rest are done, so a retried batch that finds those files may rightly count them as delivered.
     """
     futures = [pool.submit(deliver, *item) for item in items]
     results: list[bool] = []
