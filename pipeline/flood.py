@@ -459,7 +459,7 @@ def summary(report: dict[str, Any]) -> str:
              f"for {s['flood_s']:.0f} s; {s['messages']} messages; admission floor {s.get('admission_floor')} msg/s",
              "ham = legitimate mail delivered (corpus truth); ingress = accepted -> broker ack;"
              " queued = accepted -> classified; delivering = classified -> in the Maildir;"
-             " disk = one small fsynced Maildir write beside the Maildirs, every 0.1 s;"
+             f" disk = one small fsynced Maildir write beside the Maildirs, every {DISK_PROBE_S} s;"
              f" clear = ham whose way overlapped no probe write over {DISK_STALL_S} s (a diagnostic:"
              " the targets are on all ham); seconds",
              f"{'config':10} {'phase':9} {'ham p50':>9} {'ham p99':>9} {'ham max':>9} {'clear p99':>9} "
