@@ -21,13 +21,19 @@ def test_the_disk_probe_times_real_maildir_deliveries(tmp_path):
     assert [t for t, _ in samples] == sorted(t for t, _ in samples)
 
 
-def test_the_summary_shows_the_disk_beside_ham(tmp_path):
-    phase = {"legit_ham": flood.stats([0.1, 0.2]), "spam": flood.stats([5.0]), "disk": flood.stats([0.002, 0.3])}
+def _summary_of(phase_name: str, phase: dict) -> tuple[str, str]:
+    """The header and the one row that flood.summary prints for a report with a single phase."""
     report = {"scenario": {"capacity": 500.0, "base_rate": 125.0, "flood_rate": 2500.0, "flood_s": 20.0,
                            "messages": 3},
-              "results": {"floodgate": {"phases": {"1-before": phase}, "ledger": "3 sent", "drain_s": 1.0,
+              "results": {"floodgate": {"phases": {phase_name: phase}, "ledger": "3 sent", "drain_s": 1.0,
                                         "ok": True}}}
     header, row = flood.summary(report).splitlines()[3:5]
+    return header, row
+
+
+def test_the_summary_shows_the_disk_beside_ham():
+    phase = {"legit_ham": flood.stats([0.1, 0.2]), "spam": flood.stats([5.0]), "disk": flood.stats([0.002, 0.3])}
+    header, row = _summary_of("1-before", phase)
     assert header.split()[-4:] == ["disk", "p99", "disk", "max"]
     assert row.split()[-2:] == ["0.300", "0.300"]  # p99 and max of the two probe writes
 
@@ -47,11 +53,7 @@ def test_ham_that_met_a_disk_stall_is_left_out_of_the_clear_p99_only():
 def test_the_summary_shows_all_ham_and_the_clear_p99_side_by_side():
     phase = {"legit_ham": flood.stats([0.1, 0.2, 0.9]), "legit_ham_clear": flood.stats([0.1, 0.2]),
              "disk": flood.stats([0.002, 0.6])}
-    report = {"scenario": {"capacity": 500.0, "base_rate": 125.0, "flood_rate": 2500.0, "flood_s": 20.0,
-                           "messages": 3},
-              "results": {"floodgate": {"phases": {"2-during": phase}, "ledger": "3 sent", "drain_s": 1.0,
-                                        "ok": True}}}
-    header, row = flood.summary(report).splitlines()[3:5]
+    header, row = _summary_of("2-during", phase)
     columns = header.replace(" p", "_p").replace("ham max", "ham_max").split()
     values = dict(zip(columns, row.split(), strict=False))
     assert values["ham_p99"] == "0.900" and values["clear_p99"] == "0.200"
