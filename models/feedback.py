@@ -15,8 +15,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import TopicMetadata
 
 from models.corpus import Message
-from pipeline import events, kafka
-from pipeline.config import Settings
+from pipeline import kafka
+from pipeline.core import events
+from pipeline.core.config import Settings
 
 
 @dataclass

@@ -28,10 +28,10 @@ from pathlib import Path
 from confluent_kafka import Message
 
 from models import features, registry
-from pipeline import events, metrics
-from pipeline.config import Settings
+from pipeline.core import events, metrics
+from pipeline.core.config import Settings
+from pipeline.core.service import Service
 from pipeline.kafka.loop import Loop, Output, decode_batch
-from pipeline.service import Service
 
 STAGE = "classify"
 # Each lane's input and (ham, spam) output topics (infra/topics.toml keys). Lanes stay apart

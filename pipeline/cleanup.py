@@ -17,12 +17,12 @@ from collections.abc import Sequence
 
 from confluent_kafka import Message
 
-from pipeline import log, metrics
-from pipeline.config import Settings
-from pipeline.events import MailEvent
+from pipeline.core import log, metrics
+from pipeline.core.config import Settings
+from pipeline.core.events import MailEvent
+from pipeline.core.service import Service
 from pipeline.kafka import loop
 from pipeline.kafka.loop import Loop, Output, TransientError
-from pipeline.service import Service
 from pipeline.sinks.quarantine import Quarantine
 
 STAGE = "cleanup"

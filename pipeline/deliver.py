@@ -25,12 +25,12 @@ from pathlib import Path
 
 from confluent_kafka import Message
 
-from pipeline import metrics
-from pipeline.config import Settings
-from pipeline.events import MailEvent
+from pipeline.core import metrics
+from pipeline.core.config import Settings
+from pipeline.core.events import MailEvent
+from pipeline.core.service import Service
 from pipeline.kafka import loop
 from pipeline.kafka.loop import Handler, Loop, Output, TransientError
-from pipeline.service import Service
 from pipeline.sinks import lmtp, maildir, stamp
 
 STAGE = "deliver"

@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from pipeline import events, kafka, metrics
+from pipeline import kafka
 from pipeline.admission import Admission
-from pipeline.config import Settings
+from pipeline.core import events, metrics
+from pipeline.core.config import Settings
 
 if TYPE_CHECKING:
     from models.corpus import Message

@@ -4,7 +4,7 @@ Admission (at ingress, :mod:`pipeline.admission`) diverts flooding sources to th
 but never a known-good sender; this worker keeps that set. It reads user and operator
 verdicts from ``feedback`` and classifier verdicts from ``ham`` and ``spam``, keeps per-sender
 tables, and publishes every change of a sender's standing to the compacted ``reputation``
-topic (record format: :mod:`pipeline.senders`).
+topic (record format: :mod:`pipeline.core.senders`).
 
 Standing rule (:func:`is_good`):
 
@@ -95,8 +95,8 @@ from faust.types import TP
 from faust.web import Request, Response, View
 from faust.web.exceptions import ServiceUnavailable
 
-from pipeline import events, log, metrics, senders
-from pipeline.config import ROOT, Settings
+from pipeline.core import events, log, metrics, senders
+from pipeline.core.config import ROOT, Settings
 from pipeline.kafka import topics
 
 STAGE = "reputation"
@@ -485,7 +485,7 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
         async def stats_view(web: View, request: Request) -> Response:
             return web.json({"ready": ready(), **stats})
 
-        # What every worker serves (pipeline/service.py). Until /readyz answers 200 the worker
+        # What every worker serves (pipeline/core/service.py). Until /readyz answers 200 the worker
         # is still starting, and a SIGTERM then makes Faust's worker exit 1 (InvalidStateError).
         @app.page("/healthz")
         async def healthz_view(web: View, request: Request) -> Response:
@@ -503,7 +503,7 @@ def logging_config(level: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "pipeline.log.JsonFormatter"}},
+        "formatters": {"json": {"()": "pipeline.core.log.JsonFormatter"}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
                                 "stream": "ext://sys.stderr"}},
         "root": {"level": level.upper(), "handlers": ["stderr"]},

@@ -38,10 +38,11 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from confluent_kafka import KafkaError, KafkaException
 
-from pipeline import events, kafka, metrics
+from pipeline import kafka
 from pipeline.admission import Admission
-from pipeline.config import Settings
-from pipeline.service import Service, freeze_start_up
+from pipeline.core import events, metrics
+from pipeline.core.config import Settings
+from pipeline.core.service import Service, freeze_start_up
 
 STAGE = "smtp"
 log = logging.getLogger("floodgate.smtp")

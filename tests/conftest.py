@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, kafka
+from pipeline import kafka
+from pipeline.core import config
 from pipeline.kafka import topics
 
 ROOT = Path(__file__).resolve().parents[1]

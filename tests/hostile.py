@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pipeline import events
+from pipeline.core import events
 
 # A token that occurs in every hostile body and nowhere in Floodgate's code or logs.
 MARKER = "QX7HOSTILEBODY"

@@ -3,8 +3,8 @@
 import random
 from dataclasses import replace
 
-from pipeline import config, events
 from pipeline.admission import RELEASE_FRACTION, STRESS_S, Admission, RateTracker
+from pipeline.core import config, events
 
 
 def test_a_steady_source_is_never_a_flood_even_a_busy_one():

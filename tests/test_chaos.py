@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import chaos, config
+from pipeline.bench import chaos
+from pipeline.core import config
 
 pytestmark = pytest.mark.kafka
 PORT = 9900  # worker metrics ports of their own: `make chaos` may run beside the tests

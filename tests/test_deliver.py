@@ -13,7 +13,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.lmtp import LMTP
 from prometheus_client import REGISTRY
 
-from pipeline import cleanup, deliver, events, kafka
+from pipeline import cleanup, deliver, kafka
+from pipeline.core import events
 from pipeline.kafka.loop import TransientError
 from pipeline.sinks import lmtp, stamp
 from pipeline.sinks.quarantine import Quarantine

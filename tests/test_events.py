@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import events
+from pipeline.core import events
 
 
 def sample(**kw) -> events.MailEvent:

@@ -1,4 +1,4 @@
-from pipeline.fingerprint import fingerprint, split
+from pipeline.admission.fingerprint import fingerprint, split
 
 BODY = b"Buy cheap pills now!\r\nhttp://pills.example/\r\n"
 

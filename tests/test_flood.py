@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline import flood
+from pipeline.bench import flood
 from pipeline.sinks import maildir
 from tests.kafka_helpers import wait_for
 

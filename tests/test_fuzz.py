@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of everything that reads bytes from the internet or the broker.
 
-* :func:`pipeline.events.decode` raises nothing but :class:`EventError`, whatever the record;
-* :func:`pipeline.fingerprint.fingerprint` and the model's feature extraction
+* :func:`pipeline.core.events.decode` raises nothing but :class:`EventError`, whatever the record;
+* :func:`pipeline.admission.fingerprint.fingerprint` and the model's feature extraction
   (:class:`models.features.MailText`) never raise, and the extractor never needs its catch-all
   fallback (``mime:unparsable``), on arbitrary bytes or on structured-but-broken MIME;
 * the trained model scores any bytes with a finite probability in [0, 1];
@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models import features, registry
-from pipeline import config, events
 from pipeline.admission import Admission
-from pipeline.fingerprint import fingerprint
+from pipeline.admission.fingerprint import fingerprint
+from pipeline.core import config, events
 from pipeline.sinks import maildir, parse_trace, stamp, unstamp
 from pipeline.sinks.quarantine import subject_of
 

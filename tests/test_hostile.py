@@ -28,20 +28,22 @@ from confluent_kafka import Message
 from prometheus_client import REGISTRY
 
 from models import corpus, registry
-from pipeline import accounting, classify, config, events, kafka, review, smtp
+from pipeline import classify, feedback, kafka, smtp
 from pipeline.admission import Admission
+from pipeline.bench import accounting
 from pipeline.classify import Classifier
 from pipeline.cleanup import Cleanup
+from pipeline.core import config, events
+from pipeline.core.log import JsonFormatter
+from pipeline.core.service import Service
 from pipeline.deliver import Deliverer
 from pipeline.kafka import loop, topics
 from pipeline.lag import GROUP_INPUTS, LagMonitor
-from pipeline.log import JsonFormatter
+from pipeline.node import STANDARD, WorkerSet
 from pipeline.replay import EnvelopeSynth, iter_source
-from pipeline.service import Service
 from pipeline.sinks import maildir
 from pipeline.sinks.quarantine import Quarantine
 from pipeline.smtp import SmtpIngress
-from pipeline.workers import STANDARD, WorkerSet
 from tests import hostile
 from tests.kafka_helpers import consume_n, wait_for
 from tests.worker_helpers import group_lag, running
@@ -152,8 +154,8 @@ def test_hostile_mail_as_ham_lands_inside_the_maildir_root(local_settings: confi
     # `floodgate report` rebuilds the original from a delivered copy: exact, even when the sender
     # forged our own X-Floodgate-* headers at the top of the message.
     for name in ("forged_verdict_headers", "nul_bytes", "bare_lf_and_cr", "empty", "path_escape_recipients"):
-        rebuilt = review.find(replace(s, paths=replace(s.paths, quarantine_db=s.paths.quarantine_db.with_name("none"))),
-                              routed[name].id)
+        no_quarantine = replace(s, paths=replace(s.paths, quarantine_db=s.paths.quarantine_db.with_name("none")))
+        rebuilt = feedback.find(no_quarantine, routed[name].id)
         assert rebuilt is not None and rebuilt.raw == routed[name].raw, name
 
 
@@ -639,20 +641,20 @@ def test_kafka_security_settings_reach_every_client_config() -> None:
 
 
 def test_quarantine_release_requires_an_operator_and_the_admin_token() -> None:
-    with pytest.raises(review.ReviewError, match="operator name"):
-        review.authorize("  ", None, env={})
-    review.authorize("alice", None, env={})  # no token configured: a name is enough
-    token_env = {review.TOKEN_ENV: "s3cret"}
+    with pytest.raises(feedback.FeedbackError, match="operator name"):
+        feedback.authorize("  ", None, env={})
+    feedback.authorize("alice", None, env={})  # no token configured: a name is enough
+    token_env = {feedback.TOKEN_ENV: "s3cret"}
     for wrong in (None, "", "s3cre", "s3cret ", "S3CRET"):
-        with pytest.raises(review.ReviewError, match="not authorized"):
-            review.authorize("alice", wrong, env=token_env)
-    review.authorize("alice", "s3cret", env=token_env)
+        with pytest.raises(feedback.FeedbackError, match="not authorized"):
+            feedback.authorize("alice", wrong, env=token_env)
+    feedback.authorize("alice", "s3cret", env=token_env)
 
 
 def test_release_checks_authorization_before_touching_anything(local_settings: config.Settings) -> None:
     missing = replace(local_settings, paths=replace(local_settings.paths, quarantine_db=Path("/nonexistent/q.db")))
-    with pytest.raises(review.ReviewError, match="not authorized"):
-        review.release(missing, "0" * 32, "mallory", token="guess", env={review.TOKEN_ENV: "s3cret"})
+    with pytest.raises(feedback.FeedbackError, match="not authorized"):
+        feedback.release(missing, "0" * 32, "mallory", token="guess", env={feedback.TOKEN_ENV: "s3cret"})
 
 
 def _copy_champion(src: Path, dst: Path) -> Path:

@@ -1,6 +1,6 @@
 """The deployment files in infra/, checked without running them (no Docker engine or Kubernetes
 cluster exists on the development machines): Prometheus rules and config with promtool, the
-Grafana dashboard's queries against pipeline/metrics.py, Kubernetes manifests against the
+Grafana dashboard's queries against pipeline/core/metrics.py, Kubernetes manifests against the
 Kubernetes schemas, and the ScaledObjects, Compose services and Dockerfile against the code's
 own group, topic and command names."""
 
@@ -21,9 +21,9 @@ import typer.main
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from pipeline import metrics
 from pipeline.cli import app
-from pipeline.config import Settings
+from pipeline.core import metrics
+from pipeline.core.config import Settings
 from pipeline.lag import GROUP_INPUTS
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
@@ -37,7 +37,7 @@ WORKERS = ("smtp", "reputation", "classify-priority", "classify-bulk", "deliver"
 
 
 def known_metrics() -> set[str]:
-    """Every series name pipeline/metrics.py can expose."""
+    """Every series name pipeline/core/metrics.py can expose."""
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
                 "info": ("_info",), "gauge": ("",)}
     names: set[str] = set()

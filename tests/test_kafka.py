@@ -9,7 +9,8 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import NewTopic
 
-from pipeline import events, kafka
+from pipeline import kafka
+from pipeline.core import events
 from pipeline.kafka import topics
 from tests.kafka_helpers import consume_n, wait_for
 

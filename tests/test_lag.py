@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from pipeline import kafka
 from pipeline.cli import app
-from pipeline.config import Settings
+from pipeline.core.config import Settings
+from pipeline.core.service import Service
 from pipeline.lag import LagMonitor, PartitionLag, interpolate_time
-from pipeline.lagstatus import Status
-from pipeline.service import Service
+from pipeline.lag.status import Status
 from tests.kafka_helpers import wait_for
 from tests.worker_helpers import scrape
 

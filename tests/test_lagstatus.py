@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.lagstatus import Entry, Status, Window, evaluate, worst
+from pipeline.lag.status import Entry, Status, Window, evaluate, worst
 
 
 def w(*rows: tuple[float, int, int]) -> list[Entry]:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import events
+from pipeline.core import events
 from pipeline.sinks import maildir, parse_trace, stamp, unstamp
 from tests.worker_helpers import classified
 

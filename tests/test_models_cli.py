@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from models import registry, splits
 from models.corpus import load_spamassassin
 from models.train import train_and_register
-from pipeline import config
 from pipeline.cli import app
+from pipeline.core import config
 from tests.model_helpers import rewrite_card
 
 
@@ -100,7 +100,8 @@ def test_no_champion_is_a_clear_error(tmp_path: Path, env: dict[str, str]) -> No
 
 @pytest.mark.kafka
 def test_retrain_from_feedback_full_and_online(env: dict[str, str], topic_settings: config.Settings) -> None:
-    from pipeline import events, kafka
+    from pipeline import kafka
+    from pipeline.core import events
 
     producer = kafka.producer(topic_settings)
     for i in range(6):

@@ -11,7 +11,8 @@ from models import online
 from models import pipeline as model_pipeline
 from models.corpus import Message
 from models.feedback import read_feedback
-from pipeline import config, events, kafka
+from pipeline import kafka
+from pipeline.core import config, events
 from tests.test_models_registry import synthetic
 
 

@@ -15,7 +15,7 @@ from sklearn.pipeline import Pipeline
 from models import explain, splits
 from models import pipeline as model_pipeline
 from models.corpus import Message, load_spamassassin
-from pipeline import config
+from pipeline.core import config
 
 # The corpus's collection artefacts (anonymised addresses, the collector's hosts, list software,
 # routing headers, the year it was collected): none may be among the strongest features.

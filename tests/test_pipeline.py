@@ -21,10 +21,12 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from models import corpus
-from pipeline import accounting, config, events, kafka, traffic
+from pipeline import kafka
 from pipeline.admission import Admission
+from pipeline.bench import accounting, traffic
+from pipeline.core import config, events
 from pipeline.kafka import topics
-from pipeline.workers import NICE, WorkerSet, settings_env, spam_side_cpus
+from pipeline.node import NICE, WorkerSet, settings_env, spam_side_cpus
 from tests.kafka_helpers import wait_for
 from tests.worker_helpers import scrape
 

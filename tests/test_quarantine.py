@@ -10,8 +10,9 @@ import pytest
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
-from pipeline import deliver, events, kafka, review
+from pipeline import deliver, feedback, kafka
 from pipeline.cli import app
+from pipeline.core import events
 from pipeline.sinks import maildir, stamp
 from pipeline.sinks.quarantine import DAY_S, Quarantine, subject_of
 from tests.kafka_helpers import consume_n, wait_for
@@ -71,14 +72,14 @@ def test_subjects_are_decoded_cleaned_and_truncated(raw, subject):
 
 
 def test_release_requires_an_operator_and_the_token_when_one_is_set():
-    with pytest.raises(review.ReviewError, match="operator name is required"):
-        review.authorize("  ", None, env={})
-    review.authorize("ops", None, env={})
-    with pytest.raises(review.ReviewError, match="not authorized"):
-        review.authorize("ops", None, env={review.TOKEN_ENV: "s3cret"})
-    with pytest.raises(review.ReviewError, match="not authorized"):
-        review.authorize("ops", "s3cre", env={review.TOKEN_ENV: "s3cret"})
-    review.authorize("ops", "s3cret", env={review.TOKEN_ENV: "s3cret"})
+    with pytest.raises(feedback.FeedbackError, match="operator name is required"):
+        feedback.authorize("  ", None, env={})
+    feedback.authorize("ops", None, env={})
+    with pytest.raises(feedback.FeedbackError, match="not authorized"):
+        feedback.authorize("ops", None, env={feedback.TOKEN_ENV: "s3cret"})
+    with pytest.raises(feedback.FeedbackError, match="not authorized"):
+        feedback.authorize("ops", "s3cre", env={feedback.TOKEN_ENV: "s3cret"})
+    feedback.authorize("ops", "s3cret", env={feedback.TOKEN_ENV: "s3cret"})
 
 
 @pytest.mark.kafka
@@ -89,27 +90,27 @@ def test_release_reinjects_into_ham_with_feedback_and_is_delivered_once(topic_se
     q = Quarantine(s.paths.quarantine_db)
     q.add([event, other])
     q.close()
-    env = {review.TOKEN_ENV: "s3cret"}
-    with pytest.raises(review.ReviewError, match="not authorized"):
-        review.release(s, event.id, "ops", "wrong", env=env)
+    env = {feedback.TOKEN_ENV: "s3cret"}
+    with pytest.raises(feedback.FeedbackError, match="not authorized"):
+        feedback.release(s, event.id, "ops", "wrong", env=env)
     assert end_offsets(s, "ham") == 0
 
-    released = review.release(s, event.id, "ops", "s3cret", env=env)
+    released = feedback.release(s, event.id, "ops", "s3cret", env=env)
     [ham] = _read(s, "ham", 1)
-    [feedback] = _read(s, "feedback", 1)
+    [record] = _read(s, "feedback", 1)
     assert ham == released
     assert (ham.id, ham.verdict, ham.source, ham.raw) == (event.id, "ham", "release", event.raw)
-    assert (feedback.id, feedback.label, feedback.verdict, feedback.raw) == (event.id, "ham", "spam", event.raw)
-    assert feedback.extra == {"feedback": "quarantine-release", "by": "ops"}
+    assert (record.id, record.label, record.verdict, record.raw) == (event.id, "ham", "spam", event.raw)
+    assert record.extra == {"feedback": "quarantine-release", "by": "ops"}
 
-    with pytest.raises(review.ReviewError, match="already released by ops"):
-        review.release(s, event.id, "ops", "s3cret", env=env)
-    with pytest.raises(review.ReviewError, match="no quarantined message"):
-        review.release(s, "0" * 32, "ops", "s3cret", env=env)
+    with pytest.raises(feedback.FeedbackError, match="already released by ops"):
+        feedback.release(s, event.id, "ops", "s3cret", env=env)
+    with pytest.raises(feedback.FeedbackError, match="no quarantined message"):
+        feedback.release(s, "0" * 32, "ops", "s3cret", env=env)
     assert end_offsets(s, "ham") == 1 and end_offsets(s, "feedback") == 1
 
     # Re-injected twice (a release that crashed before marking, then ran again): delivered once.
-    review.publish(s, [("ham", released)])
+    feedback.publish(s, [("ham", released)])
     e2e = {"lane": "priority", "verdict": "ham"}
     e2e_before = REGISTRY.get_sample_value("floodgate_end_to_end_latency_seconds_count", e2e) or 0.0
     with running(s, deliver.build, "deliver"):
@@ -131,12 +132,12 @@ def test_reports_find_the_message_in_the_quarantine_or_the_maildirs(topic_settin
     ham = classified("ham", 2, rcpt=("bob@example.com",))
     maildir.deliver(maildir.mailbox_path(s.paths.maildir_root, "bob@example.com"), maildir.file_name(ham), stamp(ham))
 
-    review.report(s, spam.id, "ham", by="bob@example.com")
-    review.report(s, ham.id, "spam", by="bob@example.com")
-    with pytest.raises(review.ReviewError, match="neither in the quarantine nor in any Maildir"):
-        review.report(s, "f" * 32, "spam")
-    with pytest.raises(review.ReviewError, match="label must be"):
-        review.report(s, ham.id, "phishing")
+    feedback.report(s, spam.id, "ham", by="bob@example.com")
+    feedback.report(s, ham.id, "spam", by="bob@example.com")
+    with pytest.raises(feedback.FeedbackError, match="neither in the quarantine nor in any Maildir"):
+        feedback.report(s, "f" * 32, "spam")
+    with pytest.raises(feedback.FeedbackError, match="label must be"):
+        feedback.report(s, ham.id, "phishing")
     got = {e.id: e for e in _read(s, "feedback", 2)}
     assert got[spam.id].label == "ham" and got[spam.id].raw == spam.raw
     from_maildir = got[ham.id]
@@ -161,7 +162,7 @@ def test_operator_commands(topic_settings, tmp_path):
            "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
            "FLOODGATE_KAFKA_TOPIC_PREFIX": s.kafka.topic_prefix, "FLOODGATE_KAFKA_GROUP_PREFIX": s.kafka.group_prefix,
            "FLOODGATE_PATHS_MAILDIR_ROOT": str(s.paths.maildir_root),
-           "FLOODGATE_PATHS_QUARANTINE_DB": str(s.paths.quarantine_db), review.TOKEN_ENV: "s3cret"}
+           "FLOODGATE_PATHS_QUARANTINE_DB": str(s.paths.quarantine_db), feedback.TOKEN_ENV: "s3cret"}
     runner = CliRunner()
 
     def run(*args: str, code: int = 0):

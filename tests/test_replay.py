@@ -12,8 +12,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from models.corpus import Message, iter_messages
-from pipeline import events, kafka
-from pipeline.config import Settings
+from pipeline import kafka
+from pipeline.core import events
+from pipeline.core.config import Settings
 from pipeline.replay import (
     BURST_S,
     CLIENT_NETWORKS,

@@ -24,8 +24,9 @@ import orjson
 import pytest
 from confluent_kafka import TopicPartition
 
-from pipeline import config, events, kafka, senders
-from pipeline.config import ROOT, Settings
+from pipeline import kafka
+from pipeline.core import config, events, senders
+from pipeline.core.config import ROOT, Settings
 from pipeline.reputation import (
     GOOD_MIN_HAM,
     TRAFFIC_WINDOW_S,

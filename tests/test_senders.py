@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pipeline import senders
-from pipeline.senders import Standing
+from pipeline.core import senders
+from pipeline.core.senders import Standing
 
 
 def test_sender_keys_are_lowercased_and_skip_what_is_missing():

@@ -14,8 +14,9 @@ from dataclasses import replace
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from pipeline import events, kafka
-from pipeline.config import Settings
+from pipeline import kafka
+from pipeline.core import events
+from pipeline.core.config import Settings
 from pipeline.smtp import SmtpIngress, normalize_domain
 from tests.kafka_helpers import consume_n, records_on, wait_for
 

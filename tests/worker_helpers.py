@@ -16,11 +16,12 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import events, kafka
-from pipeline.config import Settings
-from pipeline.events import Envelope, MailEvent
+from pipeline import kafka
+from pipeline.core import events
+from pipeline.core.config import Settings
+from pipeline.core.events import Envelope, MailEvent
+from pipeline.core.service import Service
 from pipeline.kafka.loop import Loop
-from pipeline.service import Service
 from tests.kafka_helpers import wait_for
 
 RAW = (b"From: sender@example.org\r\nTo: {rcpt}\r\nSubject: {subject}\r\nMessage-ID: <{n}@example.org>\r\n"

@@ -63,7 +63,7 @@ HEAP = os.environ.get("FLOODGATE_KAFKA_HEAP", "512m")
 # so on one machine the broker must not wait for CPU behind the workers: the bulk lane yields to
 # it as it yields to the priority lane (make bench-flood on 2 cores: flood-phase ham p99 was
 # 2.5x its pre-flood p99 with the broker at normal priority, 1.3x at -10). Only the priority
-# lane's workers, which use little CPU, run above it (-20, pipeline/workers.py). Raising priority
+# lane's workers, which use little CPU, run above it (-20, pipeline/node.py). Raising priority
 # needs CAP_SYS_NICE (root); without it `nice` says so in broker.out and the broker runs as is.
 NICE = os.environ.get("FLOODGATE_KAFKA_NICE", "-10")
 START_TIMEOUT_S = 90.0
@@ -125,7 +125,7 @@ transaction.state.log.num.partitions=8
 # Tests and benchmarks delete their topics when they end. With the default of 60 s the files of
 # a deleted topic are unlinked a minute later, in the middle of the next measurement, whose
 # Maildir fsyncs share the disk (and, on a journalled filesystem, the journal) with those
-# unlinks; at 1 s they happen before the bench's page-cache flush (pipeline/flood.py) instead.
+# unlinks; at 1 s they happen before the bench's page-cache flush (pipeline/bench/flood.py) instead.
 log.segment.delete.delay.ms=1000
 # The log cleaner's key map is allocated on the heap at start and held for good: 128 MiB by
 # default, a quarter of this broker's heap (its live heap after a full collection went from

@@ -13,7 +13,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-from pipeline.config import Settings
+from pipeline.core.config import Settings
 
 # Accepted mail is never lost: wait for all in-sync replicas, and let the idempotent
 # producer retry without creating duplicates.

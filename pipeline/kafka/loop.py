@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from pipeline import events, kafka, metrics
-from pipeline import log as logs
-from pipeline.service import Service, freeze_start_up
+from pipeline import kafka
+from pipeline.core import events, metrics
+from pipeline.core import log as logs
+from pipeline.core.service import Service, freeze_start_up
 
 log = logs.get("loop")
 

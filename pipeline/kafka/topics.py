@@ -18,7 +18,7 @@ from confluent_kafka.admin import (
 )
 from tenacity import RetryCallState, retry, retry_if_result, stop_after_delay, wait_fixed
 
-from pipeline.config import Settings, topic_spec
+from pipeline.core.config import Settings, topic_spec
 
 TIMEOUT_S = 30.0
 # The Faust apps among the workers, by the name their consumer group takes (reputation.STAGE;

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from pipeline.events import MailEvent
+from pipeline.core.events import MailEvent
 
 SCORE_HEADER = b"X-Floodgate-Score"
 TRACE_HEADER = b"X-Floodgate-Trace"

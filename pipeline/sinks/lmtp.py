@@ -16,7 +16,7 @@ import contextlib
 import re
 import smtplib
 
-from pipeline.config import DeliverySettings
+from pipeline.core.config import DeliverySettings
 from pipeline.kafka.loop import TransientError
 
 MODES = ("lmtp", "smtp")

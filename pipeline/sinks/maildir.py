@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
-from pipeline.events import MailEvent
+from pipeline.core.events import MailEvent
 
 SUBDIRS = ("tmp", "new", "cur")
 SUFFIX = ".floodgate"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import orjson
 
-from pipeline import events
-from pipeline.events import MailEvent
+from pipeline.core import events
+from pipeline.core.events import MailEvent
 
 SUBJECT_MAX = 200
 # Subjects are read from the header block only; a header block beyond this is not mail.

@@ -1,4 +1,4 @@
-"""``floodgate chaos`` (``make chaos``): a long run of corpus mail through the standard workers
+"""``python -m pipeline.bench chaos`` (``make chaos``): a long run of corpus mail through the standard workers
 while faults are injected on a schedule, then the accounting of every acknowledged message.
 
 Faults, one at a time, each followed by its recovery and a quiet gap:
@@ -47,13 +47,15 @@ import orjson
 from confluent_kafka import Consumer, IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
-from pipeline import accounting, config, kafka, traffic
+from pipeline import kafka
 from pipeline.admission import Admission
-from pipeline.config import Settings
-from pipeline.flood import load_mail
+from pipeline.bench import accounting, traffic
+from pipeline.bench.flood import load_mail
+from pipeline.core import config
+from pipeline.core.config import Settings
 from pipeline.kafka import topics
 from pipeline.lag import GROUP_INPUTS
-from pipeline.workers import STANDARD, WorkerSet
+from pipeline.node import STANDARD, WorkerSet
 
 REPORTS = Path("reports")
 BROKER = [sys.executable, str(config.ROOT / "infra" / "kafka" / "broker.py")]
@@ -466,7 +468,7 @@ def by_kind(r: RunResult) -> dict[str, dict[str, Any]]:
 
 
 def report(results: list[RunResult], command: str) -> dict[str, Any]:
-    from pipeline.flood import _cores, _cpu
+    from pipeline.bench.flood import _cores, _cpu
 
     return {
         "command": command,
@@ -535,7 +537,7 @@ def markdown(rep: dict[str, Any]) -> str:
     return "\n".join([*lines, SECTION_END]) + "\n"
 
 
-def run(base: Settings, plans: list[Plan], out: Path = REPORTS, command: str = "floodgate chaos",
+def run(base: Settings, plans: list[Plan], out: Path = REPORTS, command: str = "python -m pipeline.bench chaos",
         log=print, benchmarks: Path | None = None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     faulthandler.enable()  # a crash in a native client library still shows where Python was
     # SIGTERM unwinds like Ctrl-C: workers stopped, topics deleted, clusters stopped.

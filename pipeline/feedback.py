@@ -18,9 +18,10 @@ from dataclasses import replace
 
 from confluent_kafka import KafkaError
 
-from pipeline import events, kafka
-from pipeline.config import Settings
-from pipeline.events import Envelope, MailEvent
+from pipeline import kafka
+from pipeline.core import events
+from pipeline.core.config import Settings
+from pipeline.core.events import Envelope, MailEvent
 from pipeline.sinks import SCORE_HEADER, TRACE_HEADER, from_iso, iso, maildir, parse_trace, unstamp
 from pipeline.sinks.quarantine import Quarantine
 
@@ -29,17 +30,17 @@ LABELS = ("spam", "ham")
 ACK_TIMEOUT_S = 30.0
 
 
-class ReviewError(Exception):
+class FeedbackError(Exception):
     """A release or report that cannot be done; the message says why."""
 
 
 def authorize(operator: str, token: str | None, env: Mapping[str, str] | None = None) -> None:
     """An operator must name themselves; when an admin token is configured, they must present it."""
     if not operator.strip():
-        raise ReviewError("an operator name is required (--by NAME)")
+        raise FeedbackError("an operator name is required (--by NAME)")
     expected = (os.environ if env is None else env).get(TOKEN_ENV, "")
     if expected and not hmac.compare_digest((token or "").encode(), expected.encode()):
-        raise ReviewError(f"not authorized: --token does not match {TOKEN_ENV}")
+        raise FeedbackError(f"not authorized: --token does not match {TOKEN_ENV}")
 
 
 def publish(settings: Settings, records: list[tuple[str, MailEvent]]) -> None:
@@ -54,9 +55,9 @@ def publish(settings: Settings, records: list[tuple[str, MailEvent]]) -> None:
     for topic, event in records:
         producer.produce(settings.topic(topic), key=event.key, value=events.encode(event), on_delivery=on_delivery)
     if producer.flush(ACK_TIMEOUT_S) > 0:
-        raise ReviewError("the broker did not acknowledge in time; nothing was marked, try again")
+        raise FeedbackError("the broker did not acknowledge in time; nothing was marked, try again")
     if errors:
-        raise ReviewError(f"the broker refused: {errors[0]}; nothing was marked, try again")
+        raise FeedbackError(f"the broker refused: {errors[0]}; nothing was marked, try again")
 
 
 def release(settings: Settings, event_id: str, operator: str, token: str | None = None,
@@ -67,9 +68,9 @@ def release(settings: Settings, event_id: str, operator: str, token: str | None 
     try:
         entry = store.entry(event_id)
         if entry is None:
-            raise ReviewError(f"no quarantined message with event id {event_id!r}")
+            raise FeedbackError(f"no quarantined message with event id {event_id!r}")
         if entry.released_at is not None:
-            raise ReviewError(f"{event_id} was already released by {entry.released_by} "
+            raise FeedbackError(f"{event_id} was already released by {entry.released_by} "
                               f"at {iso(entry.released_at)}; not releasing it again")
         event = store.event(event_id)
         assert event is not None
@@ -85,10 +86,10 @@ def release(settings: Settings, event_id: str, operator: str, token: str | None 
 def report(settings: Settings, event_id: str, label: str, by: str = "") -> MailEvent:
     """A user says a message is spam or ham: a feedback event with that label."""
     if label not in LABELS:
-        raise ReviewError(f"label must be one of {LABELS}, not {label!r}")
+        raise FeedbackError(f"label must be one of {LABELS}, not {label!r}")
     event = find(settings, event_id)
     if event is None:
-        raise ReviewError(f"event {event_id!r} is neither in the quarantine nor in any Maildir under "
+        raise FeedbackError(f"event {event_id!r} is neither in the quarantine nor in any Maildir under "
                           f"{settings.paths.maildir_root}")
     feedback = replace(event, label=label, extra={"feedback": "user-report", "by": by})
     publish(settings, [("feedback", feedback)])
@@ -125,5 +126,5 @@ def find(settings: Settings, event_id: str) -> MailEvent | None:
 
 def _open_quarantine(settings: Settings) -> Quarantine:
     if not settings.paths.quarantine_db.exists():
-        raise ReviewError(f"no quarantine at {settings.paths.quarantine_db}")
+        raise FeedbackError(f"no quarantine at {settings.paths.quarantine_db}")
     return Quarantine(settings.paths.quarantine_db)

@@ -34,14 +34,15 @@ from typing import Any
 import orjson
 
 from models import corpus
-from pipeline import accounting, kafka, traffic
+from pipeline import kafka
 from pipeline.admission import Admission
-from pipeline.config import Settings
+from pipeline.bench import accounting, traffic
+from pipeline.core.config import Settings
+from pipeline.core.service import freeze_start_up
 from pipeline.kafka import topics
 from pipeline.lag import LagMonitor
-from pipeline.service import freeze_start_up
+from pipeline.node import INGRESS_NICE, WorkerSet, take_priority
 from pipeline.sinks import from_iso, maildir, parse_trace, unstamp
-from pipeline.workers import INGRESS_NICE, WorkerSet, take_priority
 
 REPORTS = Path("reports")
 CALIBRATION_MESSAGES = 1500
@@ -351,7 +352,7 @@ def start_floodgate(workers: WorkerSet, settings: Settings) -> list[str]:
 
 
 def start_naive(workers: WorkerSet, settings: Settings) -> list[str]:
-    workers.start("naive", ["naive"])
+    workers.start("naive", ["naive"], module="pipeline.bench")
     workers.wait_ready()
     return [settings.group("naive")]
 

@@ -1,4 +1,4 @@
-"""``floodgate naive``: the single-lane design that failed in 2008, kept for the benchmark only.
+"""``python -m pipeline.bench naive``: the single-lane design that failed in 2008, kept for the benchmark only.
 
 Everything goes to ``inbound`` (no admission), and one consumer there classifies each batch
 and then, in turn, delivers the ham and quarantines the spam, all in one queue. It is correct
@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from confluent_kafka import Message
 
 from models import registry
-from pipeline import events, metrics
-from pipeline.config import Settings
+from pipeline.core import events, metrics
+from pipeline.core.config import Settings
+from pipeline.core.service import Service
 from pipeline.kafka.loop import Loop, Output, decode_batch
-from pipeline.service import Service
 from pipeline.sinks import maildir, stamp
 from pipeline.sinks.quarantine import Quarantine
 

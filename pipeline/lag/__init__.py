@@ -15,7 +15,7 @@ read_committed isolation, i.e. the last stable offset). Then, for each partition
   ``offset + 1`` of their last record sit one marker behind on transactional topics, and
   counting that marker would keep every caught-up group from ever showing lag zero.
 
-Status per partition and group comes from :mod:`pipeline.lagstatus` (Burrow's rules).
+Status per partition and group comes from :mod:`pipeline.lag.status` (Burrow's rules).
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from confluent_kafka import (
 from confluent_kafka.admin import OffsetSpec
 from rich.table import Table
 
-from pipeline import kafka, metrics
-from pipeline.config import Settings
-from pipeline.lagstatus import DEFAULT_WINDOW, Status, Window, worst
+from pipeline import kafka
+from pipeline.core import metrics
+from pipeline.core.config import Settings
+from pipeline.lag.status import DEFAULT_WINDOW, Status, Window, worst
 
 # Floodgate's consumer groups (settings.group(name)) and the topic keys each one consumes.
 GROUP_INPUTS: dict[str, tuple[str, ...]] = {
@@ -321,7 +322,7 @@ def run(settings: Settings, groups: Sequence[str], *, watch: bool, as_json: bool
     from rich.console import Console
     from rich.live import Live
 
-    from pipeline.service import Service
+    from pipeline.core.service import Service
 
     service = Service("lag", settings)
     monitor = LagMonitor(settings, groups or None, window=window)

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline import log
-from pipeline.config import Settings
+from pipeline.core import log
+from pipeline.core.config import Settings
 
 
 def freeze_start_up() -> None:

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaException, TopicPartition
 
-from pipeline import events, kafka, metrics, senders
-from pipeline.config import Settings
-from pipeline.fingerprint import fingerprint
+from pipeline import kafka
+from pipeline.admission.fingerprint import fingerprint
+from pipeline.core import events, metrics, senders
+from pipeline.core.config import Settings
 
 log = logging.getLogger("floodgate.admission")
 # Below this many messages a second from one source (per ingress process) nothing is a flood,

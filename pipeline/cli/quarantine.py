@@ -1,6 +1,6 @@
 """Operator commands: ``floodgate quarantine list|show|release|purge`` and ``floodgate report``.
 
-Light to import (typer only); the work happens in :mod:`pipeline.review` and the quarantine store.
+Light to import (typer only); the work happens in :mod:`pipeline.feedback` and the quarantine store.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from pipeline import config
+from pipeline.core import config
 
 if TYPE_CHECKING:
     from pipeline.sinks.quarantine import Quarantine
@@ -115,11 +115,11 @@ def release(event_id: str,
             by: str = typer.Option(..., "--by", help="operator name, recorded with the release"),
             token: str = typer.Option(None, "--token", help="must match FLOODGATE_ADMIN_TOKEN when it is set")) -> None:
     """Deliver a quarantined message after all, and feed the correction back (label ham)."""
-    from pipeline import review
+    from pipeline import feedback
 
     try:
-        review.release(config.load(), event_id, by, token)
-    except review.ReviewError as e:
+        feedback.release(config.load(), event_id, by, token)
+    except feedback.FeedbackError as e:
         raise _fail(str(e)) from None
     typer.echo(f"released {event_id} to delivery; feedback recorded (by {by})")
 
@@ -140,10 +140,10 @@ def purge(older_than: float = typer.Option(None, "--older-than", min=0,
 def report(label: Label, event_id: str,
            by: str = typer.Option("", "--by", help="who reports (user or mailbox), kept with the feedback")) -> None:
     """A user's verdict on a message: feedback for retraining, found in the quarantine or the Maildirs."""
-    from pipeline import review
+    from pipeline import feedback
 
     try:
-        review.report(config.load(), event_id, label.value, by)
-    except review.ReviewError as e:
+        feedback.report(config.load(), event_id, label.value, by)
+    except feedback.FeedbackError as e:
         raise _fail(str(e)) from None
     typer.echo(f"reported {event_id} as {label.value}")

@@ -16,7 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOPIC_SPEC = ROOT / "infra" / "topics.toml"
 
 
@@ -84,7 +84,7 @@ class DeliverySettings:
 
 @dataclass(frozen=True)
 class AdmissionSettings:
-    """Flood admission at ingress (pipeline/admission.py): when a source counts as a flood."""
+    """Flood admission at ingress (pipeline/admission/): when a source counts as a flood."""
 
     flood_rate: float = 30.0  # msgs/s from one source, per ingress process, below which nothing floods
     surge: float = 4.0  # ...and above which a source floods when this many times its own baseline

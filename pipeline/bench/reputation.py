@@ -28,12 +28,14 @@ from confluent_kafka import TopicPartition
 
 from models import corpus
 from models.bench import machine
-from pipeline import events, kafka, senders, traffic
-from pipeline.config import ROOT, Settings
-from pipeline.flood import private
+from pipeline import kafka
+from pipeline.bench import traffic
+from pipeline.bench.flood import private
+from pipeline.core import events, senders
+from pipeline.core.config import ROOT, Settings
 from pipeline.kafka import topics
+from pipeline.node import WorkerSet
 from pipeline.reputation import internal_topics
-from pipeline.workers import WorkerSet
 
 SECTION_START = "<!-- bench-reputation:start -->"
 SECTION_END = "<!-- bench-reputation:end -->"

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from models.corpus import Message
-from pipeline import events
+from pipeline.core import events
 from pipeline.kafka import LaneProducer
 
 RECIPIENT_DOMAINS = ("example.com", "example.net", "example.org")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from confluent_kafka import TopicPartition
 
-from pipeline import events, kafka
-from pipeline.config import Settings
+from pipeline import kafka
+from pipeline.core import events
+from pipeline.core.config import Settings
 from pipeline.sinks import maildir
 
 

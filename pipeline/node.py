@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import Settings
+from pipeline.core.config import Settings
 
 # The standard deployment: one process per job. Names are also instance ids (stable
 # transactional ids, so a restarted worker fences its previous self at once).
@@ -117,6 +117,7 @@ class Worker:
     argv: list[str]
     port: int
     log_path: Path
+    module: str = "pipeline.cli"  # run as ``python -m <module> <argv>``
     proc: subprocess.Popen | None = None
 
     def ready(self) -> bool:
@@ -142,11 +143,12 @@ class WorkerSet:
         if shutil.which("taskset") and hasattr(os, "sched_getaffinity"):  # Linux (util-linux)
             self.spam_cpus = spam_side_cpus(os.sched_getaffinity(0), os.environ.get(SPAM_SIDE_CPUS_ENV))
 
-    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> Worker:
+    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None,
+              module: str = "pipeline.cli") -> Worker:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         worker = self.workers.get(name)
         if worker is None:
-            worker = Worker(name, argv, self.base_port + len(self.workers), self.log_dir / f"{name}.log")
+            worker = Worker(name, argv, self.base_port + len(self.workers), self.log_dir / f"{name}.log", module)
             self.workers[name] = worker
         env = os.environ | settings_env(self.settings) | {
             "FLOODGATE_INSTANCE": name,
@@ -160,7 +162,7 @@ class WorkerSet:
             # The wrapper sets the affinity before the worker starts any thread (librdkafka's
             # inherit it); setting it on the child's pid afterwards would race them.
             nice = ["taskset", "-c", self.spam_cpus, *nice]
-        worker.proc = subprocess.Popen([*nice, sys.executable, "-m", "pipeline.cli", *worker.argv], env=env,
+        worker.proc = subprocess.Popen([*nice, sys.executable, "-m", worker.module, *worker.argv], env=env,
                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         return worker
@@ -213,7 +215,8 @@ class WorkerSet:
             w.proc.wait()  # type: ignore[union-attr]
 
     def restart(self, name: str) -> Worker:
-        return self.start(name, self.workers[name].argv)
+        w = self.workers[name]
+        return self.start(name, w.argv, module=w.module)
 
     def stop_all(self, timeout: float = 30.0) -> dict[str, int | None]:
         for name in self.workers:
