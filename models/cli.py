@@ -15,6 +15,12 @@ if TYPE_CHECKING:
 
 app = typer.Typer(no_args_is_help=True, help="The spam model: corpus, train, evaluate, promote.")
 
+# The promotion gates (models.gates.Limits), as options of every command that promotes.
+MaxFpr = Annotated[float, typer.Option(help="gate: absolute ceiling on ham FPR")]
+FprTolerance = Annotated[float, typer.Option(help="gate: how much worse than the champion's FPR is allowed")]
+RecallTolerance = Annotated[float, typer.Option(help="gate: how much lower than the champion's recall is allowed")]
+MinRecall = Annotated[float, typer.Option(help="gate: absolute floor on spam recall")]
+
 
 def _settings() -> Settings:
     from pipeline.core import config
@@ -92,10 +98,10 @@ def evaluate_cmd(
 @app.command("promote")
 def promote_cmd(
     version: Annotated[str | None, typer.Argument(help="default: the newest registered version")] = None,
-    max_fpr: Annotated[float, typer.Option(help="absolute ceiling on ham FPR")] = 0.001,
-    fpr_tolerance: Annotated[float, typer.Option(help="how much worse than the champion's FPR is allowed")] = 0.0,
-    recall_tolerance: Annotated[float, typer.Option(help="how much lower than the champion's recall")] = 0.0,
-    min_recall: Annotated[float, typer.Option(help="absolute floor on spam recall")] = 0.0,
+    max_fpr: MaxFpr = 0.001,
+    fpr_tolerance: FprTolerance = 0.0,
+    recall_tolerance: RecallTolerance = 0.0,
+    min_recall: MinRecall = 0.0,
 ) -> None:
     """Promote a version to champion if it is no worse than the champion on the fixed evaluation set."""
     from models import gates, registry
@@ -148,9 +154,9 @@ def _gated_promote(settings: Settings, candidate_version: str, limits: Any) -> N
 def retrain_cmd(
     online: Annotated[bool, typer.Option(help="update the champion with partial_fit instead of a full refit")] = False,
     promote: Annotated[bool, typer.Option(help="then promote it through the gates")] = True,
-    max_fpr: Annotated[float, typer.Option(help="gate: absolute ceiling on ham FPR")] = 0.001,
-    fpr_tolerance: Annotated[float, typer.Option(help="gate: FPR worse than the champion's allowed")] = 0.0,
-    recall_tolerance: Annotated[float, typer.Option(help="gate: recall lower than the champion's allowed")] = 0.0,
+    max_fpr: MaxFpr = 0.001,
+    fpr_tolerance: FprTolerance = 0.0,
+    recall_tolerance: RecallTolerance = 0.0,
     timeout: Annotated[float, typer.Option(help="seconds to read the feedback topic to its end")] = 60.0,
 ) -> None:
     """Retrain from the base corpus (time split's training groups) plus every verdict on the feedback topic."""

@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core import config
 from pipeline.core.config import Settings
 
 # The standard deployment: one process per job. Names are also instance ids (stable
@@ -92,25 +93,6 @@ def take_priority(nice: int) -> None:
 READY_TIMEOUT_S = 120.0
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process load exactly these settings."""
-    k, p = settings.kafka, settings.paths
-    env = {
-        "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers,
-        "FLOODGATE_KAFKA_TOPIC_PREFIX": k.topic_prefix,
-        "FLOODGATE_KAFKA_GROUP_PREFIX": k.group_prefix,
-        "FLOODGATE_PATHS_MAILDIR_ROOT": str(p.maildir_root),
-        "FLOODGATE_PATHS_QUARANTINE_DB": str(p.quarantine_db),
-        "FLOODGATE_PATHS_REGISTRY": str(p.registry),
-        "FLOODGATE_WORKER_BATCH_SIZE": str(settings.worker.batch_size),
-        "FLOODGATE_WORKER_BATCH_TIMEOUT_S": str(settings.worker.batch_timeout_s),
-        "FLOODGATE_WORKER_BULK_DELIVERY_RATE": str(settings.worker.bulk_delivery_rate),
-        "FLOODGATE_ADMISSION_FLOOD_RATE": str(settings.admission.flood_rate),
-        "FLOODGATE_ADMISSION_SURGE": str(settings.admission.surge),
-    }
-    return env
-
-
 @dataclass
 class Worker:
     name: str
@@ -150,7 +132,7 @@ class WorkerSet:
         if worker is None:
             worker = Worker(name, argv, self.base_port + len(self.workers), self.log_dir / f"{name}.log", module)
             self.workers[name] = worker
-        env = os.environ | settings_env(self.settings) | {
+        env = os.environ | config.environment(self.settings) | {
             "FLOODGATE_INSTANCE": name,
             "FLOODGATE_WORKER_METRICS_PORT": str(worker.port),
         } | (extra_env or {})

@@ -11,8 +11,9 @@ JSONL). Each gets an SMTP envelope synthesised the way a real MX would have seen
 * RCPT TO: one user of a local domain, ``user0000``..``user{users-1}`` over
   ``settings.smtp.domains``, chosen from a hash of the seed and the message's name, so the
   same message goes to the same mailbox on every run with the same seed;
-* client address: a hash of the sender domain into the documentation ranges 198.51.100.0/24
-  and 203.0.113.0/24 (RFC 5737), so one sending domain is one client, as admission expects;
+* client address: a hash of the sender domain into the IPv6 documentation prefix 2001:db8::/32
+  (RFC 3849: never routable, never someone's real mail server), 64 bits of it, so one sending
+  domain is one client and no two domains share one, as admission expects;
 * HELO: ``mail.<sender domain>``.
 
 Like SMTP, replay refuses messages above ``settings.smtp.max_message_bytes`` (counted as
@@ -22,7 +23,6 @@ skipped) rather than truncating them. Pacing is a token bucket (:class:`TokenBuc
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import itertools
 import logging
 import random
@@ -51,8 +51,6 @@ SOURCE = "replay"
 log = logging.getLogger("floodgate.replay")
 
 DEFAULT_USERS = 1000  # mailboxes over the local domains: enough that no user dominates
-# RFC 5737 documentation networks: never routable, never someone's real mail server.
-CLIENT_NETWORKS = (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("203.0.113.0/24"))
 # A token bucket holding 50 ms of tokens absorbs sleep() overshoot at high rates while keeping
 # bursts too short to matter at low ones.
 BURST_S = 0.05
@@ -137,10 +135,10 @@ def _digest(*parts: object) -> bytes:
     return hashlib.blake2b("\x00".join(map(str, parts)).encode("utf-8", "surrogateescape"), digest_size=8).digest()
 
 
-def client_address(sender_domain: str) -> str:
-    h = _digest("client", sender_domain)
-    net = CLIENT_NETWORKS[h[0] % len(CLIENT_NETWORKS)]
-    return str(net.network_address + 1 + h[1] % 254)  # .1 .. .254: no network or broadcast address
+def client_address(name: str) -> str:
+    """The client address a sending domain (or a load generator's bot) connects from."""
+    h = _digest("client", name).hex()
+    return f"2001:db8:{h[:4]}:{h[4:8]}::{h[8:12]}"
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,7 @@ import gc
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,15 +85,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 @pytest.fixture
 def settings(bootstrap: str, tmp_path: Path) -> Iterator[config.Settings]:
     """Settings with private topics (a unique prefix), private groups and private paths."""
-    run = uuid.uuid4().hex[:10]
-    base = config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap})
-    s = replace(
-        base,
-        kafka=replace(base.kafka, topic_prefix=f"t{run}.", group_prefix=f"t{run}"),
-        paths=replace(base.paths, maildir_root=tmp_path / "maildirs",
-                      quarantine_db=tmp_path / "quarantine.sqlite3"),
-    )
-    yield s
+    yield config.private(config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap}), "t", tmp_path)
 
 
 @pytest.fixture

@@ -80,9 +80,7 @@ def admit(settings: config.Settings, evs: list[events.MailEvent]) -> dict[str, l
 @pytest.fixture(scope="module")
 def local_settings(trained_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> config.Settings:
     tmp = tmp_path_factory.mktemp("hostile-local")
-    base = config.load(env={})
-    return replace(base, paths=replace(base.paths, maildir_root=tmp / "root" / "maildirs",
-                                       quarantine_db=tmp / "root" / "q.sqlite3", registry=trained_registry))
+    return config.private(config.load(env={}), "hostile", tmp / "root", registry=trained_registry)
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +137,8 @@ def test_hostile_mail_as_ham_lands_inside_the_maildir_root(local_settings: confi
     files = _files_under(s.paths.maildir_root.parent)
     assert all(f.resolve().is_relative_to(root) for f in files if f.name.endswith(maildir.SUFFIX))
     # Nothing but the Maildir tree and the quarantine appeared beside the root (no ../../etc/passwd).
-    assert {p.name for p in s.paths.maildir_root.parent.iterdir()} <= {"maildirs", "q.sqlite3", "q.sqlite3-wal",
-                                                                       "q.sqlite3-shm"}
+    q = s.paths.quarantine_db.name
+    assert {p.name for p in s.paths.maildir_root.parent.iterdir()} <= {"maildirs", q, f"{q}-wal", f"{q}-shm"}
     for ev in hams:
         boxes = {maildir.mailbox_path(s.paths.maildir_root, r) for r in ev.envelope.rcpt_to}
         found = maildir.find(s.paths.maildir_root, ev.id)
@@ -314,14 +312,8 @@ def test_malformed_records_are_dead_lettered_with_reasons_in_process(local_setti
 def pipeline(bootstrap: str, trained_registry: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[config.Settings, WorkerSet, Path]]:
     tmp = tmp_path_factory.mktemp("hostile-e2e")
-    run = uuid.uuid4().hex[:8]
-    base = config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap})
-    settings = replace(
-        base,
-        kafka=replace(base.kafka, topic_prefix=f"hx{run}.", group_prefix=f"hx{run}"),
-        paths=replace(base.paths, maildir_root=tmp / "root" / "maildirs", quarantine_db=tmp / "root" / "q.sqlite3",
-                      registry=trained_registry),
-    )
+    settings = config.private(config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap}), "hx", tmp / "root",
+                              registry=trained_registry)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
     workers = WorkerSet(settings, tmp / "logs", base_port=9680)
@@ -408,7 +400,7 @@ def test_hostile_corpus_through_the_real_pipeline(pipeline: tuple[config.Setting
     # Path-escaping recipients: every file the workers wrote is inside the Maildir root or the quarantine.
     real_root = root.resolve()
     for f in _files_under(tmp / "root"):
-        assert f.resolve().is_relative_to(real_root) or f.name.startswith("q.sqlite3"), f
+        assert f.resolve().is_relative_to(real_root) or f.name.startswith(settings.paths.quarantine_db.name), f
     escape = sent[-1]
     assert escape.id in found.delivered
     copies_on_disk = maildir.find(root, escape.id)

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline import kafka
 from pipeline.cli import app
+from pipeline.core import config
 from pipeline.core.config import Settings
 from pipeline.core.service import Service
 from pipeline.lag import LagMonitor, PartitionLag, interpolate_time
@@ -184,10 +185,7 @@ def test_cli_json_and_table(topic_settings: Settings, tmp_path: Path) -> None:
     c = kafka.consumer(s, group)
     c.commit(offsets=[TopicPartition(ham, 3, 2)], asynchronous=False)
     c.close()
-    env = {"FLOODGATE_CONFIG": str(tmp_path / "none.toml"),
-           "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
-           "FLOODGATE_KAFKA_TOPIC_PREFIX": s.kafka.topic_prefix, "FLOODGATE_KAFKA_GROUP_PREFIX": s.kafka.group_prefix,
-           "COLUMNS": "200"}
+    env = config.environment(s) | {"COLUMNS": "200"}
     result = CliRunner().invoke(app, ["lag", "--json", "-g", group], env=env)
     assert result.exit_code == 0, result.output
     (doc,) = [orjson.loads(line) for line in result.stdout.splitlines()]

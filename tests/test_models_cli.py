@@ -110,9 +110,7 @@ def test_retrain_from_feedback_full_and_online(env: dict[str, str], topic_settin
         ev = events.new_event(events.Envelope("a@b.example", ("c@example.com",)), raw, label=label)
         producer.produce(topic_settings.topic("feedback"), key=ev.key, value=events.encode(ev))
     assert producer.flush(30) == 0
-    kenv = {**env, "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": topic_settings.kafka.bootstrap_servers,
-            "FLOODGATE_KAFKA_TOPIC_PREFIX": topic_settings.kafka.topic_prefix,
-            "FLOODGATE_KAFKA_GROUP_PREFIX": topic_settings.kafka.group_prefix}
+    kenv = {**env, **{k: v for k, v in config.environment(topic_settings).items() if k.startswith("FLOODGATE_KAFKA_")}}
     reg = Path(env["FLOODGATE_PATHS_REGISTRY"])
     champion = registry.champion_version(reg)
 

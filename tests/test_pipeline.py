@@ -26,7 +26,7 @@ from pipeline.admission import Admission
 from pipeline.bench import accounting, traffic
 from pipeline.core import config, events
 from pipeline.kafka import topics
-from pipeline.node import NICE, WorkerSet, settings_env, spam_side_cpus
+from pipeline.node import NICE, WorkerSet, spam_side_cpus
 from tests.kafka_helpers import wait_for
 from tests.worker_helpers import scrape
 
@@ -46,14 +46,8 @@ def mail() -> tuple[list[corpus.Message], list[corpus.Message]]:
 def pipeline(bootstrap: str, trained_registry: Path, tmp_path_factory: pytest.TempPathFactory):
     """All workers of the standard deployment, as processes, on private topics."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    run = uuid.uuid4().hex[:8]
-    base = config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap})
-    settings = replace(
-        base,
-        kafka=replace(base.kafka, topic_prefix=f"e2e{run}.", group_prefix=f"e2e{run}"),
-        paths=replace(base.paths, maildir_root=tmp / "maildirs", quarantine_db=tmp / "q.sqlite3",
-                      registry=trained_registry),
-    )
+    settings = config.private(config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap}), "e2e", tmp,
+                              registry=trained_registry)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
     workers = WorkerSet(settings, tmp / "logs", base_port=9600)
@@ -286,8 +280,8 @@ def test_malformed_records_are_dead_lettered_with_a_reason_and_work_goes_on(pipe
 
 
 def test_classify_refuses_to_start_without_a_model(topic_settings, tmp_path):
-    env = {**settings_env(replace(topic_settings, paths=replace(topic_settings.paths, registry=tmp_path / "empty"))),
-           "PATH": "/usr/bin:/bin"}
+    no_model = replace(topic_settings, paths=replace(topic_settings.paths, registry=tmp_path / "empty"))
+    env = {**config.environment(no_model), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "classify", "--lane", "priority"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0

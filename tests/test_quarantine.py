@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipeline import deliver, feedback, kafka
 from pipeline.cli import app
-from pipeline.core import events
+from pipeline.core import config, events
 from pipeline.sinks import maildir, stamp
 from pipeline.sinks.quarantine import DAY_S, Quarantine, subject_of
 from tests.kafka_helpers import consume_n, wait_for
@@ -158,11 +158,7 @@ def test_operator_commands(topic_settings, tmp_path):
     q.add([small], now=time.time() - 40 * DAY_S)  # longer ago than the retention
     q.add([big])
     q.close()
-    env = {"FLOODGATE_CONFIG": str(tmp_path / "none.toml"),
-           "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
-           "FLOODGATE_KAFKA_TOPIC_PREFIX": s.kafka.topic_prefix, "FLOODGATE_KAFKA_GROUP_PREFIX": s.kafka.group_prefix,
-           "FLOODGATE_PATHS_MAILDIR_ROOT": str(s.paths.maildir_root),
-           "FLOODGATE_PATHS_QUARANTINE_DB": str(s.paths.quarantine_db), feedback.TOKEN_ENV: "s3cret"}
+    env = config.environment(s) | {feedback.TOKEN_ENV: "s3cret"}
     runner = CliRunner()
 
     def run(*args: str, code: int = 0):

@@ -171,12 +171,8 @@ class Worker:
         self.settings = settings
         self.tmp_path = tmp_path
         self.port = _free_port()
-        self.env = os.environ | {
-            "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-            "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-            "FLOODGATE_KAFKA_TOPIC_PREFIX": settings.kafka.topic_prefix,
-            "FLOODGATE_KAFKA_GROUP_PREFIX": settings.kafka.group_prefix,
-        }
+        self.env = os.environ | config.environment(settings) | {
+            "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers}
         self.runs = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.records: list[tuple[bytes | None, bytes | None]] = []

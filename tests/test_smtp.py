@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline import kafka
-from pipeline.core import events
+from pipeline.core import config, events
 from pipeline.core.config import Settings
 from pipeline.smtp import SmtpIngress, normalize_domain
 from tests.kafka_helpers import consume_n, records_on, wait_for
@@ -233,9 +233,7 @@ def test_floodgate_smtp_stops_cleanly_on_sigterm(smtp_settings: Settings) -> Non
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = os.environ | {
-        "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": smtp_settings.kafka.bootstrap_servers,
-        "FLOODGATE_KAFKA_TOPIC_PREFIX": smtp_settings.kafka.topic_prefix,
+    env = os.environ | config.environment(smtp_settings) | {
         "FLOODGATE_SMTP_HOST": "127.0.0.1",
         "FLOODGATE_SMTP_PORT": str(port),
         "FLOODGATE_SMTP_DOMAINS": "example.com",

@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import kafka
-from pipeline.core import events
+from pipeline.core import config, events
 from pipeline.core.config import Settings
 from pipeline.core.events import Envelope, MailEvent
 from pipeline.core.service import Service
@@ -147,13 +147,7 @@ def free_port() -> int:
 
 def settings_env(settings: Settings, metrics_port: int) -> dict[str, str]:
     """The environment in which ``floodgate`` loads exactly these settings (and no floodgate.toml)."""
-    k, p = settings.kafka, settings.paths
-    return {**os.environ,
-            "FLOODGATE_CONFIG": str(p.quarantine_db.parent / "no-such-floodgate.toml"),
-            "FLOODGATE_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers, "FLOODGATE_KAFKA_TOPIC_PREFIX": k.topic_prefix,
-            "FLOODGATE_KAFKA_GROUP_PREFIX": k.group_prefix, "FLOODGATE_PATHS_MAILDIR_ROOT": str(p.maildir_root),
-            "FLOODGATE_PATHS_QUARANTINE_DB": str(p.quarantine_db), "FLOODGATE_WORKER_METRICS_PORT": str(metrics_port),
-            "FLOODGATE_WORKER_BATCH_SIZE": str(settings.worker.batch_size)}
+    return {**os.environ, **config.environment(settings), "FLOODGATE_WORKER_METRICS_PORT": str(metrics_port)}
 
 
 def ready(port: int) -> bool:

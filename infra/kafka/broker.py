@@ -27,7 +27,8 @@ replicated min(N, 3) times with min ISR min(N, 2). It never touches the single b
 Options: ``--port BASE`` (default 19092: node i listens on BASE+2(i-1), its controller on the
 next port), ``--heap`` (default 320m per node).
 
-Standard library only, so that it runs before the project's virtual environment exists.
+Standard library only, so that it runs before the project's virtual environment exists; what it
+shares with the cluster (fetching, starting and watching a node) is in ``local.py``.
 """
 
 from __future__ import annotations
@@ -35,81 +36,25 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-KAFKA_VERSION = os.environ.get("FLOODGATE_KAFKA_VERSION", "4.1.2")
-# Kafka 4 logs through slf4j 2; kafka_2.13's runtime closure brings no backend, so we add one.
-LOG4J_VERSION = "2.24.3"
-SLF4J_VERSION = "2.0.17"
+import local  # infra/kafka/local.py, beside this file
+from local import KAFKA_VERSION, LISTENERS, ROOT, answers, external, fetch, java, log, our_pid, pid_alive
 
-ROOT = Path(__file__).resolve().parents[2]
-# Downloaded jars live under the user's home so that a fresh clone (and every CI run) reuses them.
-CACHE = Path(os.environ.get("FLOODGATE_CACHE", Path.home() / ".cache" / "floodgate"))
-LIBS = CACHE / f"kafka_2.13-{KAFKA_VERSION}" / "libs"
 # Per-checkout state: config, data, logs and the pid of the broker this checkout started.
 STATE = Path(os.environ.get("FLOODGATE_KAFKA_STATE", ROOT / ".run" / "kafka"))
 PORT = int(os.environ.get("FLOODGATE_KAFKA_PORT", "9092"))
 CONTROLLER_PORT = int(os.environ.get("FLOODGATE_KAFKA_CONTROLLER_PORT", str(PORT + 1)))
 # The scripts in the Kafka distribution default to 1 GiB; half of that serves a 2-core test machine.
 HEAP = os.environ.get("FLOODGATE_KAFKA_HEAP", "512m")
-# CPU priority on a shared host. Every message crosses the broker three times, whatever its lane,
-# so on one machine the broker must not wait for CPU behind the workers: the bulk lane yields to
-# it as it yields to the priority lane (make bench-flood on 2 cores: flood-phase ham p99 was
-# 2.5x its pre-flood p99 with the broker at normal priority, 1.3x at -10). Only the priority
-# lane's workers, which use little CPU, run above it (-20, pipeline/node.py). Raising priority
-# needs CAP_SYS_NICE (root); without it `nice` says so in broker.out and the broker runs as is.
-NICE = os.environ.get("FLOODGATE_KAFKA_NICE", "-10")
-START_TIMEOUT_S = 90.0
-
-POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>floodgate</groupId><artifactId>local-kafka</artifactId><version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
-      <version>{kafka}</version></dependency>
-    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId>
-      <version>{slf4j}</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId>
-      <version>{log4j}</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId>
-      <version>{log4j}</version></dependency>
-  </dependencies>
-</project>
-"""
-
-LOG4J2 = """status = warn
-appender.file.type = File
-appender.file.name = FILE
-appender.file.fileName = {log}
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = INFO
-rootLogger.appenderRef.file.ref = FILE
-logger.kafka.name = kafka
-logger.kafka.level = INFO
-logger.controller.name = org.apache.kafka.controller
-logger.controller.level = WARN
-"""
 
 SERVER_PROPERTIES = """# Written by infra/kafka/broker.py: one combined broker+controller on loopback.
-process.roles=broker,controller
-node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:{cport}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
-controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-log.dirs={data}
-# One node: internal topics cannot be replicated further.
+{listeners}# One node: internal topics cannot be replicated further.
 offsets.topic.replication.factor=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
@@ -136,114 +81,14 @@ log.cleaner.dedupe.buffer.size=16777216
 """
 
 
-def log(msg: str) -> None:
-    print(f"[kafka] {msg}", flush=True)
-
-
-def external() -> str | None:
-    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None
-
-
 def bootstrap() -> str:
     return external() or f"127.0.0.1:{PORT}"
 
 
-def answers(address: str, timeout: float = 1.0) -> bool:
-    host, _, port = address.split(",")[0].rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def fetch() -> Path:
-    """Resolve the broker and its runtime closure into the cache (once)."""
-    marker = LIBS / ".complete"
-    if marker.exists():
-        return LIBS
-    if not shutil.which("mvn"):
-        sys.exit("[kafka] Maven (mvn) is needed to fetch the broker; install it (apt-get install maven).")
-    if not shutil.which("java"):
-        sys.exit("[kafka] Java 17+ is needed to run the broker; install it (apt-get install openjdk-17-jre-headless).")
-    work = LIBS.parent
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "pom.xml").write_text(POM.format(kafka=KAFKA_VERSION, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION))
-    tmp = work / "libs.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    log(f"fetching org.apache.kafka:kafka_2.13:{KAFKA_VERSION} and its runtime dependencies with Maven")
-    subprocess.run(
-        ["mvn", "-q", "-B", "-f", str(work / "pom.xml"), "dependency:copy-dependencies",
-         "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"],
-        check=True,
-    )
-    # Maven may pick slf4j 1.x from a transitive path; the explicit 2.x is the one we want.
-    for old in tmp.glob("slf4j-api-1.*.jar"):
-        old.unlink()
-    shutil.rmtree(LIBS, ignore_errors=True)
-    tmp.rename(LIBS)
-    marker.write_text(KAFKA_VERSION + "\n")
-    return LIBS
-
-
-def java(*args: str, heap: str | None = None, state: Path | None = None) -> list[str]:
-    cmd = ["java"]
-    if heap:
-        cmd += [f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
-    cmd += [
-        f"-Dlog4j2.configurationFile={(state or STATE) / 'log4j2.properties'}",
-        "-Djava.awt.headless=true",
-        "-cp", str(LIBS / "*"),
-        *args,
-    ]
-    return cmd
-
-
-def niced(cmd: list[str]) -> list[str]:
-    """``cmd`` run at the broker's CPU priority (``NICE``); its threads inherit it."""
-    return ["nice", "-n", NICE, *cmd] if NICE not in ("", "0") else cmd
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped) is not a running broker.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def our_pid(state: Path | None = None) -> int | None:
-    """The pid of the broker this checkout started, if that process still runs."""
-    state = state or STATE
-    pidfile = state / "broker.pid"
-    if not pidfile.exists():
-        return None
-    try:
-        pid = int(pidfile.read_text().strip())
-    except ValueError:
-        return None
-    if not pid_alive(pid):
-        return None
-    try:  # The pid may have been reused by another program since.
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return pid
-    return pid if b"kafka.Kafka" in cmdline and str(state).encode() in cmdline else None
-
-
 def configure() -> None:
-    STATE.mkdir(parents=True, exist_ok=True)
-    (STATE / "log4j2.properties").write_text(LOG4J2.format(log=STATE / "server.log"))
-    (STATE / "server.properties").write_text(
-        SERVER_PROPERTIES.format(port=PORT, cport=CONTROLLER_PORT, data=STATE / "data")
-    )
+    listeners = LISTENERS.format(node=1, voters=f"127.0.0.1:{CONTROLLER_PORT}", port=PORT, cport=CONTROLLER_PORT,
+                                 data=STATE / "data")
+    local.configure(STATE, SERVER_PROPERTIES.format(listeners=listeners))
 
 
 def format_storage() -> None:
@@ -253,7 +98,7 @@ def format_storage() -> None:
     log(f"formatting KRaft storage (cluster id {cluster_id})")
     subprocess.run(
         java("kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
-             "-c", str(STATE / "server.properties")),
+             "-c", str(STATE / "server.properties"), state=STATE),
         check=True, stdout=subprocess.DEVNULL,
     )
 
@@ -272,7 +117,7 @@ def up() -> int:
     if external():
         log(f"KAFKA_BOOTSTRAP_SERVERS={external()}: using that cluster, starting nothing")
         return 0 if answers(bootstrap(), timeout=5) else 1
-    pid = our_pid()
+    pid = our_pid(STATE)
     if pid and answers(bootstrap()):
         log(f"already running (pid {pid}) at {bootstrap()}")
         return 0
@@ -283,40 +128,18 @@ def up() -> int:
     if pid is None:
         (STATE / "broker.pid").unlink(missing_ok=True)
         format_storage()
-        logfile = STATE / "server.log"
-        if logfile.exists():  # keep the last run's log for post-mortems
-            logfile.replace(STATE / "server.log.prev")
-        with open(STATE / "broker.out", "ab") as out:
-            proc = subprocess.Popen(
-                niced(java("kafka.Kafka", str(STATE / "server.properties"), heap=HEAP)),
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # survives the shell that started it; `down` stops it
-            )
-        (STATE / "broker.pid").write_text(f"{proc.pid}\n")
-        pid = proc.pid
+        pid = local.spawn(STATE, HEAP)
         log(f"started Kafka {KAFKA_VERSION} (pid {pid}, heap {HEAP}), waiting for {bootstrap()}")
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            tail = (STATE / "broker.out").read_text(errors="replace")[-2000:]
-            sys.exit(f"[kafka] broker exited during start-up; see {STATE}/server.log\n{tail}")
-        if answers(bootstrap()) and started():
-            log(f"Kafka {version() or KAFKA_VERSION} answers at {bootstrap()}")
-            return 0
-        time.sleep(0.25)
-    sys.exit(f"[kafka] broker did not answer within {START_TIMEOUT_S:.0f}s; see {STATE}/server.log")
-
-
-def started() -> bool:
-    logfile = STATE / "server.log"
-    return logfile.exists() and "Kafka Server started" in logfile.read_text(errors="replace")
+    local.wait_started({STATE: (pid, bootstrap())})
+    log(f"Kafka {version() or KAFKA_VERSION} answers at {bootstrap()}")
+    return 0
 
 
 def down() -> int:
     if external():
         log("KAFKA_BOOTSTRAP_SERVERS is set: nothing was started here, nothing to stop")
         return 0
-    pid = our_pid()
+    pid = our_pid(STATE)
     if pid is None:
         log("not running")
         (STATE / "broker.pid").unlink(missing_ok=True)
@@ -340,7 +163,7 @@ def status() -> int:
         ok = answers(bootstrap(), timeout=5)
         log(f"external cluster {bootstrap()}: {'answers' if ok else 'does not answer'}")
         return 0 if ok else 1
-    pid = our_pid()
+    pid = our_pid(STATE)
     ok = pid is not None and answers(bootstrap())
     if ok:
         log(f"running: pid {pid}, Kafka {version() or KAFKA_VERSION}, bootstrap {bootstrap()}, state {STATE}")

@@ -7,7 +7,7 @@ with the same cluster id and the same voter list, each voter named with its meta
 directory id). Killing one node of three leaves a majority: the quorum and every partition
 with min ISR 2 stay writable.
 
-Standard library only, like ``broker.py``, whose download cache and helpers it shares.
+Standard library only, like ``broker.py``; what the two share is in ``local.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import broker
+import local  # infra/kafka/local.py, beside this file
+from local import log
 
 DEFAULT_PORT = 19092  # far from the single broker's 9092/9093
 # Three JVMs share a 2-core machine with everything else: a modest heap each.
@@ -32,16 +33,7 @@ DEFAULT_HEAP = os.environ.get("FLOODGATE_KAFKA_CLUSTER_HEAP", "320m")
 STOP_TIMEOUT_S = 30.0
 
 NODE_PROPERTIES = """# Written by infra/kafka/cluster.py: node {node} of {nodes} (combined broker+controller).
-process.roles=broker,controller
-node.id={node}
-controller.quorum.bootstrap.servers={voters}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
-controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-log.dirs={data}
-# Internal topics survive the loss of one node and stay writable (min ISR 2 of 3).
+{listeners}# Internal topics survive the loss of one node and stay writable (min ISR 2 of 3).
 offsets.topic.replication.factor={rf}
 transaction.state.log.replication.factor={rf}
 transaction.state.log.min.isr={isr}
@@ -76,11 +68,7 @@ class Node:
         return f"127.0.0.1:{self.port}"
 
     def pid(self) -> int | None:
-        return broker.our_pid(self.state)
-
-    def started(self) -> bool:
-        logfile = self.state / "server.log"
-        return logfile.exists() and "Kafka Server started" in logfile.read_text(errors="replace")
+        return local.our_pid(self.state)
 
 
 @dataclass(frozen=True)
@@ -92,7 +80,7 @@ class Cluster:
 
     @property
     def state(self) -> Path:
-        return broker.ROOT / ".run" / f"kafka-{self.name}"
+        return local.ROOT / ".run" / f"kafka-{self.name}"
 
     def node(self, i: int) -> Node:
         if not 1 <= i <= self.nodes:
@@ -109,10 +97,6 @@ class Cluster:
     @property
     def replication(self) -> tuple[int, int]:
         return min(self.nodes, 3), min(self.nodes, 2)
-
-
-def log(msg: str) -> None:
-    print(f"[kafka] {msg}", flush=True)
 
 
 def _dir_id() -> str:
@@ -139,11 +123,9 @@ def _configure(c: Cluster, layout: dict) -> None:
     voters = ",".join(f"127.0.0.1:{n.cport}" for n in c.all())
     rf, isr = c.replication
     for n in c.all():
-        n.state.mkdir(parents=True, exist_ok=True)
-        (n.state / "log4j2.properties").write_text(broker.LOG4J2.format(log=n.state / "server.log"))
-        (n.state / "server.properties").write_text(NODE_PROPERTIES.format(
-            node=n.id, nodes=c.nodes, voters=voters, port=n.port, cport=n.cport, data=n.state / "data",
-            rf=rf, isr=isr))
+        listeners = local.LISTENERS.format(node=n.id, voters=voters, port=n.port, cport=n.cport,
+                                           data=n.state / "data")
+        local.configure(n.state, NODE_PROPERTIES.format(node=n.id, nodes=c.nodes, listeners=listeners, rf=rf, isr=isr))
     formatted = [(n.state / "data" / "meta.properties").exists() for n in c.all()]
     if all(formatted):
         return
@@ -153,51 +135,24 @@ def _configure(c: Cluster, layout: dict) -> None:
     log(f"formatting {c.nodes} nodes (cluster id {layout['cluster_id']}, initial controllers {initial})")
     for n in c.all():
         subprocess.run(
-            broker.java("kafka.tools.StorageTool", "format", "-t", layout["cluster_id"],
+            local.java("kafka.tools.StorageTool", "format", "-t", layout["cluster_id"],
                         "--initial-controllers", initial, "-c", str(n.state / "server.properties"), state=n.state),
             check=True, stdout=subprocess.DEVNULL)
 
 
-def _spawn(c: Cluster, n: Node) -> int:
-    logfile = n.state / "server.log"
-    if logfile.exists():  # keep the last run's log for post-mortems
-        logfile.replace(n.state / "server.log.prev")
-    with open(n.state / "broker.out", "ab") as out:
-        proc = subprocess.Popen(
-            broker.niced(broker.java("kafka.Kafka", str(n.state / "server.properties"), heap=c.heap, state=n.state)),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    (n.state / "broker.pid").write_text(f"{proc.pid}\n")
-    log(f"node {n.id}: started (pid {proc.pid}, heap {c.heap}) on {n.address}")
-    return proc.pid
-
-
-def _wait_started(nodes: list[Node], pids: dict[int, int]) -> None:
-    deadline = time.monotonic() + broker.START_TIMEOUT_S
-    pending = list(nodes)
-    while pending:
-        for n in list(pending):
-            if not broker.pid_alive(pids[n.id]):
-                tail = (n.state / "broker.out").read_text(errors="replace")[-2000:]
-                sys.exit(f"[kafka] node {n.id} exited during start-up; see {n.state}/server.log\n{tail}")
-            if broker.answers(n.address) and n.started():
-                pending.remove(n)
-        if time.monotonic() > deadline:
-            sys.exit(f"[kafka] nodes {[n.id for n in pending]} did not start within {broker.START_TIMEOUT_S:.0f}s")
-        time.sleep(0.25)  # polling interval of a deadline-bounded wait
-
-
 def _start(c: Cluster, nodes: list[Node]) -> int:
-    broker.fetch()
+    local.fetch()
     _configure(c, _layout(c))
-    pids: dict[int, int] = {}
+    pids: dict[Path, tuple[int, str]] = {}
     for n in nodes:
         pid = n.pid()
         if pid is None:
-            if broker.answers(n.address):
+            if local.answers(n.address):
                 sys.exit(f"[kafka] something else listens on {n.address}; choose another --port")
-            pid = _spawn(c, n)
-        pids[n.id] = pid
-    _wait_started(nodes, pids)
+            pid = local.spawn(n.state, c.heap)
+            log(f"node {n.id}: started (pid {pid}, heap {c.heap}) on {n.address}")
+        pids[n.state] = (pid, n.address)
+    local.wait_started(pids)
     log(f"cluster {c.name!r}: {len(nodes)} node(s) serving; bootstrap {c.bootstrap()}")
     return 0
 
@@ -218,7 +173,7 @@ def kill(c: Cluster, node: int) -> int:
         log(f"node {node}: not running")
         return 1
     os.kill(pid, signal.SIGKILL)
-    while broker.pid_alive(pid):
+    while local.pid_alive(pid):
         time.sleep(0.05)  # until the kernel has reaped it (bounded: SIGKILL cannot be ignored)
     log(f"node {node}: killed (pid {pid})")
     return 0
@@ -229,10 +184,10 @@ def down(c: Cluster) -> int:
     for pid in running.values():
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while any(broker.pid_alive(p) for p in running.values()) and time.monotonic() < deadline:
+    while any(local.pid_alive(p) for p in running.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
     for node, pid in running.items():
-        if broker.pid_alive(pid):
+        if local.pid_alive(pid):
             # The last nodes of a quorum cannot finish a controlled shutdown without the others.
             log(f"node {node}: pid {pid} ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s; killing it")
             os.kill(pid, signal.SIGKILL)
@@ -246,7 +201,7 @@ def status(c: Cluster) -> int:
     ok = True
     for n in c.all():
         pid = n.pid()
-        answers = pid is not None and broker.answers(n.address)
+        answers = pid is not None and local.answers(n.address)
         ok &= answers
         log(f"node {n.id}: {'serving' if answers else 'running, not answering' if pid else 'not running'}"
             f"{f' (pid {pid})' if pid else ''} at {n.address}")
@@ -264,7 +219,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:])
     if not args.name.replace("-", "").isalnum():
         parser.error("--name: letters, digits and dashes only")
-    if broker.external():
+    if local.external():
         log("KAFKA_BOOTSTRAP_SERVERS is set: the local cluster is not used")
     c = Cluster(args.name, args.nodes, args.port, args.heap)
     if args.command in ("kill", "start"):

@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -387,12 +387,7 @@ def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignor
     external = bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")) or not own_cluster
     cluster = None if external else LocalCluster(plan.brokers)
     bootstrap = cluster.up() if cluster else base.kafka.bootstrap_servers
-    tag = f"chaos{plan.brokers}-{uuid.uuid4().hex[:6]}"
-    settings = replace(
-        base,
-        kafka=replace(base.kafka, bootstrap_servers=bootstrap, topic_prefix=f"{tag}.", group_prefix=tag),
-        paths=replace(base.paths, maildir_root=workdir / "maildirs", quarantine_db=workdir / "quarantine.sqlite3"),
-    )
+    settings = config.private(base, f"chaos{plan.brokers}-", workdir, bootstrap=bootstrap)
     admin = kafka.admin(settings)
     # Workers inherit the replication settings: Faust sizes its internal topics from them.
     stack = contextlib.ExitStack()

@@ -37,11 +37,13 @@ from models import corpus
 from pipeline import kafka
 from pipeline.admission import Admission
 from pipeline.bench import accounting, traffic
+from pipeline.core import config
 from pipeline.core.config import Settings
 from pipeline.core.service import freeze_start_up
 from pipeline.kafka import topics
 from pipeline.lag import LagMonitor
 from pipeline.node import INGRESS_NICE, WorkerSet, take_priority
+from pipeline.replay import client_address
 from pipeline.sinks import from_iso, maildir, parse_trace, unstamp
 
 REPORTS = Path("reports")
@@ -95,17 +97,6 @@ class ConfigResult:
     started_at: float = 0.0  # the wall clock at t = 0 of the series, to match worker logs (--keep)
 
 
-def private(settings: Settings, name: str, workdir: Path) -> Settings:
-    """Settings with their own topics, groups, Maildirs and quarantine."""
-    tag = f"{name}-{uuid.uuid4().hex[:6]}"
-    return replace(
-        settings,
-        kafka=replace(settings.kafka, topic_prefix=f"{tag}.", group_prefix=tag),
-        paths=replace(settings.paths, maildir_root=workdir / name / "maildirs",
-                      quarantine_db=workdir / name / "quarantine.sqlite3"),
-    )
-
-
 def load_mail(data_dir: Path) -> tuple[list[corpus.Message], list[corpus.Message]]:
     """Held-out corpus mail (the newer groups: the model was trained on the older ones)."""
     msgs = list(corpus.load_spamassassin(data_dir, groups=("easy_ham_2", "spam_2")))
@@ -118,7 +109,7 @@ def measure_capacity(settings: Settings, workers: WorkerSet, ham: list, spam: li
     mixed = [(m, "ham") for m in ham] + [(m, "spam") for m in spam]
     rng.shuffle(mixed)
     plan = [traffic.Planned(0.0, m.raw, label, "calibration",
-                            traffic.envelope_for(m.raw, rng, client=traffic.client_for(f"c{i}")))
+                            traffic.envelope_for(m.raw, rng, client=client_address(f"c{i}")))
             for i, (m, label) in enumerate(mixed[:CALIBRATION_MESSAGES])]
     producer = kafka.lane_producer(settings)
     start = time.time()
@@ -230,7 +221,7 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic.Planned], workdir: Path,
                start_workers, admit: bool, live: bool = False) -> ConfigResult:  # type: ignore[no-untyped-def]
-    settings = private(base, name, workdir)
+    settings = config.private(base, f"{name}-", workdir / name)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
     workers = WorkerSet(settings, workdir / name / "logs", base_port=9500 if name == "naive" else 9400)
@@ -364,7 +355,7 @@ def run(settings: Settings, scenario: Scenario, configs: tuple[str, ...] = ("flo
     ham, spam = load_mail(settings.paths.data)
     workdir = Path(settings.paths.maildir_root).parent / f"flood-{uuid.uuid4().hex[:6]}"
     if scenario.capacity is None:
-        cal = private(settings, "calibration", workdir)
+        cal = config.private(settings, "calibration-", workdir / "calibration")
         topics.apply(cal, kafka.admin(cal))
         workers = WorkerSet(cal, workdir / "calibration" / "logs")
         try:

@@ -30,8 +30,7 @@ from models import corpus
 from models.bench import machine
 from pipeline import kafka
 from pipeline.bench import traffic
-from pipeline.bench.flood import private
-from pipeline.core import events, senders
+from pipeline.core import config, events, senders
 from pipeline.core.config import ROOT, Settings
 from pipeline.kafka import topics
 from pipeline.node import WorkerSet
@@ -114,7 +113,7 @@ def free_port() -> int:
 
 
 def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
-    settings = private(base, "repbench", workdir)
+    settings = config.private(base, "repbench-", workdir / "repbench")
     evs = backlog(settings.paths.data, n)
     keys = [senders.keys(e.envelope.mail_from, e.envelope.client_address) for e in evs]
     expected = sum(map(len, keys))

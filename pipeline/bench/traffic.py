@@ -3,19 +3,17 @@
 Steady mixed mail (corpus ham and spam, many senders, several recipient domains) at a base
 rate for the whole run; during the flood window, spam on top at ``flood_rate``: first
 campaign-style (one message, near-identical copies, from a handful of bots), then diverse
-(many different spam messages from a few dozen bots). Each planned message gets an
-envelope: MAIL FROM from its Return-Path/From, one recipient at a local domain, and a client
-address derived from the sender's domain (one client per domain, in the IPv6 documentation
-prefix 2001:db8::/32, so no two domains share one). Flood mail comes from bot clients with
-forged random senders, as botnets send it; the corpus's own envelope senders of spam are
-often the mailing lists it was collected from, which a real campaign would not carry.
+(many different spam messages from a few dozen bots). Each planned message gets the envelope
+``floodgate replay`` would give it (:class:`pipeline.replay.EnvelopeSynth`: MAIL FROM from its
+headers, one recipient at a local domain, one client address per sender domain). Flood mail
+comes from bot clients with forged random senders, as botnets send it; the corpus's own
+envelope senders of spam are often the mailing lists it was collected from, which a real
+campaign would not carry.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,13 +21,13 @@ from dataclasses import dataclass, field
 from models.corpus import Message
 from pipeline.core import events
 from pipeline.kafka import LaneProducer
+from pipeline.replay import EnvelopeSynth, client_address
 
 RECIPIENT_DOMAINS = ("example.com", "example.net", "example.org")
 USERS_PER_DOMAIN = 40
 CAMPAIGN_BOTS = 3
 DIVERSE_BOTS = 24
-_ADDR = re.compile(rb"<?([A-Za-z0-9._%+=-]{1,64}@[A-Za-z0-9.-]{1,190}\.[A-Za-z]{2,24})>?")
-_HEADER = re.compile(rb"^(return-path|from):(.*)$", re.IGNORECASE | re.MULTILINE)
+SYNTH = EnvelopeSynth(RECIPIENT_DOMAINS, users=USERS_PER_DOMAIN * len(RECIPIENT_DOMAINS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,30 +51,14 @@ class Sent:
     behind_max_s: float = 0.0  # how far the generator fell behind its own schedule
 
 
-def sender_of(raw: bytes) -> str:
-    head = raw[:8192]
-    found = {m.group(1).lower(): m.group(2) for m in _HEADER.finditer(head)}
-    for name in (b"return-path", b"from"):
-        m = _ADDR.search(found.get(name, b""))
-        if m:
-            return m.group(1).decode("ascii", "replace").lower()
-    return ""
-
-
-def client_for(key: str) -> str:
-    h = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
-    return f"2001:db8:{h[:4]}:{h[4:8]}::{h[8:12]}"
-
-
 def _recipient(rng: random.Random) -> str:
-    return f"user{rng.randrange(USERS_PER_DOMAIN)}@{rng.choice(RECIPIENT_DOMAINS)}"
+    return SYNTH.recipient(f"{rng.getrandbits(64):016x}")
 
 
 def envelope_for(raw: bytes, rng: random.Random, client: str | None = None) -> events.Envelope:
-    sender = sender_of(raw)
-    domain = sender.rpartition("@")[2] or "unknown.invalid"
-    return events.Envelope(mail_from=sender, rcpt_to=(_recipient(rng),),
-                           client_address=client or client_for(domain), helo=f"mx.{domain}")
+    """Replay's envelope for ``raw``, to a recipient drawn from ``rng`` (the same message may be
+    sent many times, to different people)."""
+    return SYNTH.envelope(raw, f"{rng.getrandbits(64):016x}", client)
 
 
 def plan(ham: Sequence[Message], spam: Sequence[Message], *, base_rate: float, flood_rate: float,
@@ -100,7 +82,7 @@ def plan(ham: Sequence[Message], spam: Sequence[Message], *, base_rate: float, f
         else:
             bot, raw, kind = f"diverse-{i % DIVERSE_BOTS}", spam[rng.randrange(len(spam))].raw, "diverse"
         forged = f"{rng.getrandbits(40):010x}@{bot}.example"
-        env = events.Envelope(mail_from=forged, rcpt_to=(_recipient(rng),), client_address=client_for(bot),
+        env = events.Envelope(mail_from=forged, rcpt_to=(_recipient(rng),), client_address=client_address(bot),
                               helo=f"{bot}.example")
         out.append(Planned(t, raw, "spam", kind, env))
     out.sort(key=lambda p: p.at)

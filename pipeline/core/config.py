@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,31 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> Setting
         delivery=_section(DeliverySettings, toml.get("delivery", {}), "delivery", env),
         admission=_section(AdmissionSettings, toml.get("admission", {}), "admission", env),
     )
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The variables that make :func:`load` return exactly ``settings`` (every field of every
+    section, so no ``floodgate.toml`` in the child's directory can change them): how a worker
+    started as a child process gets its parent's settings."""
+    env: dict[str, str] = {}
+    for section in dataclasses.fields(settings):
+        values = getattr(settings, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            env[f"FLOODGATE_{section.name}_{f.name}".upper()] = (
+                ",".join(value) if isinstance(value, tuple) else str(value))
+    return env
+
+
+def private(settings: Settings, tag: str, workdir: Path, *, bootstrap: str | None = None,
+            registry: Path | None = None) -> Settings:
+    """``settings`` with topics and consumer groups of their own (``tag`` and a random suffix as
+    prefix) and Maildirs and a quarantine under ``workdir``, optionally on another cluster and
+    with another model registry: how tests and benchmarks share a cluster and a host with each
+    other and with a running deployment."""
+    name = f"{tag}{uuid.uuid4().hex[:8]}"
+    kafka = replace(settings.kafka, topic_prefix=f"{name}.", group_prefix=name,
+                    bootstrap_servers=bootstrap or settings.kafka.bootstrap_servers)
+    paths = replace(settings.paths, maildir_root=workdir / "maildirs", quarantine_db=workdir / "quarantine.sqlite3",
+                    registry=registry or settings.paths.registry)
+    return replace(settings, kafka=kafka, paths=paths)
