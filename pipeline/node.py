@@ -1,26 +1,37 @@
-"""Run Floodgate's workers as separate processes, the way an operator deploys them.
+"""``floodgate run``: the workers of one host, each its own supervised process.
 
-Used by the demo, the flood benchmark and end-to-end tests: each worker is its own
-``floodgate <worker>`` process with its own metrics/health port, restartable alone, stopped
-with SIGTERM (or killed with SIGKILL by fault-injection tests).
+Postfix's master is the model: every worker is its own ``floodgate <worker>`` process with its
+own metrics/health port, restartable alone; the node starts them, restarts any that exits or
+dies (at once after a worker that ran a while, then with a doubling backoff while it keeps
+failing, each restart logged), and on SIGTERM stops them all with SIGTERM and waits. A worker
+that exits with code 75 (``EX_TEMPFAIL``) is asking for exactly that restart. The same
+supervisor runs the workers of the demo, the benchmarks and the fault-injection runs.
+
+Where systemd runs the workers instead, ``infra/systemd/`` has a unit per worker (with
+``Restart=always``) and a target for the node; on Kubernetes, a Deployment per worker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core import config
+from pipeline.core import log as logs
 from pipeline.core.config import Settings
+
+log = logs.get("node")
 
 # The standard deployment: one process per job. Names are also instance ids (stable
 # transactional ids, so a restarted worker fences its previous self at once).
@@ -32,6 +43,8 @@ STANDARD = {
     "cleanup": ["cleanup"],
     "reputation": ["reputation"],
 }
+# A whole node as ``floodgate run`` starts it: the ingress, the standard workers, the lag monitor.
+NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"]}
 # CPU niceness per worker: the spam side yields the CPU to the ham side, so a flood that
 # saturates the machine still leaves ham its share (the bulk lane and cleanup may fall behind;
 # that is their job), and the priority lane is served first when it wakes (make bench-flood,
@@ -51,6 +64,7 @@ NICE = {"classify-priority": PRIORITY_LANE_NICE, "deliver": PRIORITY_LANE_NICE,
 # too: every message, flood or not, is admitted there, and a starved ingress falls behind and
 # then releases its backlog as bursts that look like floods.
 INGRESS_NICE = -10
+NICE["smtp"] = INGRESS_NICE
 # CPUs for the spam side (the workers NICE puts above 0). Niceness decides who runs first on a
 # core, not where: at +10 the spam side still ran on every core, so during a flood a ham-path
 # thread that woke could find its core busy with bulk work and wait for it to be preempted,
@@ -91,6 +105,31 @@ def take_priority(nice: int) -> None:
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, nice)
 READY_TIMEOUT_S = 120.0
+# Restart policy. A worker that ran at least STABLE_S before it exited is restarted at once (a
+# crash, a watchdog exit, a SIGKILL: its lane must flow again); one that keeps exiting sooner
+# waits RESTART_BACKOFF_S, doubling up to RESTART_BACKOFF_MAX_S (a missing model, a broken
+# setting: retrying in a tight loop would only fill the log and burn a core).
+STABLE_S = 30.0
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+WATCH_S = 0.1  # how often the supervisor looks at its children
+STOP_TIMEOUT_S = 30.0
+_PR_SET_PDEATHSIG = 1
+# Looked up once here: loading a library in a child forked from a threaded process can deadlock.
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: its own session (a terminal's Ctrl-C reaches the node, which
+    stops the workers in order, not every worker at once), and SIGTERM when the thread that
+    started it ends (the node's main thread or its supervisor), so that a killed node leaves
+    no orphans (Linux; elsewhere only the new session)."""
+    os.setsid()
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -98,9 +137,15 @@ class Worker:
     name: str
     argv: list[str]
     port: int
-    log_path: Path
+    log_path: Path | None  # None: the worker writes to the node's own stdout/stderr
     module: str = "pipeline.cli"  # run as ``python -m <module> <argv>``
+    extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    wanted: bool = True  # False once stopped on purpose: the supervisor leaves it down
+    killed: bool = False  # the current process was SIGKILLed by :meth:`Node.kill`
+    backoff_s: float = 0.0
+    restart_at: float | None = None  # when the supervisor starts it again
 
     def ready(self) -> bool:
         try:
@@ -112,69 +157,144 @@ class Worker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path and self.log_path.exists() else ""
 
-@dataclass
-class WorkerSet:
-    settings: Settings
-    log_dir: Path
-    base_port: int = 9400
-    workers: dict[str, Worker] = field(default_factory=dict)
-    spam_cpus: str | None = field(init=False, default=None)
 
-    def __post_init__(self) -> None:
+@dataclass(frozen=True)
+class Exit:
+    """A worker process that ended while it was wanted: a crash, a watchdog exit, a kill."""
+
+    name: str
+    code: int | None
+    at: float
+    ran_s: float
+    killed: bool  # by Node.kill (fault injection), not on its own
+    restart_in_s: float
+
+
+class Node:
+    """The workers of one host as child processes, supervised (see the module docstring)."""
+
+    def __init__(self, settings: Settings, log_dir: Path | None, base_port: int = 9400, supervise: bool = True) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.base_port = base_port
+        self.supervise = supervise
+        self.workers: dict[str, Worker] = {}
+        self.exits: list[Exit] = []
+        self.spam_cpus: str | None = None
         if shutil.which("taskset") and hasattr(os, "sched_getaffinity"):  # Linux (util-linux)
             self.spam_cpus = spam_side_cpus(os.sched_getaffinity(0), os.environ.get(SPAM_SIDE_CPUS_ENV))
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self._watcher: threading.Thread | None = None
 
+    # -- starting ----------------------------------------------------------------------------
     def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None,
               module: str = "pipeline.cli") -> Worker:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        worker = self.workers.get(name)
-        if worker is None:
-            worker = Worker(name, argv, self.base_port + len(self.workers), self.log_dir / f"{name}.log", module)
-            self.workers[name] = worker
+        with self._lock:
+            worker = self.workers.get(name)
+            if worker is None:
+                log_path = self.log_dir / f"{name}.log" if self.log_dir else None
+                worker = Worker(name, argv, self.base_port + len(self.workers), log_path, module, extra_env or {})
+                self.workers[name] = worker
+            worker.wanted = True
+            self._spawn(worker)
+        if self.supervise and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="node-supervisor", daemon=True)
+            self._watcher.start()
+        return worker
+
+    def _spawn(self, worker: Worker) -> None:
         env = os.environ | config.environment(self.settings) | {
-            "FLOODGATE_INSTANCE": name,
+            "FLOODGATE_INSTANCE": worker.name,
             "FLOODGATE_WORKER_METRICS_PORT": str(worker.port),
-        } | (extra_env or {})
-        log = worker.log_path.open("ab")
+        } | worker.extra_env
         # ``nice -n`` is relative to this process's own niceness, which may have been raised.
-        delta = NICE.get(name, 0) - os.nice(0)
-        nice = ["nice", "-n", str(delta)] if delta else []
-        if NICE.get(name, 0) > 0 and self.spam_cpus:
+        delta = NICE.get(worker.name, 0) - os.nice(0)
+        wrapper = ["nice", "-n", str(delta)] if delta else []
+        if NICE.get(worker.name, 0) > 0 and self.spam_cpus:
             # The wrapper sets the affinity before the worker starts any thread (librdkafka's
             # inherit it); setting it on the child's pid afterwards would race them.
-            nice = ["taskset", "-c", self.spam_cpus, *nice]
-        worker.proc = subprocess.Popen([*nice, sys.executable, "-m", worker.module, *worker.argv], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        return worker
+            wrapper = ["taskset", "-c", self.spam_cpus, *wrapper]
+        out = None
+        if worker.log_path:
+            worker.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = worker.log_path.open("ab")
+        try:
+            worker.proc = subprocess.Popen([*wrapper, sys.executable, "-m", worker.module, *worker.argv], env=env,
+                                           stdout=out, stderr=subprocess.STDOUT if out else None,
+                                           stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        finally:
+            if out:
+                out.close()
+        worker.started_at = time.monotonic()
+        worker.killed = False
+        worker.restart_at = None
 
     def start_standard(self, names: list[str] | None = None) -> None:
         for name in names or list(STANDARD):
             self.start(name, STANDARD[name])
         self.wait_ready()
 
+    # -- supervision -------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._closing.is_set():
+            now = time.monotonic()
+            with self._lock:
+                for w in self.workers.values():
+                    if not w.wanted or w.proc is None:
+                        continue
+                    if w.restart_at is None and w.proc.poll() is not None:
+                        self._exited(w, now)
+                    if w.restart_at is not None and now >= w.restart_at and not self._closing.is_set():
+                        self._spawn(w)
+                        log.info("worker restarted", extra={"worker": w.name, "pid": w.proc.pid})  # type: ignore[union-attr]
+            self._closing.wait(WATCH_S)
+
+    def _exited(self, w: Worker, now: float) -> None:
+        ran = now - w.started_at
+        w.backoff_s = 0.0 if ran >= STABLE_S else min(max(RESTART_BACKOFF_S, 2 * w.backoff_s), RESTART_BACKOFF_MAX_S)
+        w.restart_at = now + w.backoff_s
+        code = w.proc.returncode if w.proc else None
+        self.exits.append(Exit(w.name, code, time.time(), round(ran, 1), w.killed, w.backoff_s))
+        log.log(20 if w.killed else 40, "worker exited; restarting it",
+                extra={"worker": w.name, "code": code, "ran_s": round(ran, 1), "restart_in_s": w.backoff_s,
+                       "killed": w.killed})
+
+    def crashes(self) -> list[Exit]:
+        """Exits of wanted workers that nobody caused (not :meth:`kill`)."""
+        return [e for e in self.exits if not e.killed]
+
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until every wanted worker answers ``/readyz`` (one the supervisor is restarting is
+        waited for; without supervision a worker that exits is an error)."""
         deadline = time.monotonic() + timeout
-        pending = [w for w in self.workers.values() if w.alive()]
+        pending = [w for w in self.workers.values() if w.wanted]
         while pending:
             for w in list(pending):
-                if not w.alive():
+                if not w.alive() and not self.supervise:
                     raise RuntimeError(f"worker {w.name} exited with {w.proc.returncode if w.proc else '?'}:\n"
-                                       + w.log_path.read_text(errors="replace")[-3000:])
-                if w.ready():
+                                       + w.log_tail())
+                if w.alive() and w.ready():
                     pending.remove(w)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"workers not ready after {timeout:.0f}s: {[w.name for w in pending]}")
+                raise TimeoutError(f"workers not ready after {timeout:.0f}s: {[w.name for w in pending]}\n"
+                                   + "\n".join(f"{w.name}: {w.log_tail(1500)}" for w in pending))
             time.sleep(0.1)  # polling interval of a deadline-bounded wait
 
+    # -- stopping, killing -------------------------------------------------------------------
     def signal(self, name: str, sig: int = signal.SIGTERM) -> None:
         w = self.workers[name]
         if w.alive():
             w.proc.send_signal(sig)  # type: ignore[union-attr]
 
-    def stop(self, name: str, timeout: float = 30.0) -> int | None:
-        """SIGTERM once, then wait; SIGKILL after ``timeout``. Returns the exit code."""
+    def stop(self, name: str, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """Stop one worker on purpose (it stays down): SIGTERM once, then wait; SIGKILL after
+        ``timeout``. Returns the exit code."""
+        with self._lock:
+            self.workers[name].wanted = False
         self.signal(name, signal.SIGTERM)
         return self._wait(name, timeout)
 
@@ -191,16 +311,48 @@ class WorkerSet:
             return w.proc.wait()
 
     def kill(self, name: str) -> None:
-        w = self.workers[name]
-        if w.alive():
-            w.proc.kill()  # type: ignore[union-attr]
-            w.proc.wait()  # type: ignore[union-attr]
+        """SIGKILL one worker (fault injection): a crash, which the supervisor answers."""
+        with self._lock:
+            w = self.workers[name]
+            if w.alive():
+                w.killed = True
+                w.proc.kill()  # type: ignore[union-attr]
+                w.proc.wait()  # type: ignore[union-attr]
 
     def restart(self, name: str) -> Worker:
-        w = self.workers[name]
-        return self.start(name, w.argv, module=w.module)
+        """Make sure the worker runs: start it now if it is down (and wanted again)."""
+        with self._lock:
+            w = self.workers[name]
+            w.wanted = True
+            if not w.alive():
+                self._spawn(w)
+            return w
 
-    def stop_all(self, timeout: float = 30.0) -> dict[str, int | None]:
+    def stop_all(self, timeout: float = STOP_TIMEOUT_S) -> dict[str, int | None]:
+        self._closing.set()
+        with self._lock:
+            for w in self.workers.values():
+                w.wanted = False
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
         for name in self.workers:
             self.signal(name, signal.SIGTERM)
         return {name: self._wait(name, timeout) for name in self.workers}
+
+
+def run(settings: Settings, names: list[str], base_port: int, log_dir: Path | None) -> int:
+    """``floodgate run``: start ``names`` (keys of :data:`NODE`), supervise them until SIGTERM or
+    SIGINT, then stop them all. Returns 0 when every worker stopped cleanly."""
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopping.set())
+    node = Node(settings, log_dir, base_port=base_port)
+    for name in names:
+        node.start(name, NODE[name])
+    log.info("node started", extra={"workers": {n: w.port for n, w in node.workers.items()}})
+    stopping.wait()
+    log.info("stopping the node")
+    codes = node.stop_all()
+    log.info("node stopped", extra={"exit_codes": codes})
+    return 0 if all(c == 0 for c in codes.values()) else 1

@@ -39,7 +39,7 @@ from pipeline.core.service import Service
 from pipeline.deliver import Deliverer
 from pipeline.kafka import loop, topics
 from pipeline.lag import GROUP_INPUTS, LagMonitor
-from pipeline.node import STANDARD, WorkerSet
+from pipeline.node import STANDARD, Node
 from pipeline.replay import EnvelopeSynth, iter_source
 from pipeline.sinks import maildir
 from pipeline.sinks.quarantine import Quarantine
@@ -310,13 +310,13 @@ def test_malformed_records_are_dead_lettered_with_reasons_in_process(local_setti
 
 @pytest.fixture(scope="module")
 def pipeline(bootstrap: str, trained_registry: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[config.Settings, WorkerSet, Path]]:
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[config.Settings, Node, Path]]:
     tmp = tmp_path_factory.mktemp("hostile-e2e")
     settings = config.private(config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap}), "hx", tmp / "root",
                               registry=trained_registry)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = WorkerSet(settings, tmp / "logs", base_port=9680)
+    workers = Node(settings, tmp / "logs", base_port=9680)
     # A Kafka password in every worker's environment: it must never be logged (no mechanism is set,
     # so the local PLAINTEXT broker does not try to use it).
     for name, argv in STANDARD.items():
@@ -339,7 +339,7 @@ def _send(settings: config.Settings, values: list[tuple[bytes, bytes]]) -> None:
     assert producer.flush(60) == 0 and errors == []
 
 
-def test_hostile_corpus_through_the_real_pipeline(pipeline: tuple[config.Settings, WorkerSet, Path]) -> None:
+def test_hostile_corpus_through_the_real_pipeline(pipeline: tuple[config.Settings, Node, Path]) -> None:
     settings, workers, tmp = pipeline
     cases = hostile.all_cases()
     # Path-escaping recipients on a message the model certainly calls ham, so it is delivered.

@@ -26,7 +26,7 @@ from pipeline.admission import Admission
 from pipeline.bench import accounting, traffic
 from pipeline.core import config, events
 from pipeline.kafka import topics
-from pipeline.node import NICE, WorkerSet, spam_side_cpus
+from pipeline.node import NICE, Node, spam_side_cpus
 from tests.kafka_helpers import wait_for
 from tests.worker_helpers import scrape
 
@@ -50,7 +50,7 @@ def pipeline(bootstrap: str, trained_registry: Path, tmp_path_factory: pytest.Te
                               registry=trained_registry)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = WorkerSet(settings, tmp / "logs", base_port=9600)
+    workers = Node(settings, tmp / "logs", base_port=9600)
     workers.start_standard()
     yield settings, workers
     codes = workers.stop_all()

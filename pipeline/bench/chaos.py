@@ -55,7 +55,7 @@ from pipeline.core import config
 from pipeline.core.config import Settings
 from pipeline.kafka import topics
 from pipeline.lag import GROUP_INPUTS
-from pipeline.node import STANDARD, WorkerSet
+from pipeline.node import STANDARD, Node
 
 REPORTS = Path("reports")
 BROKER = [sys.executable, str(config.ROOT / "infra" / "kafka" / "broker.py")]
@@ -290,7 +290,7 @@ def standard_cycle(brokers: int) -> list[str]:
 
 
 class Chaos:
-    def __init__(self, settings: Settings, plan: Plan, workers: WorkerSet, cluster: LocalCluster | None,
+    def __init__(self, settings: Settings, plan: Plan, workers: Node, cluster: LocalCluster | None,
                  rng: random.Random, log=print) -> None:  # type: ignore[no-untyped-def]
         self.settings = settings
         self.plan = plan
@@ -304,18 +304,14 @@ class Chaos:
         self.log = log
 
     def supervise(self) -> None:
-        """Restart any worker that died without being killed (as an orchestrator would), and
-        remember it: a finding. Exit code 75 is a worker's watchdog asking for a restart."""
-        dead = [name for name, w in self.workers.workers.items() if not w.alive()]
-        for name in dead:
-            w = self.workers.workers[name]
-            code = w.proc.returncode if w.proc else None
-            tail = w.log_path.read_text(errors="replace")[-1500:]
-            self.crashes.append(f"{name} exited with {code} at {time.time():.1f}: {tail}")
-            self.log(f"  !! {name} exited on its own (exit {code}); restarting it")
-            self.workers.restart(name)
-        if dead:
-            self.workers.wait_ready()
+        """Note every worker that died without being killed (the node's supervisor restarts it,
+        as it would in production): a finding. Exit code 75 is a worker's watchdog asking for a
+        restart."""
+        crashes = self.workers.crashes()
+        for e in crashes[len(self.crashes):]:
+            tail = self.workers.workers[e.name].log_tail(1500)
+            self.crashes.append(f"{e.name} exited with {e.code} at {e.at:.1f}: {tail}")
+            self.log(f"  !! {e.name} exited on its own (exit {e.code}); the node restarts it in {e.restart_in_s:g} s")
 
     def inject(self, kind: str) -> Fault:
         all_workers = list(INPUTS)
@@ -323,8 +319,7 @@ class Chaos:
         if kind.startswith("kill:"):
             name = kind.split(":", 1)[1]
             fault = Fault(kind, name, time.time())
-            self.workers.kill(name)
-            self.workers.restart(name)
+            self.workers.kill(name)  # the node's supervisor restarts it
             self.workers.wait_ready()
             fault.restored_at = time.time()
             waiting = [name]
@@ -393,7 +388,7 @@ def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignor
     stack = contextlib.ExitStack()
     stack.enter_context(replication(plan.brokers))
     topics.apply(settings, admin)
-    workers = WorkerSet(settings, workdir / "logs", base_port=base_port or BASE_PORT + 10 * plan.brokers)
+    workers = Node(settings, workdir / "logs", base_port=base_port or BASE_PORT + 10 * plan.brokers)
     admission: Admission | None = None
     rng = random.Random(plan.seed)
     chaos: Chaos | None = None

@@ -42,7 +42,7 @@ from pipeline.core.config import Settings
 from pipeline.core.service import freeze_start_up
 from pipeline.kafka import topics
 from pipeline.lag import LagMonitor
-from pipeline.node import INGRESS_NICE, WorkerSet, take_priority
+from pipeline.node import INGRESS_NICE, Node, take_priority
 from pipeline.replay import client_address
 from pipeline.sinks import from_iso, maildir, parse_trace, unstamp
 
@@ -103,7 +103,7 @@ def load_mail(data_dir: Path) -> tuple[list[corpus.Message], list[corpus.Message
     return [m for m in msgs if m.label == "ham"], [m for m in msgs if m.label == "spam"]
 
 
-def measure_capacity(settings: Settings, workers: WorkerSet, ham: list, spam: list) -> float:
+def measure_capacity(settings: Settings, workers: Node, ham: list, spam: list) -> float:
     """Messages/s the priority path sustains here: a burst of mixed mail, timed to the last landing."""
     rng = random.Random(1)
     mixed = [(m, "ham") for m in ham] + [(m, "spam") for m in spam]
@@ -224,7 +224,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
     settings = config.private(base, f"{name}-", workdir / name)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = WorkerSet(settings, workdir / name / "logs", base_port=9500 if name == "naive" else 9400)
+    workers = Node(settings, workdir / name / "logs", base_port=9500 if name == "naive" else 9400)
     admission: Admission | None = None
     try:
         groups = start_workers(workers, settings)
@@ -336,13 +336,13 @@ def _phases(s: Scenario):  # type: ignore[no-untyped-def]
     return phase
 
 
-def start_floodgate(workers: WorkerSet, settings: Settings) -> list[str]:
+def start_floodgate(workers: Node, settings: Settings) -> list[str]:
     workers.start_standard()
     return [settings.group(g) for g in ("classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup",
                                         "reputation")]
 
 
-def start_naive(workers: WorkerSet, settings: Settings) -> list[str]:
+def start_naive(workers: Node, settings: Settings) -> list[str]:
     workers.start("naive", ["naive"], module="pipeline.bench")
     workers.wait_ready()
     return [settings.group("naive")]
@@ -357,7 +357,7 @@ def run(settings: Settings, scenario: Scenario, configs: tuple[str, ...] = ("flo
     if scenario.capacity is None:
         cal = config.private(settings, "calibration-", workdir / "calibration")
         topics.apply(cal, kafka.admin(cal))
-        workers = WorkerSet(cal, workdir / "calibration" / "logs")
+        workers = Node(cal, workdir / "calibration" / "logs")
         try:
             workers.start_standard()
             scenario.capacity = measure_capacity(cal, workers, ham, spam)

@@ -33,7 +33,7 @@ from pipeline.bench import traffic
 from pipeline.core import config, events, senders
 from pipeline.core.config import ROOT, Settings
 from pipeline.kafka import topics
-from pipeline.node import WorkerSet
+from pipeline.node import Node
 from pipeline.reputation import internal_topics
 
 SECTION_START = "<!-- bench-reputation:start -->"
@@ -121,7 +121,7 @@ def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
     distinct = ", ".join(f"{n:,} {kind}" for kind, n in sorted(kinds.items()))
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = WorkerSet(settings, workdir / "logs", base_port=free_port())
+    workers = Node(settings, workdir / "logs", base_port=free_port())
     try:
         produce(settings, evs)
         # Named apart from NICE's "reputation": it runs at nice 0.

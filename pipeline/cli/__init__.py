@@ -181,6 +181,29 @@ def cleanup() -> None:
     stage.serve(service)
 
 
+@app.command("run")
+def run_node(
+    worker: Annotated[list[str] | None,
+                      typer.Option("--worker", "-w", help="a worker to run (repeat); default: all")] = None,
+    without: Annotated[list[str] | None, typer.Option("--without", help="a worker not to run (repeat)")] = None,
+    base_port: int = typer.Option(9400, help="metrics/health port of the first worker; the next ones follow"),
+    log_dir: str = typer.Option("", help="a log file per worker in this directory; default: this process's stderr"),
+) -> None:
+    """Run a whole node: every worker its own process, restarted when it exits, all stopped on SIGTERM."""
+    from pathlib import Path
+
+    from pipeline import node
+    from pipeline.core import log
+
+    names = list(worker or node.NODE)
+    unknown = sorted(set(names) | set(without or ()) - set(node.NODE))
+    if unknown:
+        raise typer.BadParameter(f"unknown worker(s) {unknown}; known: {', '.join(node.NODE)}")
+    log.setup()
+    names = [n for n in names if n not in set(without or ())]
+    raise typer.Exit(node.run(config.load(), names, base_port, Path(log_dir) if log_dir else None))
+
+
 def main() -> None:
     app()
 

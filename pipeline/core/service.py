@@ -2,6 +2,12 @@
 
 Workers run a loop until ``service.stopping`` is set (SIGTERM or SIGINT); they finish or abort
 the batch in hand, commit or abort its transaction, and exit 0.
+
+Readiness (``/readyz``) is honest: 200 only while the worker has started (``ready``), is not
+stopping, and every one of its ``checks`` (each returns why it cannot work, or None) passes;
+otherwise 503 with the reasons. A Kafka worker checks its clients' statistics (a broker
+connection up, its group's assignment steady, its loop polling: :mod:`pipeline.kafka.health`);
+the SMTP ingress also whether the broker acknowledges what it sends.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import gc
 import signal
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,9 +39,18 @@ class Service:
         self.name = name
         self.settings = settings
         self.stopping = threading.Event()
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # started: set once, by the worker
+        self.checks: list[Callable[[], str | None]] = []  # each: why it cannot work now, or None
         self.log = log.get(name)
         self._http: ThreadingHTTPServer | None = None
+
+    def not_ready(self) -> list[str]:
+        """Why ``/readyz`` answers 503 now (empty: ready)."""
+        if self.stopping.is_set():
+            return ["stopping"]
+        if not self.ready.is_set():
+            return ["starting"]
+        return [p for p in (check() for check in self.checks) if p]
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: object) -> None:
@@ -63,8 +79,9 @@ class Service:
                 elif self.path == "/healthz":
                     body, ctype, code = b"ok\n", "text/plain", 200
                 elif self.path == "/readyz":
-                    ok = service.ready.is_set() and not service.stopping.is_set()
-                    body, ctype, code = (b"ready\n" if ok else b"not ready\n"), "text/plain", 200 if ok else 503
+                    problems = service.not_ready()
+                    body = ("ready\n" if not problems else "not ready: " + "; ".join(problems) + "\n").encode()
+                    ctype, code = "text/plain", 503 if problems else 200
                 else:
                     body, ctype, code = b"not found\n", "text/plain", 404
                 self.send_response(code)

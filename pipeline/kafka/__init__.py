@@ -88,6 +88,10 @@ class LaneProducer:
         for p in self._all:
             p.purge()
 
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        """Cluster metadata, as any of the lane producers sees it."""
+        return self._all[0].list_topics(topic, timeout)
+
     def __len__(self) -> int:
         return sum(len(p) for p in self._all)
 
@@ -112,9 +116,13 @@ def lane_configs(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
-def lane_producer(settings: Settings, **overrides: Any) -> LaneProducer:
-    """The producer for an ingress: a connection per lane topic (``inbound`` and ``bulk``)."""
-    return LaneProducer(settings, lane_configs(settings), **overrides)
+def lane_producer(settings: Settings, per_lane: Mapping[str, dict[str, Any]] | None = None,
+                  **overrides: Any) -> LaneProducer:
+    """The producer for an ingress: a connection per lane topic (``inbound`` and ``bulk``);
+    ``per_lane`` adds settings to one lane topic's producer only."""
+    configs = lane_configs(settings)
+    return LaneProducer(settings, {t: own | dict((per_lane or {}).get(t, {})) for t, own in configs.items()},
+                        **overrides)
 
 
 def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:

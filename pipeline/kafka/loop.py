@@ -42,6 +42,7 @@ from pipeline import kafka
 from pipeline.core import events, metrics
 from pipeline.core import log as logs
 from pipeline.core.service import Service, freeze_start_up
+from pipeline.kafka.health import ClientHealth
 
 log = logs.get("loop")
 
@@ -232,7 +233,10 @@ class Loop:
         self.batch_timeout_s = batch_timeout_s if batch_timeout_s is not None else s.worker.batch_timeout_s
         self.slow_batch_s = s.worker.slow_batch_s
         self.dead_letter_topic = s.topic("dead_letter")
-        self.consumer = kafka.consumer(s, group, **(consumer_overrides or {}))
+        # /readyz: a broker connection up, the group's assignment steady, this loop polling.
+        self.health = ClientHealth(f"{stage} consumer", group=True)
+        service.checks.append(self.health.problem)
+        self.consumer = kafka.consumer(s, group, **self.health.config(), **(consumer_overrides or {}))
         self._tid = f"{group}.{instance_id()}" if transactional else None
         self.producer = self._new_producer()
         self._renewals: list[float] = []

@@ -1,9 +1,10 @@
 """``floodgate lag``: consumer-group lag in messages and in seconds, with Burrow-style status.
 
-Each :meth:`LagMonitor.sample` asks the cluster, per group, for the committed offsets
-(``list_consumer_group_offsets``, one group a call), the group's live members and their
-partitions (``describe_consumer_groups``) and the end offsets (``list_offsets`` at
-read_committed isolation, i.e. the last stable offset). Then, for each partition behind:
+Each :meth:`LagMonitor.sample` asks the cluster, per group, for the committed offsets (read by
+a consumer of that group that never joins it: see :meth:`LagMonitor._committed`), the group's
+live members and their partitions (``describe_consumer_groups``) and the end offsets
+(``list_offsets`` at read_committed isolation, i.e. the last stable offset). Then, for each
+partition behind:
 
 * lag in seconds = now − the timestamp of the record at the committed offset, read with a
   consumer that assigns itself (joins no group, commits nothing). Exact whenever that record
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import orjson
 from confluent_kafka import (
-    ConsumerGroupTopicPartitions,
+    Consumer,
     IsolationLevel,
     KafkaError,
     KafkaException,
@@ -40,6 +41,7 @@ from rich.table import Table
 from pipeline import kafka
 from pipeline.core import metrics
 from pipeline.core.config import Settings
+from pipeline.kafka import topics
 from pipeline.lag.status import DEFAULT_WINDOW, Status, Window, worst
 
 # Floodgate's consumer groups (settings.group(name)) and the topic keys each one consumes.
@@ -127,23 +129,40 @@ class LagMonitor:
         self.probe_timeout = probe_timeout
         self.admin = kafka.admin(settings)
         self._probe = kafka.consumer(settings, settings.group("lag-probe"), **PROBE)
+        self._readers: dict[str, Consumer] = {}  # a committed-offset reader per group
+        self._spec_topics = {t.name for t in topics.desired(settings)}
         self._windows: dict[tuple[str, str, int], Window] = {}
         self._history: dict[tuple[str, int], deque[tuple[float, int]]] = {}
         self._inputs = {settings.group(name): [settings.topic(k) for k in keys] for name, keys in GROUP_INPUTS.items()}
         self.last: list[PartitionLag] = []
 
     # -- cluster reads -------------------------------------------------------------------
-    def _committed(self, group: str) -> dict[tuple[str, int], int | None]:
-        request = [ConsumerGroupTopicPartitions(group)]
-        result = self.admin.list_consumer_group_offsets(request, request_timeout=REQUEST_TIMEOUT_S)[group]
-        found: dict[tuple[str, int], int | None] = {
-            (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
-            for tp in result.result().topic_partitions or []
-            if not tp.error
-        }
-        for topic in self._inputs.get(group, []):
-            for p in self._partitions(topic):
-                found.setdefault((topic, p), None)
+    def _committed(self, group: str, existing: set[str]) -> dict[tuple[str, int], int | None]:
+        """The group's committed offsets: on its input topics (None where it never committed),
+        and wherever else it committed among the spec's topics and those named after it
+        (Faust's internal ``<group>-…`` topics).
+
+        Read by a consumer of the group that never subscribes, so it never joins the group
+        (the chaos run's way). Not ``AdminClient.list_consumer_group_offsets``: in librdkafka
+        2.16 an admin client's OffsetFetch answered NOT_COORDINATOR, the coordinator moving in
+        a broker restart, dereferences a NULL consumer-group handle and kills the process —
+        the monitor an operator watches during exactly such a fault."""
+        inputs = self._inputs.get(group, [])
+        candidates = set(inputs) | {t for t in existing if t.startswith(f"{group}-")}
+        if group not in self._inputs:
+            candidates |= self._spec_topics & existing
+        reader = self._readers.get(group)
+        if reader is None:
+            reader = self._readers[group] = kafka.consumer(self.settings, group)
+        tps = [TopicPartition(t, p) for t in sorted(candidates) for p in self._partitions(t)]
+        found: dict[tuple[str, int], int | None] = {}
+        for tp in reader.committed(tps, timeout=REQUEST_TIMEOUT_S) if tps else []:
+            if tp.error:
+                continue
+            if tp.offset >= 0:
+                found[(tp.topic, tp.partition)] = tp.offset
+            elif tp.topic in inputs:
+                found[(tp.topic, tp.partition)] = None
         return found
 
     def _partitions(self, topic: str) -> list[int]:
@@ -225,7 +244,8 @@ class LagMonitor:
     # -- the sample ----------------------------------------------------------------------
     def sample(self) -> list[PartitionLag]:
         now = self.clock()
-        committed = {g: self._committed(g) for g in self.groups}
+        existing = set(self.admin.list_topics(timeout=REQUEST_TIMEOUT_S).topics)
+        committed = {g: self._committed(g, existing) for g in self.groups}
         owned = self._owned()
         wanted = {tp for offsets in committed.values() for tp in offsets}
         ends = self._offsets(wanted, OffsetSpec.latest())
@@ -284,6 +304,8 @@ class LagMonitor:
 
     def close(self) -> None:
         self._probe.close()
+        for reader in self._readers.values():
+            reader.close()
 
 
 def document(monitor: LagMonitor, samples: Sequence[PartitionLag]) -> dict[str, object]:
