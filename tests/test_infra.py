@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -258,3 +259,56 @@ def test_dockerfile_slim_non_root_floodgate_entrypoint() -> None:
     assert ["ENTRYPOINT", '["floodgate"]'] in instructions
     assert ["COPY", "infra/topics.toml ./infra/topics.toml"] in instructions  # the settings read it
     assert "FLOODGATE_WORKER_METRICS_PORT=9400" in text and "FLOODGATE_WORKER_METRICS_HOST=0.0.0.0" in text
+
+
+# --- systemd: a unit per worker, a target for the node ---------------------------------------
+
+SYSTEMD = INFRA / "systemd"
+INSTALLED_FLOODGATE = "/opt/floodgate/venv/bin/floodgate"
+
+
+def unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file's sections, each key with every value it is given (systemd keys repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        else:
+            key, _, value = line.partition("=")
+            current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_a_systemd_unit_per_worker_restarting_always_and_a_target_for_the_node() -> None:
+    from pipeline.node import NICE, NODE
+
+    units = {p.name.removeprefix("floodgate-").removesuffix(".service"): unit(p)
+             for p in SYSTEMD.glob("floodgate-*.service")}
+    assert set(units) == set(NODE)
+    target = unit(SYSTEMD / "floodgate.target")
+    assert set(target["Unit"]["Wants"][0].split()) == {f"floodgate-{n}.service" for n in NODE}
+    for name, u in units.items():
+        service = u["Service"]
+        assert service["ExecStart"] == [" ".join([INSTALLED_FLOODGATE, *NODE[name]])], name
+        assert service["Restart"] == ["always"] and u["Unit"]["StartLimitIntervalSec"] == ["0"], name
+        assert f"FLOODGATE_INSTANCE=%H-{name}" in service["Environment"], name
+        assert int(service.get("Nice", ["0"])[0]) == NICE.get(name, 0), name
+        assert u["Unit"]["PartOf"] == ["floodgate.target"] and u["Install"]["WantedBy"] == ["floodgate.target"]
+    ports = [s["Service"]["Environment"] for s in units.values()]
+    assert len({e for env in ports for e in env if e.startswith("FLOODGATE_WORKER_METRICS_PORT=")}) == len(units)
+
+
+def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    # The units name the installed command; here the checkout's own one stands in for it.
+    here = shutil.which("floodgate") or str(Path(sys.executable).with_name("floodgate"))
+    for f in SYSTEMD.iterdir():
+        (tmp_path / f.name).write_text(f.read_text().replace(INSTALLED_FLOODGATE, here))
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr

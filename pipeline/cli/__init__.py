@@ -196,7 +196,7 @@ def run_node(
     from pipeline.core import log
 
     names = list(worker or node.NODE)
-    unknown = sorted(set(names) | set(without or ()) - set(node.NODE))
+    unknown = sorted((set(names) | set(without or ())) - set(node.NODE))
     if unknown:
         raise typer.BadParameter(f"unknown worker(s) {unknown}; known: {', '.join(node.NODE)}")
     log.setup()
