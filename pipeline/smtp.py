@@ -14,7 +14,12 @@ Policy, in SMTP terms:
   (the body is read to its end and discarded, never truncated);
 * a connection may carry at most ``max_messages_per_connection`` messages, then ``421 4.7.0``;
   at most ``max_connections`` sessions are open at once, further clients get ``421 4.7.0``;
-* SMTPUTF8 is on: internationalised addresses are accepted for local domains;
+* SMTPUTF8 is on: internationalised addresses are accepted for local domains, in a transaction
+  whose MAIL FROM carries the SMTPUTF8 parameter (RFC 6531), else ``553 5.6.7``. Addresses are
+  compared and stored normalised: the domain as IDNA (UTS #46 mapping: case, fullwidth forms,
+  ideographic full stops) after NFC, the local part NFC; an address with a control character
+  (NUL included) or an invisible one (zero-width, soft hyphen, bidirectional marks: Unicode
+  format characters) is refused with ``553``, so that no lookalike reaches a mailbox no user reads;
 * admission: mail from a source that floods goes to the bulk lane's topic, everything else to
   ``inbound`` (:mod:`pipeline.admission`), before it is queued anywhere.
 
@@ -33,8 +38,10 @@ import ipaddress
 import logging
 import threading
 import time
+import unicodedata
 from typing import Any, AnyStr
 
+import idna
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from confluent_kafka import KafkaError, KafkaException
 
@@ -78,6 +85,9 @@ REPLY_RCPT_OK = "250 2.1.5 OK"
 REPLY_RELAY_DENIED = "550 5.7.1 <{rcpt}>: relay access denied"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 too many recipients"
 REPLY_BAD_ADDRESS = "553 5.1.3 address is not valid UTF-8"
+REPLY_BAD_SENDER = "553 5.1.7 sender address has control or invisible characters"
+REPLY_BAD_RECIPIENT = "553 5.1.3 recipient address has control or invisible characters"
+REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 non-ASCII address without the SMTPUTF8 parameter"
 REPLY_TOO_MANY_MESSAGES = "421 4.7.0 too many messages on this connection, reconnect"
 REPLY_TEMPFAIL = "451 4.3.0 temporary failure, try again later"
 REPLY_SHUTDOWN = b"421 4.3.2 service shutting down, try again later\r\n"
@@ -94,14 +104,26 @@ class DeliveryFailed(Exception):
     """The broker did not acknowledge an event (unreachable, timeout, local queue full)."""
 
 
+# Unicode categories an address must not contain: controls (NUL, CR, LF, ESC...) and format
+# characters, the invisible ones (zero-width space and joiners, soft hyphen, bidirectional
+# marks, the byte-order mark). IDNA would quietly drop some of them, so they are refused first.
+_REFUSED_CATEGORIES = {"Cc", "Cf"}
+
+
+def invisible_or_control(text: str) -> bool:
+    return any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in text)
+
+
 def normalize_domain(domain: str) -> str | None:
-    """Lower-case ASCII (IDNA) form of a domain, or None when it cannot be one of ours."""
-    d = domain.strip().rstrip(".").lower()
-    if not d or d.startswith("["):  # address literals are never local here
+    """The lower-case ASCII form of a domain (NFC, then IDNA with UTS #46 mapping: fullwidth
+    letters and ideographic full stops become what they look like), or None when it cannot be
+    one of ours (a literal, invisible or control characters, not a valid IDNA name)."""
+    d = domain.strip()
+    if not d or d.startswith("[") or invisible_or_control(d):  # address literals are never local here
         return None
     try:
-        return d.encode("idna").decode("ascii")
-    except UnicodeError:
+        return idna.encode(unicodedata.normalize("NFC", d), uts46=True).decode("ascii").rstrip(".")
+    except (idna.IDNAError, UnicodeError):
         return None
 
 
@@ -308,6 +330,11 @@ class Handler:
             return REPLY_TOO_MANY_MESSAGES
         if not valid_utf8(address):
             return REPLY_BAD_ADDRESS
+        if invisible_or_control(address):
+            return REPLY_BAD_SENDER
+        if not address.isascii() and not envelope.smtp_utf8:
+            return REPLY_NEEDS_SMTPUTF8
+        address = unicodedata.normalize("NFC", address)
         envelope.mail_from = address  # "<>" (the null reverse-path of bounces) becomes "" in the event
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -316,16 +343,22 @@ class Handler:
                           rcpt_options: list[str]) -> str:
         if not valid_utf8(address):
             return REPLY_BAD_ADDRESS
+        if invisible_or_control(address):
+            return REPLY_BAD_RECIPIENT
+        if not address.isascii() and not envelope.smtp_utf8:
+            return REPLY_NEEDS_SMTPUTF8
         local, at, domain = address.rpartition("@")
         if not at and address.lower() == "postmaster":  # RFC 5321 4.5.1: always accepted
             local, domain = address, self.primary_domain
-        if normalize_domain(domain) not in self.domains:
+        ours = normalize_domain(domain)
+        if ours not in self.domains:
             metrics.MESSAGES.labels(STAGE, "", "rejected").inc()
             log.info("relay denied", extra={"client": _client(session)})
             return REPLY_RELAY_DENIED.format(rcpt=address)
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return REPLY_TOO_MANY_RCPTS
-        envelope.rcpt_tos.append(f"{local}@{domain}")
+        # Stored as normalised, so that every spelling of one address reaches one mailbox.
+        envelope.rcpt_tos.append(f"{unicodedata.normalize('NFC', local)}@{ours}")
         envelope.rcpt_options.extend(rcpt_options)
         return REPLY_RCPT_OK
 

@@ -85,7 +85,8 @@ def test_local_mail_becomes_an_event_with_envelope_and_exact_bytes(server: int, 
     assert event.raw == RAW
     assert event.source == "smtp" and event.label is None
     assert event.envelope == events.Envelope(mail_from="alice@sender.test",
-                                             rcpt_to=("bob@example.com", "carol@EXAMPLE.NET"),
+                                             # the recipient domain as normalised (lower-case IDNA)
+                                             rcpt_to=("bob@example.com", "carol@example.net"),
                                              client_address="127.0.0.1", helo="mx.sender.test")
 
 
@@ -179,9 +180,49 @@ def test_smtputf8_addresses_are_accepted_for_local_domains(server: int, smtp_set
     ("xn--bcher-kva.example", "xn--bcher-kva.example"),
     ("[192.0.2.1]", None),
     ("", None),
+    ("ＥＸＡＭＰＬＥ.com", "example.com"),  # fullwidth letters: what they look like
+    ("example\u3002com", "example.com"),  # an ideographic full stop is a dot
+    ("exa\u200bmple.com", None),  # zero-width space: invisible, refused (IDNA would drop it)
+    ("exam\u00adple.com", None),  # soft hyphen: likewise
+    ("example.com\u200e", None),  # a left-to-right mark
 ])
 def test_normalize_domain(domain: str, expected: str | None) -> None:
     assert normalize_domain(domain) == expected
+
+
+def _raw_command(s: smtplib.SMTP, command: str) -> tuple[int, bytes]:
+    """A command as the client wrote it, UTF-8 and all (smtplib would refuse non-ASCII)."""
+    s.command_encoding = "utf-8"
+    return s.docmd(command)
+
+
+def test_lookalike_recipient_domains_reach_the_real_mailbox_or_are_refused(server: int,
+                                                                         smtp_settings: Settings) -> None:
+    with smtplib.SMTP("127.0.0.1", server) as s:
+        s.ehlo("mx.sender.test")
+        assert s.mail("alice@sender.test", ["SMTPUTF8"])[0] == 250
+        for invisible in ("bob@exa\u200bmple.com", "bob@exam\u00adple.com", "b\u200bob@example.com"):
+            assert _raw_command(s, f"RCPT TO:<{invisible}>")[0] == 553, invisible
+        assert _raw_command(s, "RCPT TO:<bob@ＥＸＡＭＰＬＥ.com>")[0] == 250
+        assert _raw_command(s, "RCPT TO:<carol@example\u3002com>")[0] == 250
+        assert s.data(RAW)[0] == 250
+    c = _inbound(smtp_settings)
+    try:
+        [msg] = consume_n(c, 1)
+    finally:
+        c.close()
+    assert events.decode(msg.value()).envelope.rcpt_to == ("bob@example.com", "carol@example.com")
+
+
+def test_nul_and_unannounced_non_ascii_addresses_are_refused(server: int) -> None:
+    with smtplib.SMTP("127.0.0.1", server) as s:
+        s.ehlo("mx.sender.test")
+        assert _raw_command(s, "MAIL FROM:<al\x00ice@sender.test>")[0] == 553
+        assert _raw_command(s, "MAIL FROM:<jörg@absender.test>")[0] == 553  # no SMTPUTF8 parameter
+        assert s.mail("alice@sender.test")[0] == 250
+        code, reply = _raw_command(s, "RCPT TO:<zoë@example.com>")  # a transaction without SMTPUTF8
+        assert (code, reply[:5]) == (553, b"5.6.7")
+        assert s.rcpt("bob@example.com")[0] == 250
 
 
 def test_per_connection_message_limit(smtp_settings: Settings) -> None:
