@@ -46,6 +46,51 @@ class SmtpSettings:
     max_recipients: int = 100
     # How long to wait for the broker's acknowledgement before answering 451.
     ack_timeout_s: float = 10.0
+    # Session processes sharing the port (pipeline/smtp/server.py); 0: one per CPU.
+    processes: int = 0
+    # Relays (addresses or networks) whose XFORWARD is believed: an MTA in front, such as Postfix.
+    # Their connections are not limited as clients; the client they forward is.
+    xforward_hosts: tuple[str, ...] = ()
+    # -- limits (pipeline/smtp/limits.py), Postfix's names and defaults where they exist ------
+    # Open sessions at once. Each may hold a message of up to max_message_bytes in memory, so this
+    # bounds memory and file descriptors under a connection flood.
+    max_connections: int = 500
+    # A sender that reconnects is normal; one connection carrying a flood is cut off.
+    max_messages_per_connection: int = 100
+    # Postfix opens at most 20 connections to one destination (default_destination_concurrency_limit):
+    # a client holding more is not an MTA delivering mail. A network (/24, /64) gets a little more.
+    max_connections_per_client: int = 20
+    max_connections_per_network: int = 50
+    # New connections a second per client, with a burst: a queue flush may open several at once,
+    # a spambot that reconnects for every message opens hundreds.
+    client_connection_rate: float = 10.0
+    client_connection_burst: int = 30
+    # Messages a second per client (deferred with 450 beyond): above admission's flood floor, so a
+    # busy source is first diverted to the bulk lane and only then slowed down.
+    client_message_rate: float = 50.0
+    client_message_burst: int = 100
+    # Stress: when this share of max_connections is open (or admission diverts a flood, or the
+    # event loop lags), clients without history get only stress_unknown_connections_per_client
+    # connections each, together stress_unknown_share of the slots and
+    # stress_unknown_transactions transactions at once (per session process).
+    stress_connection_share: float = 0.5
+    stress_unknown_share: float = 0.5
+    stress_unknown_connections_per_client: int = 2
+    stress_unknown_transactions: int = 4
+    # A client is known after this many accepted messages over at least this long.
+    known_after_messages: int = 5
+    known_after_s: float = 30.0
+    # Idle sessions are closed after this long; under stress sooner (Postfix: smtpd_timeout 300s, 10s).
+    idle_timeout_s: float = 300.0
+    stress_idle_timeout_s: float = 10.0
+    # Error replies a session may collect before it is closed (Postfix: smtpd_hard_error_limit 20,
+    # 1 under stress), and after how many each further one waits error_sleep_s first (a tarpit:
+    # smtpd_soft_error_limit 10, smtpd_error_sleep_time 1s); under stress clients without
+    # history wait from their first error.
+    hard_error_limit: int = 20
+    stress_hard_error_limit: int = 2
+    soft_error_limit: int = 10
+    error_sleep_s: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,9 @@ class MailEvent:
 
 
 def new_event(envelope: Envelope, raw: bytes, source: str = "smtp", label: str | None = None,
-              accepted_at: float | None = None) -> MailEvent:
+              accepted_at: float | None = None, extra: dict[str, Any] | None = None) -> MailEvent:
     return MailEvent(id=uuid.uuid4().hex, accepted_at=time.time() if accepted_at is None else accepted_at,
-                     envelope=envelope, raw=raw, source=source, label=label)
+                     envelope=envelope, raw=raw, source=source, label=label, extra=extra or {})
 
 
 def encode(event: MailEvent) -> bytes:

@@ -22,6 +22,10 @@ MESSAGES = Counter("floodgate_messages_total", "Messages processed, by stage, la
                    ["stage", "lane", "outcome"])
 DEAD_LETTERS = Counter("floodgate_dead_letters_total", "Events sent to the dead-letter topic",
                        ["stage", "reason"])
+# The SMTP ingress's refusals by the limits (pipeline/smtp/limits.py): at connect (421), at MAIL
+# FROM (450), idle sessions closed (421); the code is the reply's.
+SMTP_REFUSED = Counter("floodgate_smtp_refused_total", "Connections and transactions the SMTP ingress refused or "
+                       "closed by its limits, by step and reply code", ["step", "code"])
 ERRORS = Counter("floodgate_errors_total", "Errors a worker survived, by stage and kind", ["stage", "kind"])
 # Ham must arrive within a second or so, floods may take minutes: buckets cover both.
 END_TO_END = Histogram(

@@ -1,0 +1,288 @@
+"""The SMTP server of one ingress process: sessions, limits, admission and the broker.
+
+:class:`SmtpIngress` runs on its own asyncio loop in a thread (``start()`` returns the bound
+port) and is the :class:`~pipeline.smtp.protocol.Host` of every session: it applies the
+per-client limits (:mod:`pipeline.smtp.limits`), decides the lane of each accepted message
+(:mod:`pipeline.admission`), hands it to the broker (:mod:`pipeline.smtp.bridge`) and answers
+250 only once the broker has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from pipeline.admission import Admission
+from pipeline.core import events, metrics
+from pipeline.core.config import Settings
+from pipeline.smtp import addresses
+from pipeline.smtp.bridge import STAGE, DeliveryFailed, KafkaBridge
+from pipeline.smtp.limits import Clients
+from pipeline.smtp.protocol import Origin, Session, Transaction
+
+log = logging.getLogger("floodgate.smtp")
+
+REPLY_OK = "250 2.0.0 OK: queued as {id}"
+REPLY_RELAY_DENIED = "550 5.7.1 <{rcpt}>: relay access denied"
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 too many recipients"
+REPLY_TEMPFAIL = "451 4.3.0 temporary failure, try again later"
+REPLY_SHUTDOWN = "421 4.3.2 service shutting down, try again later"
+REPLY_IDLE = "421 4.4.2 idle too long, closing connection"
+# On shutdown, sessions waiting for an ack get this long beyond the ack timeout to finish.
+SHUTDOWN_GRACE_S = 2.0
+# The housekeeping tick: idle sessions closed, the event loop's lag measured. A tick that comes
+# this much late means the loop is saturated: stress (clients with history first).
+SWEEP_S = 0.5
+LOOP_LAG_STRESS_S = 0.25
+
+
+def client_address(peer: Any) -> str:
+    """The peer's IP address (an IPv4 client of a dual-stack listener as plain IPv4)."""
+    host = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(host)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+    return host
+
+
+def networks(specs: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Addresses or networks as settings give them; a bad entry fails at start, not at the first mail."""
+    try:
+        return [ipaddress.ip_network(s.strip(), strict=False) for s in specs if s.strip()]
+    except ValueError as e:
+        raise SystemExit(f"floodgate smtp: smtp.xforward_hosts: {e}") from None
+
+
+class SmtpIngress:
+    """One ingress process: the listening socket (or sockets handed over), every session."""
+
+    def __init__(self, settings: Settings, *, host: str | None = None, port: int | None = None,
+                 max_messages_per_connection: int | None = None, max_connections: int | None = None) -> None:
+        s = settings.smtp
+        self.settings = settings
+        self.host = s.host if host is None else host
+        self.port = s.port if port is None else port
+        self.hostname = s.hostname
+        self.max_message_bytes = s.max_message_bytes
+        self.max_messages_per_connection = (s.max_messages_per_connection if max_messages_per_connection is None
+                                            else max_messages_per_connection)
+        if max_connections is not None:
+            from dataclasses import replace
+
+            s = replace(s, max_connections=max_connections)
+        self.clients = Clients(s)
+        self.domains = {d for d in (addresses.normalize_domain(x) for x in s.domains) if d}
+        self.primary_domain = next(iter(s.domains), "")
+        self.max_recipients = s.max_recipients
+        self.trusted = networks(s.xforward_hosts)
+        # Flooding sources go to the bulk lane before anything is queued (postscreen's idea).
+        self.admission = Admission(settings, follow_reputation=False)
+        self.sessions: set[Session] = set()
+        self.inflight = 0
+        self.loop = asyncio.new_event_loop()
+        self.idle = asyncio.Event()
+        self.bridge: KafkaBridge
+        self._server: asyncio.AbstractServer | None = None
+        self._thread: threading.Thread | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- Host: what sessions ask ---------------------------------------------------------------
+    def now(self) -> float:
+        return time.monotonic()
+
+    def idle_timeout(self) -> float:
+        return self.clients.idle_timeout(self.now())
+
+    def hard_error_limit(self) -> int:
+        return self.clients.hard_error_limit(self.now())
+
+    def error_delay(self, session: Session) -> float:
+        s = self.settings.smtp
+        if session.errors >= s.soft_error_limit:
+            return s.error_sleep_s
+        if self.clients.stressed(self.now()) and not self.clients.known(session.origin().client):
+            return s.error_sleep_s
+        return 0.0
+
+    def trusted_relay(self, session: Session) -> bool:
+        if not self.trusted:
+            return False
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(session.peer)
+            return any(ip in net for net in self.trusted)
+        return False
+
+    def opened(self, session: Session) -> str | None:
+        now = self.now()
+        if self.trusted_relay(session):
+            session.counted = False
+        else:
+            refused = self.clients.connect(session.peer, now)
+            if refused:
+                metrics.SMTP_REFUSED.labels("connect", refused[:3]).inc()
+                log.info("refused at connect", extra={"client": session.peer, "reply": refused})
+                return refused
+            session.counted = True
+        self.sessions.add(session)
+        return None
+
+    def closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if getattr(session, "counted", False):
+            self.clients.disconnect(session.peer)
+
+    def check_mail(self, session: Session, origin: Origin) -> str | None:
+        refused = self.clients.mail(origin.client, self.now())
+        if refused:
+            metrics.SMTP_REFUSED.labels("mail", refused[:3]).inc()
+            log.info("deferred at MAIL", extra={"client": origin.client, "reply": refused})
+            return refused
+        session.limit_key = origin.client
+        return None
+
+    def transaction_ended(self, session: Session) -> None:
+        key = getattr(session, "limit_key", None)
+        if key is not None:
+            self.clients.done(key)
+            session.limit_key = None
+
+    def check_rcpt(self, session: Session, address: str) -> tuple[str | None, str]:
+        local, at, domain = address.rpartition("@")
+        if not at and address.lower() == "postmaster":  # RFC 5321 4.5.1: always accepted
+            local, domain = address, self.primary_domain
+        ours = addresses.normalize_domain(domain)
+        if ours not in self.domains:
+            metrics.MESSAGES.labels(STAGE, "", "rejected").inc()
+            log.info("relay denied", extra={"client": session.peer})
+            return REPLY_RELAY_DENIED.format(rcpt=address), address
+        if len(session.txn.rcpt_to) >= self.max_recipients:
+            return REPLY_TOO_MANY_RCPTS, address
+        # Stored as normalised, so that every spelling of one address reaches one mailbox.
+        return None, f"{local}@{ours}"
+
+    async def deliver(self, session: Session, origin: Origin, txn: Transaction, raw: bytes) -> str:
+        extra = {"relay": origin.relay, "relay_queue_id": origin.relay_queue_id} if origin.relay else {}
+        event = events.new_event(
+            events.Envelope(mail_from=txn.mail_from or "", rcpt_to=tuple(txn.rcpt_to),
+                            client_address=origin.client, helo=origin.helo),
+            raw, source="smtp", extra=extra)
+        ctx = {"event_id": event.id, "client": origin.client, "helo": origin.helo,
+               "rcpts": len(txn.rcpt_to), "bytes": len(raw)} | ({"relay": origin.relay} if origin.relay else {})
+        topic = self.admission.topic(event)
+        if topic == self.admission.bulk:
+            self.clients.stress(self.now())  # admission is diverting a flood
+        self.inflight += 1
+        try:
+            # accepted_at is stamped now; the ack follows within milliseconds when the broker is well.
+            await self.bridge.send(topic, event.key, events.encode(event))
+        except DeliveryFailed as e:
+            metrics.MESSAGES.labels(STAGE, "", "deferred").inc()
+            metrics.ERRORS.labels(STAGE, "broker").inc()
+            log.warning("deferred: broker did not acknowledge", extra=ctx | {"error": str(e)})
+            return REPLY_TEMPFAIL
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+        if self.clients.accepted(origin.client, self.now()):
+            log.info("client known", extra={"client": origin.client})
+        metrics.MESSAGES.labels(STAGE, "", "accepted").inc()
+        log.info("accepted", extra=ctx)
+        return REPLY_OK.format(id=event.id)
+
+    # -- the server ----------------------------------------------------------------------------
+    def _session(self) -> Session:
+        return _PeerSession(self)
+
+    async def _listen(self, sock: socket.socket | None) -> int:
+        if sock is not None:
+            self._server = await self.loop.create_server(self._session, sock=sock)
+        else:
+            self._server = await self.loop.create_server(self._session, self.host, self.port, backlog=1024)
+        self._sweeper = self.loop.create_task(self._sweep())
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _sweep(self) -> None:
+        """Close idle sessions; a late tick means a saturated loop: stress."""
+        expected = self.loop.time() + SWEEP_S
+        while True:
+            await asyncio.sleep(max(0.0, expected - self.loop.time()))
+            late = self.loop.time() - expected
+            expected = self.loop.time() + SWEEP_S
+            now = self.now()
+            if late > LOOP_LAG_STRESS_S:
+                self.clients.stress(now)
+            timeout = self.clients.idle_timeout(now)
+            for session in list(self.sessions):
+                if not session.busy and now - session.last_active > timeout:
+                    metrics.SMTP_REFUSED.labels("idle", "421").inc()
+                    session.close(REPLY_IDLE)
+
+    def start(self, sock: socket.socket | None = None) -> int:
+        """Serve on ``host:port``, or on an already bound socket; returns the port."""
+        self.bridge = KafkaBridge(self.settings, self.loop)
+        self.admission.good.start()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="smtp", daemon=True)
+        self._thread.start()
+        try:
+            self.port = asyncio.run_coroutine_threadsafe(self._listen(sock), self.loop).result(10)
+        except Exception:  # e.g. the port is taken: leave no thread or producer behind
+            self.bridge.close(0)
+            self.admission.close()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self.loop.close()
+            self._thread = None
+            raise
+        log.info("listening", extra={"host": self.host, "port": self.port,
+                                     "domains": list(self.settings.smtp.domains)})
+        return self.port
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()  # no new connections
+        if self._sweeper:
+            self._sweeper.cancel()
+        if self.inflight:
+            # Sessions waiting for an ack get their answer (250 or 451) before we go.
+            self.idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), self.settings.smtp.ack_timeout_s + SHUTDOWN_GRACE_S)
+        for session in list(self.sessions):
+            session.close(REPLY_SHUTDOWN)
+        await asyncio.sleep(0)  # let the transports flush and close
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        started = time.monotonic()
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(
+                self.settings.smtp.ack_timeout_s + SHUTDOWN_GRACE_S + 5)
+        self.bridge.close()
+        self.admission.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+        self._thread = None
+        log.info("stopped", extra={"shutdown_s": round(time.monotonic() - started, 3)})
+
+
+class _PeerSession(Session):
+    """A session that learns its peer's address when the connection is made."""
+
+    def __init__(self, host: SmtpIngress) -> None:
+        super().__init__(host, "")
+        self.counted = False
+        self.limit_key: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.peer = client_address(transport.get_extra_info("peername"))
+        super().connection_made(transport)
