@@ -74,6 +74,8 @@ class Host(Protocol):
     def check_rcpt(self, session: Session, address: str) -> tuple[str | None, str]: ...
     def deliver(self, session: Session, origin: Origin, txn: Transaction, raw: bytes) -> Awaitable[str]: ...
     def opened(self, session: Session) -> str | None: ...
+    def refusal_delay(self, session: Session) -> float: ...
+    def refusal_closed(self, session: Session) -> None: ...
     def transaction_ended(self, session: Session) -> None: ...
     def closed(self, session: Session) -> None: ...
 
@@ -136,7 +138,11 @@ class Session(asyncio.Protocol):
         refused = self.host.opened(self)
         if refused:  # over a limit: refused before a session costs anything
             self.refused = True
-            self.close(refused)
+            delay = self.host.refusal_delay(self)
+            if delay > 0:  # a tarpit: a client that reconnects at once waits first
+                asyncio.get_running_loop().call_later(delay, self.close, refused)
+            else:
+                self.close(refused)
             return
         self.reply(f"220 {self.host.hostname} Floodgate ESMTP")
 
@@ -157,7 +163,9 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        if not self.refused:
+        if self.refused:
+            self.host.refusal_closed(self)
+        else:
             self._end_txn()
             self.host.closed(self)
 

@@ -40,6 +40,10 @@ SHUTDOWN_GRACE_S = 2.0
 # this much late means the loop is saturated: stress (clients with history first).
 SWEEP_S = 0.5
 LOOP_LAG_STRESS_S = 0.25
+# Refused connections held open for error_sleep_s before their 421, under stress: a bot that
+# reconnects at once then costs one accept a second instead of thousands. Past this many held at
+# once (file descriptors are finite), a refusal is answered at once.
+MAX_HELD_REFUSALS = 1000
 
 
 def client_address(peer: Any) -> str:
@@ -85,6 +89,7 @@ class SmtpIngress:
         # Flooding sources go to the bulk lane before anything is queued (postscreen's idea).
         self.admission = Admission(settings, follow_reputation=False)
         self.sessions: set[Session] = set()
+        self.held_refusals = 0
         self.inflight = 0
         self.loop = asyncio.new_event_loop()
         self.idle = asyncio.Event()
@@ -132,6 +137,17 @@ class SmtpIngress:
             session.counted = True
         self.sessions.add(session)
         return None
+
+    def refusal_delay(self, session: Session) -> float:
+        if self.held_refusals >= MAX_HELD_REFUSALS or not self.clients.stressed(self.now()):
+            return 0.0
+        self.held_refusals += 1
+        session.held = True
+        return self.settings.smtp.error_sleep_s
+
+    def refusal_closed(self, session: Session) -> None:
+        if getattr(session, "held", False):
+            self.held_refusals -= 1
 
     def closed(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -280,7 +296,8 @@ class _PeerSession(Session):
 
     def __init__(self, host: SmtpIngress) -> None:
         super().__init__(host, "")
-        self.counted = False
+        self.counted = False  # counted in the client table (not a trusted relay)
+        self.held = False  # a refusal held open for a while (refusal_delay)
         self.limit_key: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
