@@ -124,12 +124,39 @@ def lag(
 
 
 @app.command()
-def smtp() -> None:
+def smtp(
+    processes: int = typer.Option(-1, help="session processes behind one port; default smtp.processes "
+                                  "(0: one per CPU); 1: a single process"),
+    session_channel: int = typer.Option(-1, hidden=True, help="(a session process: its line to the front)"),
+) -> None:
     """Accept mail for the local domains (smtp.domains); 250 only once the broker has the event."""
-    from pipeline import smtp as ingress
+    import os
+    import shutil
+    import tempfile
 
-    settings, service = start_service("smtp")
-    ingress.run(settings, service)
+    from pipeline.smtp import front
+
+    settings = config.load()
+    if session_channel >= 0:
+        _, service = start_service("smtp-session")
+        front.run_session_process(settings, session_channel, service)
+        return
+    n = front.session_processes(settings.smtp.processes if processes < 0 else processes)
+    if n == 1:
+        from pipeline import smtp as ingress
+
+        settings, service = start_service("smtp")
+        ingress.run(settings, service)
+        return
+    # Every process's counters in one /metrics (prometheus_client's multiprocess mode): set
+    # before the metrics are first imported here and in the session processes.
+    metrics_dir = tempfile.mkdtemp(prefix="floodgate-smtp-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        settings, service = start_service("smtp")
+        front.run_front(settings, service, n)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()

@@ -13,15 +13,26 @@ the SMTP ingress also whether the broker acknowledges what it sends.
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from pipeline.core import log
 from pipeline.core.config import Settings
+
+
+def metrics_text() -> bytes:
+    """This process's metrics; with several processes behind one endpoint (the SMTP ingress's
+    session processes, ``PROMETHEUS_MULTIPROC_DIR``), all of theirs."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
 
 
 def freeze_start_up() -> None:
@@ -75,7 +86,7 @@ class Service:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/metrics":
-                    body, ctype, code = generate_latest(), CONTENT_TYPE_LATEST, 200
+                    body, ctype, code = metrics_text(), CONTENT_TYPE_LATEST, 200
                 elif self.path == "/healthz":
                     body, ctype, code = b"ok\n", "text/plain", 200
                 elif self.path == "/readyz":

@@ -97,6 +97,9 @@ class SmtpIngress:
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # In a session process of several (pipeline/smtp/front.py): the line to the front, which
+        # accepts the connections and keeps the connection limits; None when this process listens.
+        self.front: Any = None
 
     # -- Host: what sessions ask ---------------------------------------------------------------
     def now(self) -> float:
@@ -126,7 +129,7 @@ class SmtpIngress:
 
     def opened(self, session: Session) -> str | None:
         now = self.now()
-        if self.trusted_relay(session):
+        if self.front is not None or self.trusted_relay(session):  # the front counted it
             session.counted = False
         else:
             refused = self.clients.connect(session.peer, now)
@@ -153,6 +156,15 @@ class SmtpIngress:
         self.sessions.discard(session)
         if getattr(session, "counted", False):
             self.clients.disconnect(session.peer)
+        conn_id = getattr(session, "conn_id", None)
+        if self.front is not None and conn_id is not None:
+            self.front.send(f"X {conn_id}")
+
+    def stress(self) -> None:
+        """A sign of stress seen here; the front hears of it too."""
+        self.clients.stress(self.now())
+        if self.front is not None:
+            self.front.send("S")
 
     def check_mail(self, session: Session, origin: Origin) -> str | None:
         refused = self.clients.mail(origin.client, self.now())
@@ -193,7 +205,7 @@ class SmtpIngress:
                "rcpts": len(txn.rcpt_to), "bytes": len(raw)} | ({"relay": origin.relay} if origin.relay else {})
         topic = self.admission.topic(event)
         if topic == self.admission.bulk:
-            self.clients.stress(self.now())  # admission is diverting a flood
+            self.stress()  # admission is diverting a flood
         self.inflight += 1
         try:
             # accepted_at is stamped now; the ack follows within milliseconds when the broker is well.
@@ -209,6 +221,8 @@ class SmtpIngress:
                 self.idle.set()
         if self.clients.accepted(origin.client, self.now()):
             log.info("client known", extra={"client": origin.client})
+            if self.front is not None:
+                self.front.send(f"K {origin.client}")
         metrics.MESSAGES.labels(STAGE, "", "accepted").inc()
         log.info("accepted", extra=ctx)
         return REPLY_OK.format(id=event.id)
@@ -217,13 +231,19 @@ class SmtpIngress:
     def _session(self) -> Session:
         return _PeerSession(self)
 
-    async def _listen(self, sock: socket.socket | None) -> int:
-        if sock is not None:
-            self._server = await self.loop.create_server(self._session, sock=sock)
-        else:
-            self._server = await self.loop.create_server(self._session, self.host, self.port, backlog=1024)
+    async def _listen(self, listen: bool) -> int:
         self._sweeper = self.loop.create_task(self._sweep())
+        if not listen:
+            return 0
+        self._server = await self.loop.create_server(self._session, self.host, self.port, backlog=1024)
         return int(self._server.sockets[0].getsockname()[1])
+
+    def adopt(self, sock: socket.socket, conn_id: int, client: str) -> None:
+        """A connection the front accepted and screened (called on this process's loop)."""
+        session = _PeerSession(self)
+        session.conn_id = conn_id
+        session.peer = client
+        self.loop.create_task(self.loop.connect_accepted_socket(lambda: session, sock))
 
     async def _sweep(self) -> None:
         """Close idle sessions; a late tick means a saturated loop: stress."""
@@ -234,21 +254,21 @@ class SmtpIngress:
             expected = self.loop.time() + SWEEP_S
             now = self.now()
             if late > LOOP_LAG_STRESS_S:
-                self.clients.stress(now)
+                self.stress()
             timeout = self.clients.idle_timeout(now)
             for session in list(self.sessions):
                 if not session.busy and now - session.last_active > timeout:
                     metrics.SMTP_REFUSED.labels("idle", "421").inc()
                     session.close(REPLY_IDLE)
 
-    def start(self, sock: socket.socket | None = None) -> int:
-        """Serve on ``host:port``, or on an already bound socket; returns the port."""
+    def start(self, listen: bool = True) -> int:
+        """Serve on ``host:port`` (returns the port), or only what :meth:`adopt` is given."""
         self.bridge = KafkaBridge(self.settings, self.loop)
         self.admission.good.start()
         self._thread = threading.Thread(target=self.loop.run_forever, name="smtp", daemon=True)
         self._thread.start()
         try:
-            self.port = asyncio.run_coroutine_threadsafe(self._listen(sock), self.loop).result(10)
+            self.port = asyncio.run_coroutine_threadsafe(self._listen(listen), self.loop).result(10)
         except Exception:  # e.g. the port is taken: leave no thread or producer behind
             self.bridge.close(0)
             self.admission.close()
@@ -262,8 +282,8 @@ class SmtpIngress:
         return self.port
 
     async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()  # no new connections
+        if self._server is not None:
+            self._server.close()  # no new connections
         if self._sweeper:
             self._sweeper.cancel()
         if self.inflight:
@@ -299,7 +319,9 @@ class _PeerSession(Session):
         self.counted = False  # counted in the client table (not a trusted relay)
         self.held = False  # a refusal held open for a while (refusal_delay)
         self.limit_key: str | None = None
+        self.conn_id: int | None = None  # the front's id of a connection handed over
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.peer = client_address(transport.get_extra_info("peername"))
+        if self.conn_id is None:
+            self.peer = client_address(transport.get_extra_info("peername"))
         super().connection_made(transport)
