@@ -23,6 +23,7 @@ skipped) rather than truncating them. Pacing is a token bucket (:class:`TokenBuc
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import itertools
 import logging
 import random
@@ -64,7 +65,10 @@ _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _DOMAIN = re.compile(r"^[^\s@<>()\[\]\\,;:\"]+\.[^\s@<>()\[\]\\,;:\".]+$")
 _LOCAL = re.compile(r"^[^\s@<>()\[\]\\,;:\"]+$")
 _MESSAGE_ID_DOMAIN = re.compile(r"@([^\s>]+)>?\s*$")
-UNKNOWN_DOMAIN = "unknown.invalid"  # RFC 2606: a sender we cannot name
+UNKNOWN_DOMAIN = "unknown.invalid"
+# RFC 3849's IPv6 documentation prefix: never routable, never someone's real mail server, and
+# room for a client per sending domain without two domains sharing one.
+CLIENT_NETWORKS = (ipaddress.ip_network("2001:db8::/32"),)  # RFC 2606: a sender we cannot name
 
 
 # -- pacing ----------------------------------------------------------------------------------
@@ -136,9 +140,10 @@ def _digest(*parts: object) -> bytes:
 
 
 def client_address(name: str) -> str:
-    """The client address a sending domain (or a load generator's bot) connects from."""
-    h = _digest("client", name).hex()
-    return f"2001:db8:{h[:4]}:{h[4:8]}::{h[8:12]}"
+    """The client address a sending domain (or a load generator's bot) connects from: 64 bits of
+    a hash into the documentation prefix (never its first or last address)."""
+    h = int.from_bytes(_digest("client", name), "big") % (2**64 - 2)
+    return str(CLIENT_NETWORKS[0].network_address + 1 + h)
 
 
 @dataclass(frozen=True)
