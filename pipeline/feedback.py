@@ -4,9 +4,31 @@ Both end as a feedback event (the mail event with its true ``label``) on the fee
 kept for retraining. A release also re-injects the event into the ham topic with the same event
 id (``source="release"``), so ``floodgate deliver`` delivers it once however often it arrives.
 
-Order of a release: produce both records and wait for the broker's acknowledgement, then mark
-the row released. A crash in between leaves the row unreleased and a second release harmless
-(delivery is idempotent on the event id); marking first could lose the mail instead.
+One release, one feedback record. A release first *claims* the row (a conditional UPDATE in
+SQLite, :meth:`pipeline.sinks.quarantine.Quarantine.claim`): of any number of concurrent
+releases of one message, in any number of processes, exactly one gets the claim; the others
+answer that the message is being released, or was, and produce nothing. The claimant produces
+both records, waits for the broker's acknowledgement, then marks the row released (only while
+it still holds the claim). The claim is a lease of ``RELEASE_LEASE_S``, longer than a release
+can take, so a release that died holding it blocks the next one for that long, not forever.
+
+Crash safety, step by step:
+
+* crash before the claim: nothing happened;
+* crash after the claim, before producing: nothing was sent; the row is held until the lease
+  runs out, then any release takes it over;
+* the broker refuses or does not answer: the claim is given back at once (``unclaim``) and the
+  row stays unreleased; one of the records, or after a timeout both, may still have reached
+  the topic, so a retry can repeat them (harmless, as below);
+* crash after the broker acknowledged, before marking: the mail is on its way, the row looks
+  unreleased; after the lease a second release repeats both records. Harmless for the mail
+  (delivery is idempotent on the event id) and for the sender's standing (the operator's vote
+  counts once however often it is cast: the reputation worker counts distinct reporters),
+  retraining keeps the last label per event id; only the feedback topic holds the record twice.
+
+Marking first could lose the mail instead. A release that outlives its lease (the process was
+stopped for minutes between claiming and marking) may see another release take the row over;
+then both produce, with the same harmless repeat as above.
 """
 
 from __future__ import annotations
@@ -19,7 +41,7 @@ from dataclasses import replace
 from confluent_kafka import KafkaError
 
 from pipeline import kafka
-from pipeline.core import events
+from pipeline.core import events, senders
 from pipeline.core.config import Settings
 from pipeline.core.events import Envelope, MailEvent
 from pipeline.sinks import SCORE_HEADER, TRACE_HEADER, from_iso, iso, maildir, parse_trace, unstamp
@@ -28,6 +50,10 @@ from pipeline.sinks.quarantine import Quarantine
 TOKEN_ENV = "FLOODGATE_ADMIN_TOKEN"
 LABELS = ("spam", "ham")
 ACK_TIMEOUT_S = 30.0
+# A release's claim on a quarantined message: four times what its slowest step (waiting
+# ACK_TIMEOUT_S for the broker) may take, so a live release always marks the row before its
+# claim could be taken over, and a release that died holding it blocks another for two minutes.
+RELEASE_LEASE_S = 4 * ACK_TIMEOUT_S
 
 
 class FeedbackError(Exception):
@@ -61,26 +87,46 @@ def publish(settings: Settings, records: list[tuple[str, MailEvent]]) -> None:
 
 
 def release(settings: Settings, event_id: str, operator: str, token: str | None = None,
-            env: Mapping[str, str] | None = None) -> MailEvent:
-    """Send a quarantined message on to delivery and tell the model it was ham."""
+            env: Mapping[str, str] | None = None, lease_s: float = RELEASE_LEASE_S) -> MailEvent:
+    """Send a quarantined message on to delivery and tell the model it was ham (once; see the
+    module docstring)."""
     authorize(operator, token, env)
     store = _open_quarantine(settings)
     try:
-        entry = store.entry(event_id)
-        if entry is None:
-            raise FeedbackError(f"no quarantined message with event id {event_id!r}")
-        if entry.released_at is not None:
-            raise FeedbackError(f"{event_id} was already released by {entry.released_by} "
-                              f"at {iso(entry.released_at)}; not releasing it again")
         event = store.event(event_id)
-        assert event is not None
+        if event is None:
+            raise FeedbackError(f"no quarantined message with event id {event_id!r}")
+        claim = store.claim(event_id, operator, lease_s)
+        if claim is None:
+            raise FeedbackError(_not_claimed(store, event_id, lease_s))
         ham = replace(event, verdict="ham", source="release", extra={**event.extra, "released_by": operator})
-        feedback = replace(event, label="ham", extra={"feedback": "quarantine-release", "by": operator})
-        publish(settings, [("ham", ham), ("feedback", feedback)])
-        store.mark_released(event_id, operator)  # False only if a concurrent release won: same outcome
+        feedback = replace(event, label="ham", extra={"feedback": senders.RELEASE_FEEDBACK, "by": operator})
+        try:
+            publish(settings, [("ham", ham), ("feedback", feedback)])
+        except BaseException:
+            store.unclaim(event_id, claim)  # not acknowledged: the next release need not wait
+            raise
+        # False only if this release outlived its lease and another took the row over (the
+        # module docstring): the mail was released either way.
+        store.mark_released(event_id, operator, claim=claim)
         return ham
     finally:
         store.close()
+
+
+def _not_claimed(store: Quarantine, event_id: str, lease_s: float) -> str:
+    """Why a release could not claim a message that is there."""
+    entry = store.entry(event_id)
+    if entry is None:
+        return f"no quarantined message with event id {event_id!r}"
+    if entry.released_at is not None:
+        return (f"{event_id} was already released by {entry.released_by} at {iso(entry.released_at)}; "
+                "not releasing it again")
+    if entry.claimed_at is None:  # the release that held it failed and gave it back just now
+        return f"{event_id} was being released by another process, which failed; try again"
+    since = entry.claimed_at
+    return (f"{event_id} is being released by {entry.claimed_by} since {iso(since)}; not releasing it twice "
+            f"(if that release died, it can be released again after {iso(since + lease_s)})")
 
 
 def report(settings: Settings, event_id: str, label: str, by: str = "") -> MailEvent:

@@ -39,6 +39,15 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _releasing(claimed_at: float | None) -> bool:
+    """Whether a release holds a message's claim now (it has not run out)."""
+    import time
+
+    from pipeline.feedback import RELEASE_LEASE_S
+
+    return claimed_at is not None and time.time() - claimed_at < RELEASE_LEASE_S
+
+
 def _store() -> Quarantine:
     from pipeline.sinks.quarantine import Quarantine
 
@@ -67,7 +76,7 @@ def list_entries(limit: int = typer.Option(50, min=1, help="at most this many, n
             typer.echo(orjson.dumps(e.as_dict()).decode())
             continue
         score = "-" if e.score is None else f"{e.score:.3f}"
-        state = "released" if e.released_at else "held"
+        state = "released" if e.released_at else "releasing" if _releasing(e.claimed_at) else "held"
         rcpt = ",".join(e.rcpt_to)[:40]
         typer.echo(_printable(f"{e.event_id}  {iso(e.quarantined_at)}  {score:>5}  {state:8}  {e.mail_from[:40]:40}  "
                               f"{rcpt:40}  {e.subject[:60]}"))
@@ -89,6 +98,8 @@ def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the
     if entry is None or event is None:
         raise _fail(f"no quarantined message with event id {event_id!r}")
     released = f"{iso(entry.released_at)} by {entry.released_by}" if entry.released_at else "no"
+    if not entry.released_at and _releasing(entry.claimed_at):
+        released = f"being released by {entry.claimed_by} since {iso(entry.claimed_at)}"
     if raw:
         sys.stdout.buffer.write(event.raw)
         sys.stdout.buffer.flush()
