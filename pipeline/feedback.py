@@ -1,8 +1,18 @@
-"""People correcting the classifier: quarantine releases by operators, spam/ham reports by users.
+"""People correcting the classifier and the sender reputation: quarantine releases by operators,
+spam/ham reports by users, operators revoking and restoring a sender's known-good standing.
 
-Both end as a feedback event (the mail event with its true ``label``) on the feedback topic,
-kept for retraining. A release also re-injects the event into the ham topic with the same event
-id (``source="release"``), so ``floodgate deliver`` delivers it once however often it arrives.
+Releases and reports end as a feedback event (the mail event with its true ``label``) on the
+feedback topic, kept for retraining and counted by the reputation worker (as votes: one
+reporter is one vote, see :mod:`pipeline.reputation`). A release also re-injects the event into
+the ham topic with the same event id (``source="release"``), so ``floodgate deliver`` delivers
+it once however often it arrives.
+
+Revocation: ``revoke``/``restore`` write an operator decision
+(:class:`pipeline.core.senders.Decision`) on the same feedback topic, keyed by sender key,
+authorised like a release. The reputation worker keeps it in the sender's table entry and
+publishes the standing with it to the reputation topic, where admission reads it; the command
+waits until it sees that record (``DECISION_WAIT_S``). :func:`standings` reads that topic for
+``floodgate senders list|show``.
 
 One release, one feedback record. A release first *claims* the row (a conditional UPDATE in
 SQLite, :meth:`pipeline.sinks.quarantine.Quarantine.claim`): of any number of concurrent
@@ -35,10 +45,11 @@ from __future__ import annotations
 
 import hmac
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from pipeline import kafka
 from pipeline.core import events, senders
@@ -54,6 +65,13 @@ ACK_TIMEOUT_S = 30.0
 # ACK_TIMEOUT_S for the broker) may take, so a live release always marks the row before its
 # claim could be taken over, and a release that died holding it blocks another for two minutes.
 RELEASE_LEASE_S = 4 * ACK_TIMEOUT_S
+# How long revoke/restore wait to see the reputation worker publish the decision. It takes about
+# a second (two of the worker's half-second batches); ten leave room for a busy worker. A
+# decision not seen by then is still recorded on the feedback topic and applied when the worker
+# gets to it; the command says so.
+DECISION_WAIT_S = 10.0
+# Reading the whole compacted reputation topic (floodgate senders list|show).
+STANDINGS_TIMEOUT_S = 60.0
 
 
 class FeedbackError(Exception):
@@ -71,6 +89,11 @@ def authorize(operator: str, token: str | None, env: Mapping[str, str] | None = 
 
 def publish(settings: Settings, records: list[tuple[str, MailEvent]]) -> None:
     """Produce (topic key, event) records and wait until the broker has every one."""
+    _produce(settings, [(topic, event.key, events.encode(event)) for topic, event in records])
+
+
+def _produce(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> None:
+    """Produce (topic key, record key, value) records and wait until the broker has every one."""
     producer = kafka.producer(settings)
     errors: list[KafkaError] = []
 
@@ -78,8 +101,8 @@ def publish(settings: Settings, records: list[tuple[str, MailEvent]]) -> None:
         if err is not None:
             errors.append(err)
 
-    for topic, event in records:
-        producer.produce(settings.topic(topic), key=event.key, value=events.encode(event), on_delivery=on_delivery)
+    for topic, key, value in records:
+        producer.produce(settings.topic(topic), key=key, value=value, on_delivery=on_delivery)
     if producer.flush(ACK_TIMEOUT_S) > 0:
         raise FeedbackError("the broker did not acknowledge in time; nothing was marked, try again")
     if errors:
@@ -127,6 +150,61 @@ def _not_claimed(store: Quarantine, event_id: str, lease_s: float) -> str:
     since = entry.claimed_at
     return (f"{event_id} is being released by {entry.claimed_by} since {iso(since)}; not releasing it twice "
             f"(if that release died, it can be released again after {iso(since + lease_s)})")
+
+
+def revoke(settings: Settings, key: str, operator: str, token: str | None = None,
+           env: Mapping[str, str] | None = None,
+           wait_s: float = DECISION_WAIT_S) -> tuple[senders.Decision, senders.Standing | None]:
+    """Take a sender key's known-good standing away until it is restored; the decision, and the
+    standing the reputation worker published with it (None if not seen within ``wait_s``)."""
+    return decide(settings, key, senders.REVOKE, operator, token, env, wait_s)
+
+
+def restore(settings: Settings, key: str, operator: str, token: str | None = None,
+            env: Mapping[str, str] | None = None,
+            wait_s: float = DECISION_WAIT_S) -> tuple[senders.Decision, senders.Standing | None]:
+    """Lift a revocation: the standing rule decides the key's standing again."""
+    return decide(settings, key, senders.RESTORE, operator, token, env, wait_s)
+
+
+def decide(settings: Settings, key: str, decision: str, operator: str, token: str | None = None,
+           env: Mapping[str, str] | None = None,
+           wait_s: float = DECISION_WAIT_S) -> tuple[senders.Decision, senders.Standing | None]:
+    """Record an operator decision on a sender key and wait to see it published."""
+    authorize(operator, token, env)
+    sender = senders.normalise_key(key)
+    if sender is None:
+        raise FeedbackError(f"{key!r} is not a sender key: addr:ADDRESS, domain:DOMAIN or client:ADDRESS")
+    made = senders.Decision(key=sender, decision=decision, by=senders.operator_name(operator), at=time.time())
+    topic = settings.topic("reputation")
+    try:
+        start = kafka.end_offsets(settings, topic)  # the worker's record of this decision comes after
+    except KafkaException as e:
+        raise FeedbackError(f"cannot read {topic}: {e}; nothing was recorded") from None
+    _produce(settings, [("feedback", *senders.encode_decision(made))])
+    if wait_s <= 0:
+        return made, None
+
+    def applied(record: kafka.Record) -> bool:
+        standing = senders.decode_standing(record[1])
+        # The worker has the decision's time from a record timestamp: in whole milliseconds.
+        return (record[0] == sender.encode() and standing is not None and standing.decision == decision
+                and standing.decision_by == made.by and abs(standing.decision_at - made.at) < 0.002)
+
+    try:
+        found = kafka.read(settings, topic, start, wait_s, until=applied)
+    except TimeoutError:
+        return made, None
+    return made, senders.decode_standing(found[-1][1])
+
+
+def standings(settings: Settings, timeout_s: float = STANDINGS_TIMEOUT_S) -> dict[str, senders.Standing]:
+    """Every sender key's latest published standing (the compacted reputation topic, read to its end)."""
+    topic = settings.topic("reputation")
+    try:
+        return senders.latest(kafka.read(settings, topic, timeout_s=timeout_s))
+    except (KafkaException, TimeoutError) as e:
+        raise FeedbackError(f"cannot read {topic}: {e}") from None
 
 
 def report(settings: Settings, event_id: str, label: str, by: str = "") -> MailEvent:

@@ -635,3 +635,143 @@ def test_verdicts_written_in_transactions_are_counted_and_committed(worker: Work
     s = worker.settings
     wait_for(lambda: max(partition_lags(s, s.group("reputation"), "ham").values()) <= 1, STEP_TIMEOUT_S,
              what="the worker's offsets committed past the transactions")
+
+
+# -- agreement and revocation on the real broker ----------------------------------------------
+
+# The agreement span the next tests give the worker (--agreement-span): short, so that a test
+# states its reporters' times in seconds; they are record times, set when the test produces.
+TEST_SPAN_S = 30.0
+
+
+@pytest.fixture
+def agreement_worker(topic_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
+    with _workers(topic_settings, [tmp_path], start=True, args=("--agreement-span", str(TEST_SPAN_S))) as (w,):
+        yield w
+
+
+def _reports_at(worker: Worker, mail_from: str, who_at: list[tuple[str, float]], label: str = "ham") -> None:
+    """Reports on one sender's mail, by (reporter, record time); an empty reporter is anonymous."""
+    worker.send("feedback", [_report(mail_from, label, who) for who, _at in who_at], times=[at for _w, at in who_at])
+
+
+@pytest.mark.kafka
+def test_user_reports_make_a_sender_good_only_in_agreement(agreement_worker: Worker):
+    worker, t0 = agreement_worker, time.time() - 100 * TEST_SPAN_S
+    span = TEST_SPAN_S
+    # Short of agreement: one user's report; one user reporting ten times over ten spans; ten
+    # anonymous reports over ten spans; five users all within a few seconds.
+    _reports_at(worker, "news@one.example", [("carol@example.com", t0)])
+    _reports_at(worker, "news@repeat.example", [("carol@example.com", t0 + i * span) for i in range(10)])
+    _reports_at(worker, "news@anon.example", [("", t0 + i * span) for i in range(10)])
+    _reports_at(worker, "news@burst.example", [(f"user{i}@example.com", t0 + i) for i in range(5)])
+    # Agreement: three users over the span.
+    _reports_at(worker, "news@agreed.example",
+                [("carol@example.com", t0), ("dave@example.com", t0 + span / 2), ("erin@example.com", t0 + span)])
+
+    wait_for(lambda: "domain:agreed.example" in worker.good(), STEP_TIMEOUT_S, what="agreement to make a sender good")
+    for domain, reports, reporters in (("one", 1, 1), ("repeat", 10, 1), ("anon", 10, 1), ("burst", 5, 5)):
+        view = worker.wait_sender(f"domain:{domain}.example", f"{domain}'s reports to be counted", feedback_ham=reports)
+        assert view["good"] is False and len(view["ham_reporters"]) == reporters, view
+        assert worker.standings(f"domain:{domain}.example") == []
+    assert worker.good() == {"addr:news@agreed.example", "domain:agreed.example"}
+    [agreed] = worker.published("domain:agreed.example")
+    assert (agreed.ham_reporters, agreed.ham_operators, agreed.spam_reporters, agreed.reports_span_s) == (
+        3, 0, 0, span)
+    # No user's name in the table: reporters are hashed ids.
+    assert not any("carol" in r for r in worker.get("/reputation/senders/domain:agreed.example/")["ham_reporters"])
+
+
+def _cli(worker: Worker, *args: str, code: int = 0) -> str:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.feedback import TOKEN_ENV
+
+    result = CliRunner().invoke(app, list(args), env=config.environment(worker.settings) | {TOKEN_ENV: "s3cret"})
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+@pytest.mark.kafka
+def test_a_revoked_sender_stays_not_good_and_admission_stops_exempting_it_until_restored(agreement_worker: Worker):
+    from pipeline.admission import GoodSenders
+
+    worker, span = agreement_worker, TEST_SPAN_S
+    keys = senders.keys("list@kept.example", "203.0.113.50")
+    domain, addr = keys[0:2][::-1]  # domain:kept.example, addr:list@kept.example
+    admission = GoodSenders(worker.settings)
+    admission.start()
+    try:
+        t0 = time.time() - 100 * span
+        _reports_at(worker, "list@kept.example", [("carol@example.com", t0), ("dave@example.com", t0 + span)])
+        worker.send("feedback", [_report("list@kept.example", "ham", "ops", release=True)], times=[t0 + span / 2])
+        wait_for(lambda: admission.is_good([domain]) and admission.is_good([addr]), STEP_TIMEOUT_S,
+                 what="admission to see both keys of the agreed sender")
+
+        listed = [orjson.loads(line) for line in _cli(worker, "senders", "list", "--json").splitlines()]
+        assert {s["key"] for s in listed} == {domain, addr}
+        assert {(s["ham_reporters"], s["ham_operators"], s["good"]) for s in listed} == {(3, 1, True)}
+        assert "2 known-good sender(s)" in _cli(worker, "senders", "list")
+
+        # Revoked (both of its keys: each key has its own standing), with the operator's token.
+        assert "--token does not match" in _cli(worker, "senders", "revoke", domain, "--by", "ops", code=1)
+        assert "not a sender key" in _cli(worker, "senders", "revoke", "kept.example", "--by", "ops", "--token",
+                                          "s3cret", code=1)
+        began = time.monotonic()
+        for key in (domain, addr):
+            out = _cli(worker, "senders", "revoke", key.upper(), "--by", "ops", "--token", "s3cret")
+            assert f"revoked {key} (by ops); the reputation worker published it: revoked" in out
+        wait_for(lambda: not admission.is_good(keys), STEP_TIMEOUT_S, what="admission to stop exempting it")
+        print(f"admission stopped exempting the sender {time.monotonic() - began:.1f} s after the first revoke began")
+        assert worker.standings(domain) == [True, False]
+        shown = _cli(worker, "senders", "show", domain)
+        assert "standing:     revoked" in shown and "revoked by ops at" in shown
+
+        # Further ham changes nothing: new reporters over the span, and verdicts enough for good standing...
+        t1 = time.time() - 50 * span
+        _reports_at(worker, "list@kept.example", [(f"user{i}@example.com", t1 + i * span) for i in range(5)])
+        worker.send("ham", [events.encode(_event("list@kept.example", "203.0.113.50", verdict="ham"))
+                            for _ in range(GOOD_MIN_HAM)])
+        worker.wait_sender(domain, "the further ham to be counted", feedback_ham=8, ham=GOOD_MIN_HAM)
+        # ...nor across a restart (the revocation is in the table's changelog).
+        assert worker.stop() == 0
+        worker.start()
+        worker.send("ham", [events.encode(_event("list@kept.example", "203.0.113.50", verdict="ham"))
+                            for _ in range(5)])
+        view = worker.wait_sender(domain, "ham after the restart to be counted", ham=GOOD_MIN_HAM + 5)
+        assert (view["good"], view["decision"]) == (False, "revoke")
+        assert worker.standings(domain) == [True, False] and not admission.is_good([domain, addr])
+        # The client address has earned a standing of its own from the verdicts meanwhile: it is
+        # another key, which an operator would revoke on its own.
+        assert "client:203.0.113.50" in worker.good()
+
+        # Restored: the rule decides again, and the sender is good again.
+        for key in (domain, addr):
+            out = _cli(worker, "senders", "restore", key, "--by", "lead", "--token", "s3cret")
+            assert f"restored {key} (by lead); the reputation worker published it: good" in out
+        wait_for(lambda: admission.is_good([domain]) and admission.is_good([addr]), STEP_TIMEOUT_S,
+                 what="admission to exempt the restored sender again")
+        restored = worker.published(domain)[-1]
+        assert (restored.good, restored.decision, restored.decision_by) == (True, "restore", "lead")
+        assert "restored by lead" in _cli(worker, "senders", "show", domain)
+    finally:
+        admission.stop()
+
+
+@pytest.mark.kafka
+def test_revoke_says_so_when_no_worker_publishes_it(topic_settings: Settings):
+    # The decision is recorded on the feedback topic either way; the operator is told that it
+    # has not been applied yet.
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["senders", "revoke", "domain:x.example", "--by", "ops", "--wait", "1"],
+                                env=config.environment(topic_settings))
+    assert result.exit_code == 0, result.output
+    assert "recorded on the feedback topic; the reputation worker has not published it" in result.output
+    records = _read_all(topic_settings, topic_settings.topic("feedback"))
+    assert [key for _p, key in records] == [b"domain:x.example"]
+    result = CliRunner().invoke(app, ["senders", "show", "domain:x.example"], env=config.environment(topic_settings))
+    assert result.exit_code == 1 and "no standing published" in result.output

@@ -28,6 +28,10 @@ from pipeline.cli import quarantine  # noqa: E402 - light: the quarantine store 
 app.add_typer(quarantine.app, name="quarantine")
 app.command("report")(quarantine.report)
 
+from pipeline.cli import senders  # noqa: E402 - light: the reputation topic is read inside its commands
+
+app.add_typer(senders.app, name="senders")
+
 
 @topics_app.command("apply")
 def topics_apply(dry_run: bool = typer.Option(False, help="report what would change, change nothing")) -> None:

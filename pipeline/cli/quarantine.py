@@ -6,12 +6,13 @@ Light to import (typer only); the work happens in :mod:`pipeline.feedback` and t
 from __future__ import annotations
 
 import enum
-import re
 import sys
 from typing import TYPE_CHECKING
 
 import typer
 
+from pipeline.cli.output import fail as _fail
+from pipeline.cli.output import printable as _printable
 from pipeline.core import config
 
 if TYPE_CHECKING:
@@ -20,23 +21,11 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, help="The spam quarantine: list, show, release, purge.")
 # ``show`` prints at most this much of the header block; the body only with --raw.
 SHOW_HEADER_MAX = 64 * 1024
-# Spam is written by attackers: control characters (terminal escape sequences among them) are
-# never printed to an operator's terminal, except tab and line ends.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def _printable(value: object) -> str:
-    return _CONTROL.sub("?", str(value))
 
 
 class Label(enum.StrEnum):
     spam = "spam"
     ham = "ham"
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def _releasing(claimed_at: float | None) -> bool:
