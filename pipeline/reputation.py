@@ -715,6 +715,9 @@ def logging_config(level: str) -> dict[str, Any]:
 def run(settings: Settings, *, loglevel: str = "info", **options: Any) -> None:
     """Run the worker until SIGTERM or SIGINT (Faust's worker handles both and exits 0)."""
     app = build_app(settings, **options)
+    # Faust creates its data directory without parents: in a fresh checkout (no .run/, which only
+    # the local broker's start creates) the worker died at start, again on every restart.
+    Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)
     worker = faust.Worker(app, loglevel=loglevel, logging_config=logging_config(loglevel),
                           redirect_stdouts=False)
     worker.execute_from_commandline()
