@@ -197,6 +197,12 @@ def _event(mail_from: str, client: str = "192.0.2.10", *, label: str | None = No
     return ev.classified(verdict, 0.5, "test") if verdict else ev
 
 
+def _whole_second() -> float:
+    """Now, in whole seconds: record times are whole milliseconds, so reporters' times made from
+    it keep their exact distance (a span of 29.999 s would miss a 30 s threshold)."""
+    return float(int(time.time()))
+
+
 def _report(mail_from: str, label: str, by: str, *, release: bool = False) -> bytes:
     """A feedback record as pipeline.feedback writes it: a user's report, or an operator's release."""
     ev = replace(_event(mail_from, label=label), verdict="spam" if label == "ham" else "ham",
@@ -441,7 +447,7 @@ def test_feedback_decides_standing_and_bad_records_are_skipped(worker: Worker):
     ])
     # Ham reports from three users over the agreement span (before the agreement rule: one
     # release) make alice good; their record times say when each reporter spoke.
-    t0 = time.time() - 2 * AGREEMENT_SPAN_S
+    t0 = _whole_second() - 2 * AGREEMENT_SPAN_S
     worker.send("feedback", [_report("Alice@Good.Example", "ham", f"user{i}@example.com") for i in range(3)],
                 times=[t0, t0 + AGREEMENT_SPAN_S / 2, t0 + AGREEMENT_SPAN_S])
     wait_for(lambda: worker.good() >= {"addr:alice@good.example", "domain:good.example"},
@@ -657,7 +663,7 @@ def _reports_at(worker: Worker, mail_from: str, who_at: list[tuple[str, float]],
 
 @pytest.mark.kafka
 def test_user_reports_make_a_sender_good_only_in_agreement(agreement_worker: Worker):
-    worker, t0 = agreement_worker, time.time() - 100 * TEST_SPAN_S
+    worker, t0 = agreement_worker, _whole_second() - 100 * TEST_SPAN_S
     span = TEST_SPAN_S
     # Short of agreement: one user's report; one user reporting ten times over ten spans; ten
     # anonymous reports over ten spans; five users all within a few seconds.
@@ -703,7 +709,7 @@ def test_a_revoked_sender_stays_not_good_and_admission_stops_exempting_it_until_
     admission = GoodSenders(worker.settings)
     admission.start()
     try:
-        t0 = time.time() - 100 * span
+        t0 = _whole_second() - 100 * span
         _reports_at(worker, "list@kept.example", [("carol@example.com", t0), ("dave@example.com", t0 + span)])
         worker.send("feedback", [_report("list@kept.example", "ham", "ops", release=True)], times=[t0 + span / 2])
         wait_for(lambda: admission.is_good([domain]) and admission.is_good([addr]), STEP_TIMEOUT_S,
@@ -729,7 +735,7 @@ def test_a_revoked_sender_stays_not_good_and_admission_stops_exempting_it_until_
         assert "standing:     revoked" in shown and "revoked by ops at" in shown
 
         # Further ham changes nothing: new reporters over the span, and verdicts enough for good standing...
-        t1 = time.time() - 50 * span
+        t1 = _whole_second() - 50 * span
         _reports_at(worker, "list@kept.example", [(f"user{i}@example.com", t1 + i * span) for i in range(5)])
         worker.send("ham", [events.encode(_event("list@kept.example", "203.0.113.50", verdict="ham"))
                             for _ in range(GOOD_MIN_HAM)])
