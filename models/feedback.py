@@ -1,6 +1,8 @@
 """User and operator verdicts from the feedback topic, as labelled training messages.
 
-Every record on ``feedback`` is a MailEvent whose ``label`` is the verdict (``ham``/``spam``).
+Every record on ``feedback`` is a MailEvent whose ``label`` is the verdict (``ham``/``spam``),
+except operators' decisions on a sender's standing (``floodgate senders revoke|restore``,
+:class:`pipeline.core.senders.Decision`), which say nothing about a message and are skipped.
 Retraining reads the whole topic (it is kept forever) from the beginning up to the end offsets
 seen when reading starts; it commits nothing, so reading is repeatable. When a user changes
 their mind about a message, the last verdict for an event id wins.
@@ -16,7 +18,7 @@ from confluent_kafka.admin import TopicMetadata
 
 from models.corpus import Message
 from pipeline import kafka
-from pipeline.core import events
+from pipeline.core import events, senders
 from pipeline.core.config import Settings
 
 
@@ -24,7 +26,7 @@ from pipeline.core.config import Settings
 class FeedbackRead:
     messages: list[Message]
     records: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (undecodable, unlabelled)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (undecodable, unlabelled, ...)
 
 
 # A topic created moments ago may have no partition leader yet; these clear up by themselves.
@@ -77,6 +79,9 @@ def read_feedback(settings: Settings, timeout_s: float = 60.0) -> FeedbackRead:
                         continue  # end of a partition, or a leader election the client rides out
                     raise RuntimeError(f"feedback read failed: {record.error()}")
                 out.records += 1
+                if senders.decode_decision(record.value()) is not None:
+                    out.skipped["sender_decision"] = out.skipped.get("sender_decision", 0) + 1
+                    continue
                 try:
                     event = events.decode(record.value())
                 except events.EventError:

@@ -2,34 +2,84 @@
 
 Admission (at ingress, :mod:`pipeline.admission`) diverts flooding sources to the bulk lane
 but never a known-good sender; this worker keeps that set. It reads user and operator
-verdicts from ``feedback`` and classifier verdicts from ``ham`` and ``spam``, keeps per-sender
-tables, and publishes every change of a sender's standing to the compacted ``reputation``
-topic (record format: :mod:`pipeline.core.senders`).
+verdicts and operators' sender decisions from ``feedback`` and classifier verdicts from ``ham``
+and ``spam``, keeps per-sender tables, and publishes every change of a sender's standing, and
+every operator decision, to the compacted ``reputation`` topic (record format:
+:mod:`pipeline.core.senders`).
 
-Standing rule (:func:`is_good`):
+Standing rule (:func:`is_good`), first match wins:
 
-* **Feedback outranks verdicts.** A sender with feedback is good when it has at least one ham
-  report (a quarantine release, a user's "not spam") and spam reports do not outnumber the ham
-  reports. Feedback counts for the ``addr:`` and ``domain:`` keys only: a client address is
-  shared by everyone behind a NAT, a hosting provider or a big provider's outbound relays, so
-  one released message must not exempt the address a flood may come from.
+* **Revoked by an operator: not good**, whatever else the key has, until an operator restores
+  it (``floodgate senders revoke|restore``, below).
+* **Spam reports veto**: a sender with spam reports from at least as many distinct reporters as
+  it has ham reporters is not good, whatever its verdicts. This is the fail-safe direction: a
+  false spam report can cost a sender only its exemption (its mail then meets flood admission's
+  rate checks like anyone's), never a verdict.
+* **Ham reports count only in agreement**: ham reports from at least ``AGREEMENT_REPORTERS``
+  distinct reporters, the first and the latest new reporter at least ``AGREEMENT_SPAN_S`` apart
+  by record time (and, by the veto, more ham reporters than spam reporters), make a sender good
+  whatever the classifier said: it was wrong, and independent people agree. A reporter is the
+  feedback event's ``extra["by"]``; every report without one is the same anonymous reporter, and
+  one reporter's repeated reports count once. Short of agreement, ham reports do nothing for
+  the standing: one user, one user reporting a hundred times, or several reporting within a
+  minute (a script with a few accounts) never make a sender good. Feedback counts for the
+  ``addr:`` and ``domain:`` keys only: a client address is shared by everyone behind a NAT, a
+  hosting provider or a big provider's outbound relays.
 * **Otherwise verdicts decide**: good after at least ``GOOD_MIN_HAM`` ham verdicts with a spam
   share below ``GOOD_MAX_SPAM_SHARE``. Verdicts count for ``addr:``, ``domain:`` and
   ``client:``.
+
+A quarantine release (``extra["feedback"] == "quarantine-release"``) is **one vote**, an
+operator's, not agreement by itself. A release is the operator's decision about one message
+(it was not spam), not about all its sender will send. The worker cannot check that the
+release was authorised: the admin token is checked by the CLI, and the marker is a field of a
+record that any client allowed to write the feedback topic can set (SECURITY.md §9, no ACLs),
+so if a release were agreement by itself, one forged record would again be all that a
+self-exemption takes. And "please release my message" is the request a spammer can make of an
+operator most easily. So a release counts as one reporter, the operator (an ``o:`` id, shown as
+``ham_operators``), and a message released twice by one operator (a release repeated after a
+crash) is one vote. An operator's decision about a sender as a whole is explicit, audited and
+stronger: ``floodgate senders revoke`` removes the standing and keeps it removed.
+
+What the tables keep for the rule, per key and bounded: the hashed ids of at most
+``REPORTERS_KEPT`` distinct ham and spam reporters (``u:``/``o:`` and 16 hex digits of SHA-256
+of the name, or ``anon``: no user's address reaches a table, a changelog or the published
+record), the record times of the first and the latest new ham reporter, and the last operator
+decision (``revoke``/``restore``, by whom, when). Entries written before these fields existed
+read as having no reporters; a sender made good by one report under the old rule keeps its
+published standing until its next observation re-decides it (or an operator revokes it).
+
+Revocation. ``floodgate senders revoke KEY --by NAME`` (authorised like a quarantine release)
+writes a :class:`pipeline.core.senders.Decision` record on the feedback topic, keyed by the
+sender key; the ``feedback`` agent turns it into an observation of kind ``revoke`` (or
+``restore``) for that key, like a report, so it reaches the ``tally`` agent that owns the key,
+in order with the key's other observations. ``tally`` records the decision in the key's
+``senders`` entry (the one home of the standing; its changelog makes it survive restarts) and
+publishes the resulting standing at once, changed or not, with the decision in it: admission
+sees ``good: false`` within about a second (two ``TAKE_WITHIN_S`` batches and its own poll).
+Every later observation is decided with the revocation in place, so further ham never makes
+the key good again; ``restore`` removes it and the rule decides again. The feedback topic is
+kept forever: the decisions are also their own audit log, and a worker rebuilt from scratch
+replays them in order.
 
 Dataflow. The input topics are keyed by event id, but tables must be partitioned like the
 stream that updates them. So two agents (``feedback``; ``ham`` + ``spam``) turn events into
 observations keyed by sender key on an internal topic ``<app id>-observations``, and the
 ``tally`` agent, which owns the sender keys of its partitions, updates:
 
-* ``<app id>-senders``: per sender key the four counts and the last published standing;
+* ``<app id>-senders``: per sender key the four counts, the reporters and the operator
+  decision (above), and the last published standing;
 * ``<app id>-traffic``: messages (verdicts) per sender key in tumbling ``TRAFFIC_WINDOW_S``
   windows by record time, expired after ``TRAFFIC_EXPIRES_S`` (the live view).
 
 Every agent works in batches (Faust's ``take_events``: up to ``TAKE_MAX`` records, or what
 arrived within ``TAKE_WITHIN_S``). An observation carries a count: one record per sender key,
-kind (``ham``/``spam``/``feedback_ham``/``feedback_spam``) and traffic window of a batch, value
-``kind:count`` (``ham:3``; a bare ``ham``, the format before counts, counts one). ``tally``
+kind (``ham``/``spam``) and traffic window of a batch, value ``kind:count`` (``ham:3``; a bare
+``ham``, the format before counts, counts one); feedback, one record per sender key, kind
+(``feedback_ham``/``feedback_spam``) and reporter of a batch, with the earliest record time,
+value ``kind:count:reporter`` (``feedback_ham:2:u:1f…``; without a reporter, the format before
+reporters, it is the anonymous one); an operator decision, one record each, never merged,
+value ``revoke:1:NAME`` or ``restore:1:NAME``. ``tally``
 applies a key's observations of a batch in order, publishing each standing change as it
 happens, then writes the key's ``senders`` entry once and each touched ``traffic`` window once.
 A verdict used to cost nine internal records (three observations, three entry writes, three
@@ -78,11 +128,13 @@ Web (optional, ``--web-port`` or ``FLOODGATE_WORKER_METRICS_PORT``; loopback by 
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import time
 import weakref
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -136,17 +188,80 @@ OBSERVATIONS_RETENTION = timedelta(days=7)
 # few seconds costs nothing.
 METADATA_MAX_AGE_MS = 5_000
 
+# Agreement: ham reports make a sender good only from this many distinct reporters. One report is
+# one account, which may be the spammer's own at the provider, receiving his own spam; a real
+# false positive (a newsletter, a correspondent) is reported by several of its recipients.
+# Three means a spammer needs three accounts that receive his mail, and an operator can trace
+# every one of them; it is still small enough for a small sender's real recipients to reach.
+AGREEMENT_REPORTERS = 3
+# ...whose reports (first to latest new reporter, by record time) span at least this long. A
+# script driving a few accounts reports within seconds; people read their mail over hours. An
+# hour also leaves the other recipients time to report the same mail as spam, which vetoes.
+AGREEMENT_SPAN_S = 3600.0
+# Reporters kept per key and side: well above AGREEMENT_REPORTERS, so "more ham reporters than
+# spam reporters" still means something for a contested sender, and few enough that an entry
+# stays small (an id is 18 bytes) however many users report a big domain. With both sides full
+# the sender counts as contested and is not good by feedback: the safe side.
+REPORTERS_KEPT = 16
+# Reporter ids: 16 hex digits (64 bits) of SHA-256 of the name. Distinct reporters stay distinct
+# (a collision among the 32 a key keeps is a 1-in-10^16 event), and no table, changelog or
+# published record carries a user's address.
+REPORTER_ID_HEX = 16
+ANONYMOUS = "anon"
+USER, OPERATOR = "u:", "o:"
+
 HAM, SPAM, FEEDBACK_HAM, FEEDBACK_SPAM = "ham", "spam", "feedback_ham", "feedback_spam"
-KINDS = (HAM, SPAM, FEEDBACK_HAM, FEEDBACK_SPAM)
+REVOKE, RESTORE = senders.REVOKE, senders.RESTORE
+KINDS = (HAM, SPAM, FEEDBACK_HAM, FEEDBACK_SPAM, REVOKE, RESTORE)
 VERDICT_KINDS = (HAM, SPAM)
+DECISION_KINDS = (REVOKE, RESTORE)
 FEEDBACK_PREFIXES = (senders.ADDR, senders.DOMAIN)
+# Table entry fields beyond the counts (absent in entries of verdict-only keys and in entries
+# written before they existed).
+HAM_REPORTERS, SPAM_REPORTERS = "ham_reporters", "spam_reporters"
+HAM_FIRST_AT, HAM_LAST_AT = "ham_first_at", "ham_last_at"
+DECISION, DECISION_BY, DECISION_AT = "decision", "decision_by", "decision_at"
 
 
-def is_good(ham: int, spam: int, feedback_ham: int, feedback_spam: int) -> bool:
-    """The standing rule (see the module docstring)."""
-    if feedback_ham or feedback_spam:
-        return feedback_ham > 0 and feedback_spam <= feedback_ham
+@dataclass(frozen=True)
+class Agreement:
+    """How much agreement ham reports need (``floodgate reputation --agreement-*``; tests use a
+    short span)."""
+
+    reporters: int = AGREEMENT_REPORTERS
+    span_s: float = AGREEMENT_SPAN_S
+
+    def __post_init__(self) -> None:
+        if self.reporters < 1 or self.span_s < 0:
+            raise ValueError(f"agreement needs at least one reporter and a span >= 0, not {self}")
+
+
+AGREEMENT = Agreement()
+
+
+def is_good(ham: int, spam: int, ham_reporters: int = 0, spam_reporters: int = 0, *, span_s: float = 0.0,
+            revoked: bool = False, rule: Agreement = AGREEMENT) -> bool:
+    """The standing rule (see the module docstring): verdict counts, distinct reporters of ham and
+    spam feedback, the span of the ham reporters, an operator's revocation."""
+    if revoked:
+        return False
+    if spam_reporters and spam_reporters >= ham_reporters:
+        return False
+    if ham_reporters >= rule.reporters and span_s >= rule.span_s:
+        return True
     return ham >= GOOD_MIN_HAM and spam < GOOD_MAX_SPAM_SHARE * (ham + spam)
+
+
+def reporter_id(event: events.MailEvent) -> str:
+    """Who reported a feedback event, as the tables keep it: ``anon`` without a name, else ``u:``
+    (a user's report) or ``o:`` (an operator's release) and a hash of the name."""
+    extra = event.extra if isinstance(event.extra, dict) else {}
+    by = extra.get("by")
+    name = by.strip().lower() if isinstance(by, str) else ""
+    if not name:
+        return ANONYMOUS
+    role = OPERATOR if extra.get("feedback") == senders.RELEASE_FEEDBACK else USER
+    return role + hashlib.sha256(name.encode(errors="replace")).hexdigest()[:REPORTER_ID_HEX]
 
 
 def observations(event: events.MailEvent, feedback: bool) -> list[tuple[str, str]] | str:
@@ -165,21 +280,33 @@ def observations(event: events.MailEvent, feedback: bool) -> list[tuple[str, str
     return [(k, kind) for k in keys] if keys else "no_sender"
 
 
-def encode_observation(kind: str, count: int) -> bytes:
-    """An observation record's value: ``kind:count`` (e.g. ``ham:3``)."""
-    return f"{kind}:{count}".encode()
+def encode_observation(kind: str, count: int, who: str = "") -> bytes:
+    """An observation record's value: ``kind:count`` (e.g. ``ham:3``), and ``:who`` for feedback
+    (its reporter id) and decisions (the operator's name)."""
+    return (f"{kind}:{count}:{who}" if who else f"{kind}:{count}").encode()
 
 
-def decode_observation(value: bytes | None) -> tuple[str, int] | None:
-    """(kind, count) of an observation record, or None if it is not one. A bare kind (``ham``,
-    the format before counts) counts one."""
-    kind, sep, n = (value or b"").decode(errors="replace").partition(":")
+def parse_observation(value: bytes | None) -> tuple[str, int, str] | None:
+    """(kind, count, who) of an observation record, or None if it is not one. A bare kind
+    (``ham``, the format before counts) counts one; no ``who`` (the format before reporters)
+    is an empty one. A decision needs its operator."""
+    kind, sep, rest = (value or b"").decode(errors="replace").partition(":")
     if kind not in KINDS:
         return None
     if not sep:
-        return kind, 1
+        return None if kind in DECISION_KINDS else (kind, 1, "")
+    n, _, who = rest.partition(":")
     count = int(n) if n.isascii() and n.isdigit() else 0
-    return (kind, count) if count > 0 else None
+    if count <= 0 or (kind in DECISION_KINDS and not who):
+        return None
+    return kind, count, who
+
+
+def decode_observation(value: bytes | None) -> tuple[str, int] | None:
+    """(kind, count) of an observation record, or None if it is not one (see
+    :func:`parse_observation`, which also gives its reporter or operator)."""
+    parsed = parse_observation(value)
+    return None if parsed is None else parsed[:2]
 
 
 def window_of(timestamp: float) -> int:
@@ -204,6 +331,24 @@ def aggregate(found: Iterable[tuple[Iterable[tuple[str, str]], float]]) -> list[
     return [(key, kind, n, ts) for (key, kind, _w), (n, ts) in out.items()]
 
 
+def aggregate_reports(found: Iterable[tuple[str, str, str, float]]) -> list[tuple[str, str, int, float, str]]:
+    """One batch's feedback observations and decisions, (sender key, kind, who, record time), as
+    (sender key, kind, count, time, who): reports one per distinct key, kind and reporter, in the
+    order each first appears, with the earliest time (when that reporter first spoke, which is
+    what the agreement span measures); decisions one each, in order, never merged (a revocation,
+    a restoration and a revocation again must stay three)."""
+    out: dict[tuple[Any, ...], list[Any]] = {}
+    for i, (key, kind, who, ts) in enumerate(found):
+        group: tuple[Any, ...] = (key, kind, who, i) if kind in DECISION_KINDS else (key, kind, who)
+        counted = out.get(group)
+        if counted is None:
+            out[group] = [1, ts]
+        else:
+            counted[0] += 1
+            counted[1] = min(counted[1], ts)
+    return [(g[0], g[1], n, ts, g[2]) for g, (n, ts) in out.items()]
+
+
 def as_current(event: faust.EventT) -> None:
     """Make ``event`` this task's current stream event, as Faust's stream iterator does for each
     event it yields. Tables pick the changelog partition of a write from it; a batch from
@@ -215,11 +360,51 @@ def new_entry() -> dict[str, Any]:
     return {HAM: 0, SPAM: 0, FEEDBACK_HAM: 0, FEEDBACK_SPAM: 0, "good": False}
 
 
-def tally(entry: dict[str, Any], kind: str, count: int = 1) -> tuple[dict[str, Any], bool]:
-    """The entry after one observation (``count`` messages of one kind), and whether the
-    sender is good now."""
-    entry = {**new_entry(), **entry, kind: int(entry.get(kind, 0)) + count}
-    return entry, is_good(entry[HAM], entry[SPAM], entry[FEEDBACK_HAM], entry[FEEDBACK_SPAM])
+def span_of(entry: dict[str, Any]) -> float:
+    """Seconds from the first to the latest new ham reporter of an entry (0 without two)."""
+    first, last = entry.get(HAM_FIRST_AT), entry.get(HAM_LAST_AT)
+    return float(last) - float(first) if first is not None and last is not None else 0.0
+
+
+def good(entry: dict[str, Any], rule: Agreement = AGREEMENT) -> bool:
+    """Whether an entry's sender is good by the rule."""
+    return is_good(entry[HAM], entry[SPAM], len(entry.get(HAM_REPORTERS, ())), len(entry.get(SPAM_REPORTERS, ())),
+                   span_s=span_of(entry), revoked=entry.get(DECISION) == REVOKE, rule=rule)
+
+
+def tally(entry: dict[str, Any], kind: str, count: int = 1, who: str = "", at: float = 0.0,
+          rule: Agreement = AGREEMENT) -> tuple[dict[str, Any], bool]:
+    """The entry after one observation (``count`` messages of one kind; for feedback, by reporter
+    ``who`` at record time ``at``; for a decision, by operator ``who`` at ``at``), and whether
+    the sender is good now."""
+    entry = {**new_entry(), **entry}
+    if kind in DECISION_KINDS:
+        entry.update({DECISION: kind, DECISION_BY: who, DECISION_AT: at})
+        return entry, good(entry, rule)
+    entry[kind] = int(entry.get(kind, 0)) + count
+    if kind in (FEEDBACK_HAM, FEEDBACK_SPAM):
+        field = HAM_REPORTERS if kind == FEEDBACK_HAM else SPAM_REPORTERS
+        reporters = list(entry.get(field, ()))
+        who = who or ANONYMOUS
+        if who not in reporters and len(reporters) < REPORTERS_KEPT:
+            entry[field] = [*reporters, who]
+            if kind == FEEDBACK_HAM:  # the span runs from the first to the latest new reporter
+                first, last = entry.get(HAM_FIRST_AT), entry.get(HAM_LAST_AT)
+                entry[HAM_FIRST_AT] = at if first is None else min(first, at)
+                entry[HAM_LAST_AT] = at if last is None else max(last, at)
+    return entry, good(entry, rule)
+
+
+def standing_of(key: str, entry: dict[str, Any], good_now: bool, now: float) -> senders.Standing:
+    """The published record of an entry."""
+    ham_reporters = entry.get(HAM_REPORTERS, ())
+    return senders.Standing(
+        key=key, good=good_now, ham=entry[HAM], spam=entry[SPAM], feedback_ham=entry[FEEDBACK_HAM],
+        feedback_spam=entry[FEEDBACK_SPAM], updated_at=now, ham_reporters=len(ham_reporters),
+        ham_operators=sum(r.startswith(OPERATOR) for r in ham_reporters),
+        spam_reporters=len(entry.get(SPAM_REPORTERS, ())), reports_span_s=span_of(entry),
+        decision=entry.get(DECISION, ""), decision_by=entry.get(DECISION_BY, ""),
+        decision_at=float(entry.get(DECISION_AT) or 0.0))
 
 
 def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
@@ -299,7 +484,7 @@ class App(faust.App):
 
 
 def build_app(settings: Settings, *, web_port: int | None = None, partitions: int = DEFAULT_PARTITIONS,
-              store: str = "memory", datadir: Path = DEFAULT_DATADIR) -> faust.App:
+              store: str = "memory", datadir: Path = DEFAULT_DATADIR, agreement: Agreement = AGREEMENT) -> faust.App:
     """The Faust app; ``web_port`` None means the configured metrics port (0: no web server)."""
     if web_port is None:
         web_port = settings.worker.metrics_port
@@ -348,10 +533,18 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
 
     async def observe(stream: faust.StreamT, feedback: bool) -> None:
         async for batch in stream.take_events(TAKE_MAX, within=TAKE_WITHIN_S):
-            found: list[tuple[list[tuple[str, str]], float]] = []
+            found: list[tuple[list[tuple[str, str]], float]] = []  # verdicts
+            reports: list[tuple[str, str, str, float]] = []  # feedback and decisions
             for event in batch:
                 msg = event.message
                 where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+                decision = senders.decode_decision(event.value) if feedback else None
+                if decision is not None:
+                    reports.append((decision.key, decision.decision, decision.by, decision.at))
+                    stats["decisions"] += 1
+                    lg.info("operator decision", extra={"sender": decision.key, "decision": decision.decision,
+                                                        "by": decision.by})
+                    continue
                 try:
                     ev = events.decode(event.value)
                 except events.EventError as e:
@@ -362,18 +555,26 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
                     if isinstance(pairs, str):
                         skip(pairs, event_id=ev.id)
                         continue
-                    found.append((pairs, msg.timestamp))
+                    if feedback:
+                        who = reporter_id(ev)
+                        reports.extend((key, kind, who, msg.timestamp) for key, kind in pairs)
+                        stats["feedback"] += 1
+                    else:
+                        found.append((pairs, msg.timestamp))
                 except Exception:  # one record never stops the worker
                     skip("error", event_id=ev.id, **where)
+            out = aggregate_reports(reports) if feedback else [(*o, "") for o in aggregate(found)]
             sent = 0
-            for key, kind, count, ts in aggregate(found):
+            for key, kind, count, ts, who in out:
                 try:
-                    # Record time travels along, so traffic windows follow when mail was classified.
-                    await observed.send(key=key, value=encode_observation(kind, count), timestamp=ts)
+                    # Record time travels along, so traffic windows follow when mail was classified
+                    # and the agreement span when reporters spoke.
+                    await observed.send(key=key, value=encode_observation(kind, count, who), timestamp=ts)
                     sent += 1
                 except Exception:  # one send never stops the worker
                     skip("error", sender=key)
-            stats["feedback" if feedback else "verdicts"] += len(found)
+            if not feedback:
+                stats["verdicts"] += len(found)
             stats["observation_records_sent"] += sent
 
     @app.agent(feedback_topic, name="feedback")
@@ -384,40 +585,41 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
     async def read_verdicts(stream: faust.StreamT) -> None:
         await observe(stream, feedback=False)
 
-    async def tally_key(key: str, observed_: list[tuple[faust.EventT, str, int]]) -> None:
-        """Apply one key's observations of a batch, in order: a standing change is published
-        when it happens, the table entry and each traffic window are written once."""
+    async def tally_key(key: str, observed_: list[tuple[faust.EventT, str, int, str]]) -> None:
+        """Apply one key's observations of a batch, in order: a standing change (and every
+        operator decision) is published when it happens, the table entry and each traffic
+        window are written once."""
         entry = totals.get(key) or new_entry()
         windows: dict[int, tuple[faust.EventT, int]] = {}
-        for event, kind, count in observed_:
+        for event, kind, count, who in observed_:
             if kind in VERDICT_KINDS:
                 w = window_of(event.message.timestamp)
                 windows[w] = (event, windows.get(w, (event, 0))[1] + count)
-            entry, good = tally(entry, kind, count)
-            if good != entry["good"]:
-                standing = senders.Standing(key=key, good=good, ham=entry[HAM],
-                                            spam=entry[SPAM], feedback_ham=entry[FEEDBACK_HAM],
-                                            feedback_spam=entry[FEEDBACK_SPAM], updated_at=time.time())
+            entry, good_now = tally(entry, kind, count, who, event.message.timestamp, rule=agreement)
+            # A decision is published even when the standing stays: operators see it on the topic.
+            if good_now != entry["good"] or kind in DECISION_KINDS:
+                standing = standing_of(key, entry, good_now, time.time())
                 k, v = senders.encode_standing(standing)
                 # Acknowledged before the table says "published": a crash repeats, never loses, it.
                 await (await reputation_topic.send(key=k, value=v))
                 stats["published"] += 1
-                lg.info("standing changed", extra={"sender": standing.key, "good": good})
-            entry["good"] = good
+                lg.info("standing changed" if good_now != entry["good"] else "decision published",
+                        extra={"sender": standing.key, "good": good_now, "decision": standing.decision})
+            entry["good"] = good_now
         # A table write goes to the changelog partition of the current event's (Faust's rule
         # for a stream's table): in a batch that is the key's own observation, set here.
         as_current(observed_[-1][0])
         totals[key] = entry
         for event, n in windows.values():
             traffic[key].apply(operator.add, n, event)  # the window of that event's record time
-        stats["observations"] += sum(count for _e, _k, count in observed_)
+        stats["observations"] += sum(count for _e, _k, count, _who in observed_)
 
     @app.agent(observed, name="tally")
     async def tally_observations(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(TAKE_MAX, within=TAKE_WITHIN_S):
-            by_key: dict[str, list[tuple[faust.EventT, str, int]]] = {}
+            by_key: dict[str, list[tuple[faust.EventT, str, int, str]]] = {}
             for event in batch:
-                parsed = decode_observation(event.value)
+                parsed = parse_observation(event.value)
                 if not event.key or parsed is None:
                     skip("bad_observation")
                     continue
@@ -513,6 +715,9 @@ def logging_config(level: str) -> dict[str, Any]:
 def run(settings: Settings, *, loglevel: str = "info", **options: Any) -> None:
     """Run the worker until SIGTERM or SIGINT (Faust's worker handles both and exits 0)."""
     app = build_app(settings, **options)
+    # Faust creates its data directory without parents: in a fresh checkout (no .run/, which only
+    # the local broker's start creates) the worker died at start, again on every restart.
+    Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)
     worker = faust.Worker(app, loglevel=loglevel, logging_config=logging_config(loglevel),
                           redirect_stdouts=False)
     worker.execute_from_commandline()

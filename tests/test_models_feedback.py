@@ -12,7 +12,7 @@ from models import pipeline as model_pipeline
 from models.corpus import Message
 from models.feedback import read_feedback
 from pipeline import kafka
-from pipeline.core import config, events
+from pipeline.core import config, events, senders
 from tests.test_models_registry import synthetic
 
 
@@ -38,6 +38,21 @@ def test_read_feedback_last_verdict_wins_and_bad_records_are_counted(topic_setti
     assert got.skipped == {"unlabelled": 1, "undecodable": 1}
     assert [(m.name, m.label, m.raw) for m in got.messages] == [
         (second.id, "ham", second.raw), (first.id, "ham", first.raw)]
+
+
+@pytest.mark.kafka
+def test_operator_decisions_on_the_feedback_topic_are_not_training_data(topic_settings: config.Settings) -> None:
+    report = _event(b"Subject: four\r\n\r\nlunch on friday", "ham")
+    revoke = senders.Decision(key="domain:b.example", decision="revoke", by="ops", at=1.0)
+    producer = kafka.producer(topic_settings)
+    producer.produce(topic_settings.topic("feedback"), key=report.key, value=events.encode(report))
+    key, value = senders.encode_decision(revoke)
+    producer.produce(topic_settings.topic("feedback"), key=key, value=value)
+    assert producer.flush(30) == 0
+
+    got = read_feedback(topic_settings, timeout_s=30)
+    assert (got.records, got.skipped) == (2, {"sender_decision": 1})
+    assert [m.name for m in got.messages] == [report.id]
 
 
 @pytest.mark.kafka

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import sqlite3
 import time
 import uuid
+from typing import Any
 
 import orjson
 import pytest
@@ -46,6 +49,52 @@ def test_add_is_idempotent_and_purge_removes_old_rows_only(store):
     assert store.purge(30, now=NOW) == 3
     assert {e.event_id for e in store.entries()} == {e.id for e in new}
     assert store.purge(30, now=NOW) == 0
+
+
+def test_a_claim_gives_a_message_to_one_release_for_its_lease(store):
+    event, other = classified("spam", 1), classified("spam", 2)
+    store.add([event, other])
+    first = store.claim(event.id, "ops", 120, now=NOW)
+    assert first and store.entry(event.id).claimed_by == "ops"
+    assert store.claim(event.id, "lead", 120, now=NOW + 119) is None  # held
+    # The first release died: once its lease is over, another takes the message over...
+    second = store.claim(event.id, "lead", 120, now=NOW + 120)
+    assert second and second != first
+    # ...and the first can neither mark it nor give it back any more.
+    assert not store.mark_released(event.id, "ops", now=NOW + 121, claim=first)
+    assert not store.unclaim(event.id, first)
+    assert store.mark_released(event.id, "lead", now=NOW + 121, claim=second)
+    assert store.entry(event.id).released_by == "lead"
+    assert store.claim(event.id, "ops", 120, now=NOW + 10_000) is None  # released: never again
+    # A release that failed gives its claim back: the next need not wait for the lease.
+    failed = store.claim(other.id, "ops", 120, now=NOW)
+    assert failed and store.unclaim(other.id, failed)
+    assert store.claim(other.id, "ops", 120, now=NOW + 1)
+    assert store.claim("0" * 32, "ops", 120) is None
+
+
+# The schema before claims existed.
+OLD_SCHEMA = """
+CREATE TABLE quarantine (event_id TEXT PRIMARY KEY, accepted_at REAL NOT NULL, quarantined_at REAL NOT NULL,
+    mail_from TEXT NOT NULL, rcpt_to TEXT NOT NULL, client_address TEXT NOT NULL, score REAL, model_version TEXT,
+    subject TEXT NOT NULL, size INTEGER NOT NULL, meta BLOB NOT NULL, raw BLOB NOT NULL, released_at REAL,
+    released_by TEXT);
+"""
+
+
+def test_a_quarantine_file_from_before_claims_gets_the_claim_columns(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(OLD_SCHEMA)
+    old.close()
+    q = Quarantine(path)
+    try:
+        event = classified("spam")
+        q.add([event])
+        assert q.claim(event.id, "ops", 120) and q.entry(event.id).claimed_by == "ops"
+    finally:
+        q.close()
+    Quarantine(path).close()  # opened again: nothing left to add
 
 
 def test_released_once_only(store):
@@ -120,6 +169,84 @@ def test_release_reinjects_into_ham_with_feedback_and_is_delivered_once(topic_se
     assert path.read_bytes() == stamp(released)
     # An operator's delay is not the pipeline's: releases stay out of the end-to-end latency.
     assert (REGISTRY.get_sample_value("floodgate_end_to_end_latency_seconds_count", e2e) or 0.0) == e2e_before
+
+
+def test_a_failed_release_gives_its_claim_back_and_a_dead_one_blocks_only_for_its_lease(settings, monkeypatch):
+    s = settings
+    event, other = classified("spam", 1), classified("spam", 2)
+    q = Quarantine(s.paths.quarantine_db)
+    q.add([event, other])
+    # A release that died between its claim and its mark a lease ago, and one that is still running.
+    q.claim(event.id, "crashed", feedback.RELEASE_LEASE_S, now=time.time() - feedback.RELEASE_LEASE_S - 1)
+    q.claim(other.id, "running", feedback.RELEASE_LEASE_S)
+    sent: list[list[tuple[str, events.MailEvent]]] = []
+    monkeypatch.setattr(feedback, "publish", lambda _s, records: sent.append(records))
+    with pytest.raises(feedback.FeedbackError, match=r"being released by running since .*not releasing it twice"):
+        feedback.release(s, other.id, "ops", env={})
+    assert sent == []  # nothing produced for a message another release holds
+    feedback.release(s, event.id, "ops", env={})
+    assert [[(t, e.id) for t, e in records] for records in sent] == [[("ham", event.id), ("feedback", event.id)]]
+    assert q.entry(event.id).released_by == "ops"
+
+    def refused(_s: object, _records: object) -> None:
+        raise feedback.FeedbackError("the broker refused")
+
+    third = classified("spam", 3)
+    q.add([third])
+    monkeypatch.setattr(feedback, "publish", refused)
+    with pytest.raises(feedback.FeedbackError, match="refused"):
+        feedback.release(s, third.id, "ops", env={})
+    entry = q.entry(third.id)
+    assert (entry.released_at, entry.claimed_at) == (None, None)  # free for the next release at once
+    q.close()
+
+
+def _release_racer(env: dict[str, str], event_ids: list[str], by: str, start: Any, results: Any) -> None:
+    """One operator's process: at each start signal, ``floodgate quarantine release`` one message."""
+    runner = CliRunner()
+    for event_id in event_ids:
+        start.wait(120)
+        result = runner.invoke(app, ["quarantine", "release", event_id, "--by", by, "--token", "s3cret"], env=env)
+        results.put((event_id, by, result.exit_code, result.stdout, result.output))
+
+
+@pytest.mark.kafka
+def test_concurrent_releases_of_one_message_release_it_once(topic_settings):
+    s = topic_settings
+    held = [classified("spam", i, rcpt=("bob@example.com",)) for i in range(3)]
+    q = Quarantine(s.paths.quarantine_db)
+    q.add(held)
+    q.close()
+    env = config.environment(s) | {feedback.TOKEN_ENV: "s3cret"}
+    ids = [e.id for e in held]
+    # Three processes, each releasing every message, all three at once (a barrier per message).
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(3), ctx.Queue()
+    racers = [ctx.Process(target=_release_racer, args=(env, ids, f"ops{i}", start, results)) for i in range(3)]
+    for p in racers:
+        p.start()
+    answers = [results.get(timeout=180) for _ in range(3 * len(ids))]
+    for p in racers:
+        p.join(30)
+        assert p.exitcode == 0
+    raced = 0
+    for event_id in ids:
+        mine = [a for a in answers if a[0] == event_id]
+        released = [a for a in mine if a[2] == 0]
+        assert len(released) == 1, mine
+        assert released[0][3].startswith(f"released {event_id} to delivery")
+        for _id, _by, _code, _stdout, output in (a for a in mine if a[2] != 0):
+            assert "being released by" in output or "already released by" in output, output
+            raced += "being released by" in output
+        # The row names the one release that did it.
+        q = Quarantine(s.paths.quarantine_db)
+        assert q.entry(event_id).released_by == released[0][1]
+        q.close()
+    print(f"{raced} of {2 * len(ids)} refused releases met a release in progress")
+    # One ham record and one feedback record per message.
+    assert end_offsets(s, "ham") == len(ids) and end_offsets(s, "feedback") == len(ids)
+    assert sorted(e.id for e in _read(s, "feedback", len(ids))) == sorted(ids)
+    assert sorted(e.id for e in _read(s, "ham", len(ids))) == sorted(ids)
 
 
 @pytest.mark.kafka

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -28,9 +29,15 @@ from pipeline import kafka
 from pipeline.core import config, events, senders
 from pipeline.core.config import ROOT, Settings
 from pipeline.reputation import (
+    AGREEMENT_REPORTERS,
+    AGREEMENT_SPAN_S,
+    ANONYMOUS,
     GOOD_MIN_HAM,
+    REPORTERS_KEPT,
     TRAFFIC_WINDOW_S,
+    Agreement,
     aggregate,
+    aggregate_reports,
     broker_credentials,
     decode_observation,
     encode_observation,
@@ -38,6 +45,9 @@ from pipeline.reputation import (
     is_good,
     observations,
     observations_topic,
+    parse_observation,
+    reporter_id,
+    standing_of,
     store_url,
     tally,
 )
@@ -61,10 +71,123 @@ def test_verdicts_make_a_sender_good_after_enough_ham_with_little_spam():
 
 
 def test_feedback_outranks_verdicts():
-    assert is_good(0, 50, 1, 0)           # a release makes a sender good whatever the classifier said
-    assert is_good(0, 0, 2, 2)            # spam reports must outnumber ham reports
+    # Agreed ham reports (from 3 reporters over an hour; before the agreement rule, one release)
+    # make a sender good whatever the classifier said.
+    assert is_good(0, 50, AGREEMENT_REPORTERS, 0, span_s=AGREEMENT_SPAN_S)
+    # Ham reporters must outnumber spam reporters (before: spam reports must not outnumber ham
+    # reports, so 2 against 2 was good; now 3 against 3 is not).
+    assert is_good(0, 0, 3, 2, span_s=AGREEMENT_SPAN_S)
+    assert not is_good(0, 0, 3, 3, span_s=AGREEMENT_SPAN_S)
     assert not is_good(0, 0, 1, 2)
     assert not is_good(1000, 0, 0, 1)     # a spam report outranks any number of ham verdicts
+
+
+def test_ham_reports_count_only_in_agreement():
+    h = AGREEMENT_SPAN_S
+    assert not is_good(0, 0, 1, 0, span_s=10 * h)                      # one reporter, however long
+    assert not is_good(0, 0, AGREEMENT_REPORTERS, 0, span_s=h - 1)     # enough reporters, too fast
+    assert not is_good(0, 0, AGREEMENT_REPORTERS - 1, 0, span_s=h)     # too few reporters
+    assert is_good(0, 0, AGREEMENT_REPORTERS, 0, span_s=h)
+    # Reports short of agreement leave the verdicts to decide, neither helping nor hurting.
+    assert is_good(GOOD_MIN_HAM, 0, 1, 0) and not is_good(GOOD_MIN_HAM - 1, 0, 2, 0, span_s=h)
+    # A revoked sender is not good by anything.
+    assert not is_good(10 * GOOD_MIN_HAM, 0, REPORTERS_KEPT, 0, span_s=10 * h, revoked=True)
+    # The rule's numbers are parameters (a test's short span); they must make sense.
+    assert is_good(0, 0, 2, 0, span_s=5, rule=Agreement(2, 5))
+    with pytest.raises(ValueError):
+        Agreement(0, 5)
+
+
+def _reports(entry: dict[str, Any], who_at: list[tuple[str, float]], kind: str = "feedback_ham",
+             rule: Agreement | None = None) -> tuple[dict[str, Any], bool]:
+    """An entry after reports from (reporter, record time) pairs, and whether it is good."""
+    good = False
+    for who, at in who_at:
+        entry, good = tally(entry, kind, 1, who, at, rule=rule or Agreement())
+    return entry, good
+
+
+def test_one_reporter_or_a_burst_of_reporters_is_no_agreement():
+    h = AGREEMENT_SPAN_S
+    # One user's report; the same user a hundred times over a day; anonymous reports over a day.
+    assert not _reports({}, [("u:1", 0.0)])[1]
+    entry, good = _reports({}, [("u:1", i * 900.0) for i in range(100)])
+    assert not good and entry["feedback_ham"] == 100 and entry["ham_reporters"] == ["u:1"]
+    entry, good = _reports({}, [("", i * 900.0) for i in range(100)])
+    assert not good and entry["ham_reporters"] == [ANONYMOUS]
+    # Ten reporters within ten seconds.
+    assert not _reports({}, [(f"u:{i}", 1000.0 + i) for i in range(10)])[1]
+    # Three reporters over an hour: agreement. The span runs from the first to the latest *new*
+    # reporter: the first reporter speaking again an hour later adds nothing.
+    assert not _reports({}, [("u:1", 0.0), ("u:2", 1.0), ("u:3", 2.0), ("u:1", h + 2)])[1]
+    entry, good = _reports({}, [("u:1", 0.0), ("u:2", h / 2), ("u:3", h)])
+    assert good and (entry["ham_first_at"], entry["ham_last_at"]) == (0.0, h)
+    # ...and spam reporters as many as the ham reporters veto it.
+    entry, good = _reports(entry, [("u:7", h), ("u:8", h), ("u:9", h)], kind="feedback_spam")
+    assert not good and entry["spam_reporters"] == ["u:7", "u:8", "u:9"]
+
+
+def test_reporters_kept_are_bounded_and_old_entries_read_as_having_none():
+    entry, _ = _reports({}, [(f"u:{i}", float(i)) for i in range(10 * REPORTERS_KEPT)])
+    assert len(entry["ham_reporters"]) == REPORTERS_KEPT and entry["feedback_ham"] == 10 * REPORTERS_KEPT
+    # Both sides full: contested, not good by feedback.
+    entry, good = _reports(entry, [(f"s:{i}", 1e6) for i in range(10 * REPORTERS_KEPT)], kind="feedback_spam")
+    assert not good and len(entry["spam_reporters"]) == REPORTERS_KEPT
+    # An entry from before reporters were kept: its feedback count alone makes nothing good.
+    legacy = {"ham": 0, "spam": 0, "feedback_ham": 1, "feedback_spam": 0, "good": True}
+    entry, good = tally(legacy, "spam", 1)
+    assert not good and entry["feedback_ham"] == 1
+
+
+def test_a_revocation_sticks_until_restored():
+    h = AGREEMENT_SPAN_S
+    entry, good = _reports({}, [("u:1", 0.0), ("u:2", h / 2), ("o:3", h)])
+    assert good
+    entry, good = tally(entry, "revoke", 1, "ops", 2 * h)
+    assert not good and (entry["decision"], entry["decision_by"], entry["decision_at"]) == ("revoke", "ops", 2 * h)
+    entry, good = _reports(entry, [(f"u:{i}", 3 * h + i * h) for i in range(4, 10)])
+    entry, good = tally(entry, "ham", 10 * GOOD_MIN_HAM)
+    assert not good
+    entry, good = tally(entry, "restore", 1, "lead", 20 * h)
+    assert good and entry["decision"] == "restore"
+    standing = standing_of("domain:x.example", entry, good, 99.0)
+    assert (standing.ham_reporters, standing.ham_operators, standing.spam_reporters) == (9, 1, 0)
+    assert (standing.reports_span_s, standing.decision, standing.decision_by, standing.revoked) == (
+        12 * h, "restore", "lead", False)  # first at 0, the latest new reporter at 3h + 9h
+
+
+def test_reporter_ids_hash_the_name_and_tell_operators_from_users():
+    def fb(by: object, kind: str = "user-report") -> events.MailEvent:
+        return replace(_event("a@x.example", label="ham"), extra={"feedback": kind, "by": by})
+
+    user = reporter_id(fb("Bob@Example.com"))
+    assert user == reporter_id(fb(" bob@example.com ")) and user.startswith("u:") and len(user) == 18
+    assert "bob" not in user
+    assert reporter_id(fb("bob@example.com", "quarantine-release")).startswith("o:")
+    for nobody in ("", "  ", None, 7, ["x"]):
+        assert reporter_id(fb(nobody)) == ANONYMOUS
+    assert reporter_id(replace(fb("x"), extra=["not", "a", "dict"])) == ANONYMOUS  # type: ignore[arg-type]
+
+
+def test_feedback_and_decisions_are_aggregated_per_reporter_and_never_merged():
+    found = [("domain:x", "feedback_ham", "u:1", 30.0), ("addr:a@x", "feedback_ham", "u:1", 30.0),
+             ("domain:x", "feedback_ham", "u:1", 10.0), ("domain:x", "feedback_ham", "u:2", 20.0),
+             ("domain:x", "revoke", "ops", 40.0), ("domain:x", "restore", "ops", 41.0),
+             ("domain:x", "revoke", "ops", 42.0)]
+    assert aggregate_reports(found) == [
+        ("domain:x", "feedback_ham", 2, 10.0, "u:1"), ("addr:a@x", "feedback_ham", 1, 30.0, "u:1"),
+        ("domain:x", "feedback_ham", 1, 20.0, "u:2"), ("domain:x", "revoke", 1, 40.0, "ops"),
+        ("domain:x", "restore", 1, 41.0, "ops"), ("domain:x", "revoke", 1, 42.0, "ops")]
+
+
+def test_observation_records_carry_their_reporter_or_operator():
+    assert parse_observation(encode_observation("feedback_ham", 2, "u:0123456789abcdef")) == (
+        "feedback_ham", 2, "u:0123456789abcdef")
+    assert parse_observation(encode_observation("revoke", 1, "Ops: Jane")) == ("revoke", 1, "Ops: Jane")
+    assert parse_observation(b"feedback_spam:3") == ("feedback_spam", 3, "")  # before reporters: anonymous
+    assert decode_observation(b"feedback_ham:1:u:1") == ("feedback_ham", 1)
+    for bad in (b"revoke", b"revoke:1", b"revoke:1:", b"restore:0:ops"):  # a decision needs its operator
+        assert parse_observation(bad) is None, bad
 
 
 def _event(mail_from: str, client: str = "192.0.2.10", *, label: str | None = None,
@@ -72,6 +195,19 @@ def _event(mail_from: str, client: str = "192.0.2.10", *, label: str | None = No
     ev = events.new_event(events.Envelope(mail_from, ("bob@example.com",), client, "mx.test"),
                           b"Subject: hi\r\n\r\nhello\r\n", label=label)
     return ev.classified(verdict, 0.5, "test") if verdict else ev
+
+
+def _whole_second() -> float:
+    """Now, in whole seconds: record times are whole milliseconds, so reporters' times made from
+    it keep their exact distance (a span of 29.999 s would miss a 30 s threshold)."""
+    return float(int(time.time()))
+
+
+def _report(mail_from: str, label: str, by: str, *, release: bool = False) -> bytes:
+    """A feedback record as pipeline.feedback writes it: a user's report, or an operator's release."""
+    ev = replace(_event(mail_from, label=label), verdict="spam" if label == "ham" else "ham",
+                 extra={"feedback": "quarantine-release" if release else "user-report", "by": by})
+    return events.encode(ev)
 
 
 def test_observations_per_key():
@@ -121,12 +257,15 @@ def test_internal_topics_are_the_apps_own():
 
 
 def test_tally_counts_and_keeps_the_published_standing():
-    entry, good = tally({}, "feedback_ham")
-    assert good and entry["feedback_ham"] == 1 and entry["good"] is False  # not yet published
+    # Before the agreement rule one ham report made a sender good and two spam reports took it
+    # away; now it takes three ham reporters over an hour, and three spam reporters.
+    entry, good = tally({}, "feedback_ham", 1, "u:1", 0.0)
+    assert not good
+    entry, good = _reports(entry, [("u:2", 60.0), ("u:3", AGREEMENT_SPAN_S)])
+    assert good and entry["feedback_ham"] == 3 and entry["good"] is False  # not yet published
     entry["good"] = good
-    entry, good = tally(entry, "feedback_spam")
-    entry, good = tally(entry, "feedback_spam")
-    assert not good and entry["good"] is True and entry["feedback_spam"] == 2
+    entry, good = _reports(entry, [("u:4", 0.0), ("u:5", 0.0), ("u:6", 0.0)], kind="feedback_spam")
+    assert not good and entry["good"] is True and entry["feedback_spam"] == 3
 
 
 def test_observation_records_carry_a_count_and_the_old_format_counts_one():
@@ -167,9 +306,10 @@ def _free_port() -> int:
 class Worker:
     """The reputation worker as a subprocess (restartable), and a reader of the reputation topic."""
 
-    def __init__(self, settings: Settings, tmp_path: Path) -> None:
+    def __init__(self, settings: Settings, tmp_path: Path, args: tuple[str, ...] = ()) -> None:
         self.settings = settings
         self.tmp_path = tmp_path
+        self.args = args
         self.port = _free_port()
         self.env = os.environ | config.environment(settings) | {
             "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers}
@@ -186,7 +326,7 @@ class Worker:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "reputation", "--web-port", str(self.port),
-                 "--partitions", "2", "--datadir", str(self.tmp_path / "faust")],
+                 "--partitions", "2", "--datadir", str(self.tmp_path / "faust"), *self.args],
                 env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
@@ -225,9 +365,12 @@ class Worker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def send(self, topic_key: str, values: list[bytes]) -> None:
-        for v in values:
-            self.producer.produce(self.settings.topic(topic_key), key=uuid.uuid4().hex.encode(), value=v)
+    def send(self, topic_key: str, values: list[bytes], times: list[float] | None = None) -> None:
+        """Produce ``values``, with record times (unix seconds) if given: the agreement span is
+        measured in record times, so a test states when each reporter spoke instead of waiting."""
+        for i, v in enumerate(values):
+            when = {} if times is None else {"timestamp": int(times[i] * 1000)}
+            self.producer.produce(self.settings.topic(topic_key), key=uuid.uuid4().hex.encode(), value=v, **when)
         assert self.producer.flush(30) == 0
 
     def poll_records(self) -> list[tuple[bytes | None, bytes | None]]:
@@ -262,10 +405,11 @@ class Worker:
 
 
 @contextmanager
-def _workers(settings: Settings, dirs: list[Path], *, start: bool) -> Iterator[list[Worker]]:
+def _workers(settings: Settings, dirs: list[Path], *, start: bool,
+             args: tuple[str, ...] = ()) -> Iterator[list[Worker]]:
     """Workers of one app, one per directory (started, or for the caller to start), each stopped
     after (``topic_settings`` then deletes the app's topics with the spec's)."""
-    workers = [Worker(settings, d) for d in dirs]
+    workers = [Worker(settings, d, args) for d in dirs]
     codes: list[int | None] = []
     try:
         if start:
@@ -301,13 +445,24 @@ def test_feedback_decides_standing_and_bad_records_are_skipped(worker: Worker):
         b'{"v":99,"id":"x"}\nraw',                            # unknown schema version
         events.encode(_event("carol@nolabel.example")),       # feedback without a verdict
     ])
-    worker.send("feedback", [events.encode(_event("Alice@Good.Example", label="ham"))])
+    # Ham reports from three users over the agreement span (before the agreement rule: one
+    # release) make alice good; their record times say when each reporter spoke.
+    t0 = _whole_second() - 2 * AGREEMENT_SPAN_S
+    worker.send("feedback", [_report("Alice@Good.Example", "ham", f"user{i}@example.com") for i in range(3)],
+                times=[t0, t0 + AGREEMENT_SPAN_S / 2, t0 + AGREEMENT_SPAN_S])
     wait_for(lambda: worker.good() >= {"addr:alice@good.example", "domain:good.example"},
-             STEP_TIMEOUT_S, what="alice's release to make her good")
+             STEP_TIMEOUT_S, what="alice's agreed reports to make her good")
 
-    # A sender released once, then reported as spam twice: good, then no longer good.
-    worker.send("feedback", [events.encode(_event("bob@fickle.example", label=label))
-                             for label in ("ham", "spam", "spam")])
+    # A sender released once, then reported as spam twice: good (before the agreement rule, by
+    # the release; now by twenty ham verdicts from as many clients, so no client earns a
+    # standing), then no longer good (two spam reporters against one ham reporter).
+    worker.send("ham", [events.encode(_event("bob@fickle.example", f"198.51.100.{100 + i}", verdict="ham"))
+                        for i in range(GOOD_MIN_HAM)])
+    wait_for(lambda: worker.standings("domain:fickle.example") == [True],
+             STEP_TIMEOUT_S, what="bob's verdicts to make his domain good")
+    worker.send("feedback", [_report("bob@fickle.example", "ham", "ops", release=True),
+                             _report("bob@fickle.example", "spam", "carol@example.com"),
+                             _report("bob@fickle.example", "spam", "dave@example.com")])
     wait_for(lambda: worker.standings("domain:fickle.example") == [True, False],
              STEP_TIMEOUT_S, what="bob's domain to lose its standing")
     assert worker.standings("addr:bob@fickle.example") == [True, False]
@@ -486,3 +641,143 @@ def test_verdicts_written_in_transactions_are_counted_and_committed(worker: Work
     s = worker.settings
     wait_for(lambda: max(partition_lags(s, s.group("reputation"), "ham").values()) <= 1, STEP_TIMEOUT_S,
              what="the worker's offsets committed past the transactions")
+
+
+# -- agreement and revocation on the real broker ----------------------------------------------
+
+# The agreement span the next tests give the worker (--agreement-span): short, so that a test
+# states its reporters' times in seconds; they are record times, set when the test produces.
+TEST_SPAN_S = 30.0
+
+
+@pytest.fixture
+def agreement_worker(topic_settings: Settings, tmp_path: Path) -> Iterator[Worker]:
+    with _workers(topic_settings, [tmp_path], start=True, args=("--agreement-span", str(TEST_SPAN_S))) as (w,):
+        yield w
+
+
+def _reports_at(worker: Worker, mail_from: str, who_at: list[tuple[str, float]], label: str = "ham") -> None:
+    """Reports on one sender's mail, by (reporter, record time); an empty reporter is anonymous."""
+    worker.send("feedback", [_report(mail_from, label, who) for who, _at in who_at], times=[at for _w, at in who_at])
+
+
+@pytest.mark.kafka
+def test_user_reports_make_a_sender_good_only_in_agreement(agreement_worker: Worker):
+    worker, t0 = agreement_worker, _whole_second() - 100 * TEST_SPAN_S
+    span = TEST_SPAN_S
+    # Short of agreement: one user's report; one user reporting ten times over ten spans; ten
+    # anonymous reports over ten spans; five users all within a few seconds.
+    _reports_at(worker, "news@one.example", [("carol@example.com", t0)])
+    _reports_at(worker, "news@repeat.example", [("carol@example.com", t0 + i * span) for i in range(10)])
+    _reports_at(worker, "news@anon.example", [("", t0 + i * span) for i in range(10)])
+    _reports_at(worker, "news@burst.example", [(f"user{i}@example.com", t0 + i) for i in range(5)])
+    # Agreement: three users over the span.
+    _reports_at(worker, "news@agreed.example",
+                [("carol@example.com", t0), ("dave@example.com", t0 + span / 2), ("erin@example.com", t0 + span)])
+
+    wait_for(lambda: "domain:agreed.example" in worker.good(), STEP_TIMEOUT_S, what="agreement to make a sender good")
+    for domain, reports, reporters in (("one", 1, 1), ("repeat", 10, 1), ("anon", 10, 1), ("burst", 5, 5)):
+        view = worker.wait_sender(f"domain:{domain}.example", f"{domain}'s reports to be counted", feedback_ham=reports)
+        assert view["good"] is False and len(view["ham_reporters"]) == reporters, view
+        assert worker.standings(f"domain:{domain}.example") == []
+    assert worker.good() == {"addr:news@agreed.example", "domain:agreed.example"}
+    [agreed] = worker.published("domain:agreed.example")
+    assert (agreed.ham_reporters, agreed.ham_operators, agreed.spam_reporters, agreed.reports_span_s) == (
+        3, 0, 0, span)
+    # No user's name in the table: reporters are hashed ids.
+    assert not any("carol" in r for r in worker.get("/reputation/senders/domain:agreed.example/")["ham_reporters"])
+
+
+def _cli(worker: Worker, *args: str, code: int = 0) -> str:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.feedback import TOKEN_ENV
+
+    result = CliRunner().invoke(app, list(args), env=config.environment(worker.settings) | {TOKEN_ENV: "s3cret"})
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+@pytest.mark.kafka
+def test_a_revoked_sender_stays_not_good_and_admission_stops_exempting_it_until_restored(agreement_worker: Worker):
+    from pipeline.admission import GoodSenders
+
+    worker, span = agreement_worker, TEST_SPAN_S
+    keys = senders.keys("list@kept.example", "203.0.113.50")
+    domain, addr = keys[0:2][::-1]  # domain:kept.example, addr:list@kept.example
+    admission = GoodSenders(worker.settings)
+    admission.start()
+    try:
+        t0 = _whole_second() - 100 * span
+        _reports_at(worker, "list@kept.example", [("carol@example.com", t0), ("dave@example.com", t0 + span)])
+        worker.send("feedback", [_report("list@kept.example", "ham", "ops", release=True)], times=[t0 + span / 2])
+        wait_for(lambda: admission.is_good([domain]) and admission.is_good([addr]), STEP_TIMEOUT_S,
+                 what="admission to see both keys of the agreed sender")
+
+        listed = [orjson.loads(line) for line in _cli(worker, "senders", "list", "--json").splitlines()]
+        assert {s["key"] for s in listed} == {domain, addr}
+        assert {(s["ham_reporters"], s["ham_operators"], s["good"]) for s in listed} == {(3, 1, True)}
+        assert "2 known-good sender(s)" in _cli(worker, "senders", "list")
+
+        # Revoked (both of its keys: each key has its own standing), with the operator's token.
+        assert "--token does not match" in _cli(worker, "senders", "revoke", domain, "--by", "ops", code=1)
+        assert "not a sender key" in _cli(worker, "senders", "revoke", "kept.example", "--by", "ops", "--token",
+                                          "s3cret", code=1)
+        began = time.monotonic()
+        for key in (domain, addr):
+            out = _cli(worker, "senders", "revoke", key.upper(), "--by", "ops", "--token", "s3cret")
+            assert f"revoked {key} (by ops); the reputation worker published it: revoked" in out
+        wait_for(lambda: not admission.is_good(keys), STEP_TIMEOUT_S, what="admission to stop exempting it")
+        print(f"admission stopped exempting the sender {time.monotonic() - began:.1f} s after the first revoke began")
+        assert worker.standings(domain) == [True, False]
+        shown = _cli(worker, "senders", "show", domain)
+        assert "standing:     revoked" in shown and "revoked by ops at" in shown
+
+        # Further ham changes nothing: new reporters over the span, and verdicts enough for good standing...
+        t1 = _whole_second() - 50 * span
+        _reports_at(worker, "list@kept.example", [(f"user{i}@example.com", t1 + i * span) for i in range(5)])
+        worker.send("ham", [events.encode(_event("list@kept.example", "203.0.113.50", verdict="ham"))
+                            for _ in range(GOOD_MIN_HAM)])
+        worker.wait_sender(domain, "the further ham to be counted", feedback_ham=8, ham=GOOD_MIN_HAM)
+        # ...nor across a restart (the revocation is in the table's changelog).
+        assert worker.stop() == 0
+        worker.start()
+        worker.send("ham", [events.encode(_event("list@kept.example", "203.0.113.50", verdict="ham"))
+                            for _ in range(5)])
+        view = worker.wait_sender(domain, "ham after the restart to be counted", ham=GOOD_MIN_HAM + 5)
+        assert (view["good"], view["decision"]) == (False, "revoke")
+        assert worker.standings(domain) == [True, False] and not admission.is_good([domain, addr])
+        # The client address has earned a standing of its own from the verdicts meanwhile: it is
+        # another key, which an operator would revoke on its own.
+        assert "client:203.0.113.50" in worker.good()
+
+        # Restored: the rule decides again, and the sender is good again.
+        for key in (domain, addr):
+            out = _cli(worker, "senders", "restore", key, "--by", "lead", "--token", "s3cret")
+            assert f"restored {key} (by lead); the reputation worker published it: good" in out
+        wait_for(lambda: admission.is_good([domain]) and admission.is_good([addr]), STEP_TIMEOUT_S,
+                 what="admission to exempt the restored sender again")
+        restored = worker.published(domain)[-1]
+        assert (restored.good, restored.decision, restored.decision_by) == (True, "restore", "lead")
+        assert "restored by lead" in _cli(worker, "senders", "show", domain)
+    finally:
+        admission.stop()
+
+
+@pytest.mark.kafka
+def test_revoke_says_so_when_no_worker_publishes_it(topic_settings: Settings):
+    # The decision is recorded on the feedback topic either way; the operator is told that it
+    # has not been applied yet.
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["senders", "revoke", "domain:x.example", "--by", "ops", "--wait", "1"],
+                                env=config.environment(topic_settings))
+    assert result.exit_code == 0, result.output
+    assert "recorded on the feedback topic; the reputation worker has not published it" in result.output
+    records = _read_all(topic_settings, topic_settings.topic("feedback"))
+    assert [key for _p, key in records] == [b"domain:x.example"]
+    result = CliRunner().invoke(app, ["senders", "show", "domain:x.example"], env=config.environment(topic_settings))
+    assert result.exit_code == 1 and "no standing published" in result.output

@@ -20,7 +20,9 @@ processes each sees its own connections, so the thresholds apply per process. Bo
 settings (``[admission]``, ``FLOODGATE_ADMISSION_FLOOD_RATE``, ``FLOODGATE_ADMISSION_SURGE``).
 
 Senders known to be good (the compacted reputation topic, kept by ``floodgate reputation``
-from feedback and verdicts) are never diverted. Limit: an envelope sender can be forged, so a
+from verdicts and users' reports in agreement) are never diverted; an operator's revocation
+(``floodgate senders revoke``) arrives on the same topic as ``good: false`` and ends the
+exemption within seconds. Limit: an envelope sender can be forged, so a
 spammer claiming a good sender's address rides the priority lane; it is still classified, so
 this costs priority-lane capacity, not a wrong verdict.
 """

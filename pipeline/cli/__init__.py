@@ -28,6 +28,10 @@ from pipeline.cli import quarantine  # noqa: E402 - light: the quarantine store 
 app.add_typer(quarantine.app, name="quarantine")
 app.command("report")(quarantine.report)
 
+from pipeline.cli import senders  # noqa: E402 - light: the reputation topic is read inside its commands
+
+app.add_typer(senders.app, name="senders")
+
 
 @topics_app.command("apply")
 def topics_apply(dry_run: bool = typer.Option(False, help="report what would change, change nothing")) -> None:
@@ -94,14 +98,21 @@ def reputation(
     store: str = typer.Option("memory", help="table store: memory, or rocksdb (needs rocksdict)"),
     datadir: str = typer.Option("", help="Faust's data directory (default .run/reputation)"),
     loglevel: str = typer.Option("info", help="log level"),
+    agreement_reporters: int = typer.Option(
+        None, min=1, help="distinct ham reporters that make a sender good (default AGREEMENT_REPORTERS, 3)"),
+    agreement_span: float = typer.Option(
+        None, min=0, help="seconds their reports must span (default AGREEMENT_SPAN_S, an hour)"),
 ) -> None:
     """Keep per-sender ham/spam tables (Faust); publish who is known-good to the reputation topic."""
     from pathlib import Path
 
     from pipeline import reputation as stage
 
+    rule = stage.Agreement(stage.AGREEMENT_REPORTERS if agreement_reporters is None else agreement_reporters,
+                           stage.AGREEMENT_SPAN_S if agreement_span is None else agreement_span)
     stage.run(config.load(), loglevel=loglevel, web_port=None if web_port < 0 else web_port,
-              partitions=partitions, store=store, datadir=Path(datadir) if datadir else stage.DEFAULT_DATADIR)
+              partitions=partitions, store=store, datadir=Path(datadir) if datadir else stage.DEFAULT_DATADIR,
+              agreement=rule)
 
 
 @app.command()

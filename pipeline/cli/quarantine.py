@@ -6,12 +6,13 @@ Light to import (typer only); the work happens in :mod:`pipeline.feedback` and t
 from __future__ import annotations
 
 import enum
-import re
 import sys
 from typing import TYPE_CHECKING
 
 import typer
 
+from pipeline.cli.output import fail as _fail
+from pipeline.cli.output import printable as _printable
 from pipeline.core import config
 
 if TYPE_CHECKING:
@@ -20,13 +21,6 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, help="The spam quarantine: list, show, release, purge.")
 # ``show`` prints at most this much of the header block; the body only with --raw.
 SHOW_HEADER_MAX = 64 * 1024
-# Spam is written by attackers: control characters (terminal escape sequences among them) are
-# never printed to an operator's terminal, except tab and line ends.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def _printable(value: object) -> str:
-    return _CONTROL.sub("?", str(value))
 
 
 class Label(enum.StrEnum):
@@ -34,9 +28,13 @@ class Label(enum.StrEnum):
     ham = "ham"
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+def _releasing(claimed_at: float | None) -> bool:
+    """Whether a release holds a message's claim now (it has not run out)."""
+    import time
+
+    from pipeline.feedback import RELEASE_LEASE_S
+
+    return claimed_at is not None and time.time() - claimed_at < RELEASE_LEASE_S
 
 
 def _store() -> Quarantine:
@@ -67,7 +65,7 @@ def list_entries(limit: int = typer.Option(50, min=1, help="at most this many, n
             typer.echo(orjson.dumps(e.as_dict()).decode())
             continue
         score = "-" if e.score is None else f"{e.score:.3f}"
-        state = "released" if e.released_at else "held"
+        state = "released" if e.released_at else "releasing" if _releasing(e.claimed_at) else "held"
         rcpt = ",".join(e.rcpt_to)[:40]
         typer.echo(_printable(f"{e.event_id}  {iso(e.quarantined_at)}  {score:>5}  {state:8}  {e.mail_from[:40]:40}  "
                               f"{rcpt:40}  {e.subject[:60]}"))
@@ -89,6 +87,8 @@ def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the
     if entry is None or event is None:
         raise _fail(f"no quarantined message with event id {event_id!r}")
     released = f"{iso(entry.released_at)} by {entry.released_by}" if entry.released_at else "no"
+    if not entry.released_at and _releasing(entry.claimed_at):
+        released = f"being released by {entry.claimed_by} since {iso(entry.claimed_at)}"
     if raw:
         sys.stdout.buffer.write(event.raw)
         sys.stdout.buffer.flush()

@@ -7,10 +7,10 @@ isolation levels are decided in one place.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline.core.config import Settings
@@ -158,3 +158,76 @@ def check(err: Any) -> None:
     """Raise a delivery or consume error as an exception."""
     if err is not None:
         raise KafkaException(err)
+
+
+# Reading a whole topic (operator commands): the wait for each fetch, and for the partitions of
+# a topic to appear in the metadata.
+READ_POLL_S = 0.5
+Record = tuple[bytes | None, bytes | None]
+
+
+def end_offsets(settings: Settings, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
+    """The end offset of every partition of ``topic`` (KafkaException if there is no such topic)."""
+    reader = consumer(settings, group=settings.group("reader"))
+    try:
+        return _ends(reader, topic, timeout_s)
+    finally:
+        reader.close()
+
+
+# A topic created a moment ago may have no partition leader yet: these clear up by themselves.
+TRANSIENT = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._TIMED_OUT})
+
+
+def _ends(reader: Consumer, topic: str, timeout_s: float) -> dict[int, int]:
+    deadline = time.monotonic() + timeout_s
+    meta = reader.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise KafkaException(meta.error if meta is not None and meta.error else f"no topic {topic}")
+    ends: dict[int, int] = {}
+    for p in meta.partitions:
+        while p not in ends:
+            try:
+                ends[p] = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+            except KafkaException as e:
+                if e.args[0].code() not in TRANSIENT or time.monotonic() > deadline:
+                    raise
+                time.sleep(READ_POLL_S / 5)  # the broker is electing a leader: ask again shortly
+    return ends
+
+
+def read(settings: Settings, topic: str, start: Mapping[int, int] | None = None, timeout_s: float = 30.0,
+         until: Callable[[Record], bool] | None = None) -> list[Record]:
+    """(key, value) of the records of ``topic`` from ``start`` (offsets per partition; default
+    the beginning) to its end offsets when reading began, or, with ``until``, up to the first
+    record ``until`` accepts, however long after that end it comes (TimeoutError after
+    ``timeout_s`` either way). Commits nothing: how operator commands read a compacted topic's
+    state, or wait for a record a worker will publish."""
+    reader = consumer(settings, group=settings.group("reader"))
+    try:
+        deadline = time.monotonic() + timeout_s
+        ends = _ends(reader, topic, timeout_s)
+        begin = {p: (start or {}).get(p, OFFSET_BEGINNING) for p in ends}
+        pending = {p for p in ends if until is not None or ends[p] > max(begin[p], 0)}
+        reader.assign([TopicPartition(topic, p, begin[p]) for p in pending])
+        out: list[Record] = []
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read {len(out)} records of {topic}; not done within {timeout_s:.0f} s")
+            for m in reader.consume(500, READ_POLL_S):
+                if m.error():
+                    if m.error().code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise KafkaException(m.error())
+                if until is None and m.offset() >= ends[m.partition()]:
+                    continue  # written after reading began
+                out.append((m.key(), m.value()))
+                if until is not None and until(out[-1]):
+                    return out
+            if until is None:  # position() moves past transaction markers, never delivered as records
+                for tp in reader.position([TopicPartition(topic, p) for p in list(pending)]):
+                    if tp.offset >= ends[tp.partition]:
+                        pending.discard(tp.partition)
+        return out
+    finally:
+        reader.close()

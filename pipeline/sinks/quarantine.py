@@ -5,6 +5,13 @@ makes a committed transaction survive power loss (WAL's NORMAL may lose the last
 the worker commits its Kafka offsets right after. ``INSERT OR IGNORE`` on the primary key makes
 replays harmless. Each row keeps the event's metadata line beside the raw message so that a
 release re-injects the very same event.
+
+Releases claim a row before they produce anything (:meth:`Quarantine.claim`): one conditional
+UPDATE, atomic under SQLite's write lock across processes, gives the row to exactly one
+release, which holds it for a lease; :meth:`Quarantine.mark_released` with that claim ends it.
+A release that died after claiming holds the row only until its lease runs out
+(``pipeline/feedback.py`` has the whole argument). A file from before claims existed gets the
+claim columns when it is opened.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import email.policy
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -49,12 +57,17 @@ CREATE TABLE IF NOT EXISTS quarantine (
     meta           BLOB NOT NULL,   -- the event's metadata line, to re-inject it unchanged
     raw            BLOB NOT NULL,
     released_at    REAL,
-    released_by    TEXT
+    released_by    TEXT,
+    claim          TEXT,            -- the release that holds the row (a random token) ...
+    claimed_at     REAL,            -- ... since when (its lease runs from here) ...
+    claimed_by     TEXT             -- ... and its operator
 );
 CREATE INDEX IF NOT EXISTS quarantine_by_time ON quarantine (quarantined_at);
 """
+# Columns added after the first schema, added to an older file when it is opened.
+ADDED_COLUMNS = (("claim", "TEXT"), ("claimed_at", "REAL"), ("claimed_by", "TEXT"))
 SUMMARY = ("event_id, accepted_at, quarantined_at, mail_from, rcpt_to, client_address, score, model_version, "
-           "subject, size, released_at, released_by")
+           "subject, size, released_at, released_by, claimed_at, claimed_by")
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,8 @@ class Entry:
     size: int
     released_at: float | None
     released_by: str | None
+    claimed_at: float | None = None
+    claimed_by: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Entry:
@@ -104,6 +119,24 @@ class Quarantine:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Bring a file from before claims existed up to the schema (once, whoever opens it first)."""
+        def missing() -> list[tuple[str, str]]:
+            have = {row["name"] for row in self.db.execute("PRAGMA table_info(quarantine)")}
+            return [(name, decl) for name, decl in ADDED_COLUMNS if name not in have]
+
+        if not missing():
+            return
+        self.db.execute("BEGIN IMMEDIATE")  # another process may be adding them right now
+        try:
+            for name, decl in missing():
+                self.db.execute(f"ALTER TABLE quarantine ADD COLUMN {name} {decl}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -148,11 +181,32 @@ class Quarantine:
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
 
-    def mark_released(self, event_id: str, by: str, now: float | None = None) -> bool:
-        """Record a release; False if it was already released (or is not there)."""
+    def claim(self, event_id: str, by: str, lease_s: float, now: float | None = None) -> str | None:
+        """Take a message for releasing it: a claim (token) if it is there, not released, and
+        not claimed by another release within the last ``lease_s`` seconds; else None. One
+        conditional UPDATE, so of concurrent claims in any number of processes one wins."""
+        now = time.time() if now is None else now
+        token = uuid.uuid4().hex
+        cur = self.db.execute("UPDATE quarantine SET claim = ?, claimed_at = ?, claimed_by = ?"
+                              " WHERE event_id = ? AND released_at IS NULL"
+                              " AND (claimed_at IS NULL OR claimed_at <= ?)",
+                              (token, now, by, event_id, now - lease_s))
+        return token if cur.rowcount == 1 else None
+
+    def unclaim(self, event_id: str, claim: str) -> bool:
+        """Give a claim back (its release failed before anything was marked): the next release
+        need not wait for the lease. False if the claim is no longer this one."""
+        cur = self.db.execute("UPDATE quarantine SET claim = NULL, claimed_at = NULL, claimed_by = NULL"
+                              " WHERE event_id = ? AND claim = ? AND released_at IS NULL", (event_id, claim))
+        return cur.rowcount == 1
+
+    def mark_released(self, event_id: str, by: str, now: float | None = None, claim: str | None = None) -> bool:
+        """Record a release; False if it was already released (or is not there), or, with
+        ``claim``, if another release has claimed the row since (this one's lease ran out)."""
+        held = "" if claim is None else " AND claim = ?"
         cur = self.db.execute("UPDATE quarantine SET released_at = ?, released_by = ?"
-                              " WHERE event_id = ? AND released_at IS NULL",
-                              (time.time() if now is None else now, by, event_id))
+                              f" WHERE event_id = ? AND released_at IS NULL{held}",
+                              (time.time() if now is None else now, by, event_id, *(() if claim is None else (claim,))))
         return cur.rowcount == 1
 
     def purge(self, older_than_days: float, now: float | None = None) -> int:
