@@ -206,7 +206,8 @@ def test_a_short_shaped_run_is_summarised_and_ham_found_in_its_maildir(
     assert summary["idle_held_max"] == 3
     during = summary["phases"]["2-during"]
     assert during["bot"]["accepted"] > 0 and during["accepted_per_s"]["bot"] > 0
-    assert during["cpu_ms_per_message"]["generator"] > 0
+    assert during["cpu_ms_per_message"]["generator"] > 0 and during["generator_cpu_ms_per_connect"] > 0
+    assert during["connects_per_s"]["idle"] >= 3 / 1.5 and during["connects_per_s"]["bot"] > 0
     for name in ("1-before", "2-during", "3-after"):
         p = summary["phases"][name]
         h = p["ham"]

@@ -170,6 +170,10 @@ def smtp_load(
             report["runs"][shape.name] = summary
             typer.echo(smtpload.table(summary))
             typer.echo(f"load average {summary['loadavg_before']} -> {summary['loadavg_after']}")
+        if start_ingress:  # an ingress that died (or was killed) mid-run makes its numbers meaningless
+            report["ingress_exits"] = [dataclasses.asdict(e) for e in node.exits]
+            if node.exits:
+                typer.echo(f"the ingress exited during the runs: {node.exits}", err=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     typer.echo(f"wrote {out}")

@@ -81,8 +81,9 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 # Longer than the ingress's ack timeout (10 s) and its grace, so a 451 arrives first.
 REPLY_TIMEOUT_S = 30.0
 # After a refused or turned-away connection, a bot or hogger waits this long before it tries
-# again: bots retry at once, but a loop of refused connects would spin the generator's CPU.
-BOT_BACKOFF_S = 0.05
+# again (Shape.backoff_s): bots retry at once, but 120 connections retrying a 421 without a
+# pause are thousands of connects a second, which cost the generator as much CPU as the ingress.
+BOT_BACKOFF_S = 0.1
 # How long after the last phase in-flight ham (retries included) may take to finish.
 DRAIN_S = 30.0
 QUEUED_AS = b"queued as "
@@ -392,6 +393,7 @@ class Shape:
     rate: float | None = None  # at most this many messages a second per bot; None: as fast as taken
     net: int = 2  # the bots' addresses: 127.<net>.x.y
     campaign: bool = False  # one spam message for all (a campaign) instead of random corpus spam
+    backoff_s: float = BOT_BACKOFF_S  # pause after a refused or rejected connection
 
 
 # The flood shapes of issue 23, deliverable 1. ``fast`` keeps 120 connections busy in a closed
@@ -444,6 +446,7 @@ class Run:
     transactions: list[Transaction] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> process name -> CPU s
+    connects: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> role -> connections attempted
     idle_held_max: int = 0
     generator_behind_max_s: float = 0.0  # how late the ham schedule started a message, at worst
 
@@ -474,6 +477,7 @@ class LoadGenerator:
         self._flood_over = asyncio.Event()  # rebound to the running loop in run()
         self._idle_held = 0
         self._ham_tasks: set[asyncio.Task[Transaction]] = set()
+        self.connects: Counter[str] = Counter()  # connections attempted, by role
 
     # -- ham -------------------------------------------------------------------------------
     async def send(self, src: str, helo: bytes, m: Outgoing) -> Transaction:
@@ -497,6 +501,7 @@ class LoadGenerator:
         session = None
         try:
             async with asyncio.timeout(self.reply_timeout_s):
+                self.connects["ham"] += 1
                 session = await Session.open(self.host, self.port, tx.client, helo, tx.at)
                 line = await session.message(m, tx.at)
             tx.code, tx.event_id, tx.done = 250, event_id(line), time.time()
@@ -550,6 +555,7 @@ class LoadGenerator:
             session = None
             try:
                 async with asyncio.timeout(self.reply_timeout_s):
+                    self.connects["bot"] += 1
                     session = await Session.open(self.host, self.port, src, helo, tx.at)
                 for i in range(shape.per_conn):
                     if over.is_set():
@@ -579,7 +585,7 @@ class LoadGenerator:
                 if session is not None:
                     session.quit()
             if backoff:
-                await asyncio.sleep(BOT_BACKOFF_S)
+                await asyncio.sleep(self.shape.backoff_s)
 
     async def _idle_connection(self, src: str, name: str) -> None:
         helo = f"{name}.example".encode()
@@ -589,6 +595,7 @@ class LoadGenerator:
             session = None
             try:
                 async with asyncio.timeout(self.reply_timeout_s):
+                    self.connects["idle"] += 1
                     session = await Session.open(self.host, self.port, src, helo, at)
                 self._idle_held += 1
                 self.run_.idle_held_max = max(self.run_.idle_held_max, self._idle_held)
@@ -618,7 +625,7 @@ class LoadGenerator:
                 if session is not None:
                     session.quit()
             if backoff:
-                await asyncio.sleep(BOT_BACKOFF_S)
+                await asyncio.sleep(self.shape.backoff_s)
 
     async def _flood(self) -> None:
         shape = self.shape
@@ -647,7 +654,7 @@ class LoadGenerator:
         self.run_.start = time.time()
         ham = asyncio.create_task(self._ham_schedule(t0, ph.total_s)) if self.ham_spec else None
         flood: asyncio.Task[None] | None = None
-        last = self._cpu_sample()
+        last, connects = self._cpu_sample(), Counter(self.connects)
         for name, _start, end in ph.bounds():
             if name == "2-during" and self.shape.bots:
                 flood = asyncio.create_task(self._flood())
@@ -656,7 +663,8 @@ class LoadGenerator:
                 self._flood_over.set()
             now = self._cpu_sample()
             self.run_.cpu[name] = {k: round(now[k] - last[k], 3) for k in now if k in last}
-            last = now
+            self.run_.connects[name] = dict(self.connects - connects)
+            last, connects = now, Counter(self.connects)
         if flood is not None:
             await asyncio.wait({flood}, timeout=self.reply_timeout_s)
         if ham is not None:
@@ -758,8 +766,12 @@ def summarize(run: Run) -> dict[str, Any]:
             "idle": _failure_counts([f for f in failures if f.role == "idle"]),
             "accepted_per_s": {"total": round(total / seconds, 1),
                                **{role: round(n / seconds, 1) for role, n in accepted.items()}},
+            "connects_per_s": {role: round(n / seconds, 1) for role, n in run.connects.get(name, {}).items()},
             "cpu_s": cpu,
             "cpu_ms_per_message": {proc: round(1000 * s / total, 3) for proc, s in cpu.items()} if total else {},
+            "generator_cpu_ms_per_connect": (round(1000 * cpu["generator"] / sum(run.connects[name].values()), 3)
+                                             if "generator" in cpu and sum(run.connects.get(name, {}).values())
+                                             else None),
         }
         phases[name] = phase
     errors = Counter((f.role, f.step, f.code, f.text[:80]) for f in run.failures)
