@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import smtplib
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
+import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
@@ -18,7 +23,7 @@ from models.corpus import Message
 from pipeline import deliver, kafka
 from pipeline.bench import smtpload
 from pipeline.bench.smtpload import HamSpec, LoadGenerator, Outgoing, Phases, Shape
-from pipeline.core import events
+from pipeline.core import config, events
 from pipeline.core.config import Settings
 from pipeline.smtp import SmtpIngress
 from tests.kafka_helpers import consume_n, wait_for
@@ -230,3 +235,20 @@ def test_a_short_shaped_run_is_summarised_and_ham_found_in_its_maildir(
     after = smtpload.summarize(run)["phases"]["1-before"]["ham"]
     assert after["in_maildir"] == after["accepted"]
     assert after["connect_to_maildir"]["p50"] >= after["connect_to_250"]["p50"]
+
+
+@pytest.mark.kafka
+def test_the_smtp_load_command_against_an_ingress_process_it_starts(settings: Settings, tmp_path: Path) -> None:
+    """``python -m pipeline.bench smtp-load --start-ingress``: floodgate smtp as a process, ham over
+    SMTP, the JSON summary with the ingress's and the broker's CPU."""
+    out = tmp_path / "smtpload.json"
+    env = os.environ | config.environment(settings)
+    subprocess.run([sys.executable, "-m", "pipeline.bench", "smtp-load", "--start-ingress", "--shapes", "none",
+                    "--warmup", "0", "--pre", "2", "--flood", "0", "--post", "0", "--ham-rate", "10",
+                    "--out", str(out)], env=env, check=True, capture_output=True, timeout=180)
+    report = orjson.loads(out.read_bytes())
+    assert report["ingress_exits"] == []
+    phase = report["runs"]["none"]["phases"]["1-before"]
+    assert phase["ham"]["sent"] == 20 and phase["ham"]["accepted"] == 20
+    assert phase["cpu_s"]["ingress"] > 0 and "broker" in phase["cpu_s"]
+    assert phase["cpu_ms_per_message"]["generator"] > 0
