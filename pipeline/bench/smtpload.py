@@ -868,11 +868,16 @@ def free_ports(n: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no {n} consecutive free ports found")
 
 
+# The workers a message's way from the ingress to a Maildir or the quarantine needs: the standard
+# node less reputation (advisory counts, and the SMTP ingress does not follow it).
+MAIL_PATH = [w for w in STANDARD if w != "reputation"]
+
+
 @contextmanager
 def ingress_process(base: Settings, workdir: Path, *, workers: bool = False) -> Iterator[tuple[Settings, Node]]:
     """``floodgate smtp`` as its own process (at the ingress's niceness, as a node runs it) on
-    private topics and a free port, with the standard workers too when ``workers`` (a model
-    champion needed): yields its settings (``settings.smtp.port``) and the node; afterwards
+    private topics and a free port, with the workers of :data:`MAIL_PATH` too when ``workers``
+    (a model champion needed): yields its settings (``settings.smtp.port``) and the node; afterwards
     stops it and deletes the topics."""
     settings = config.private(base, "smtpload-", workdir)
     settings = replace(settings, smtp=replace(settings.smtp, host="127.0.0.1", port=free_port()))
@@ -882,7 +887,7 @@ def ingress_process(base: Settings, workdir: Path, *, workers: bool = False) -> 
     try:
         node.start("smtp", ["smtp"])
         if workers:
-            node.start_standard()
+            node.start_standard(MAIL_PATH)
         node.wait_ready()
         yield settings, node
     finally:
