@@ -101,6 +101,84 @@ def demo(
     typer.echo("wrote reports/flood.json and reports/flood.png")
 
 
+@app.command("smtp-load")
+def smtp_load(
+    target: str = typer.Option("127.0.0.1:2525", help="HOST:PORT of the ingress (floodgate smtp)"),
+    start_ingress: bool = typer.Option(False, help="start floodgate smtp as a process on private topics instead "
+                                       "(its CPU and the broker's reported)"),
+    workers: bool = typer.Option(False, help="with --start-ingress: the standard workers too, and --e2e"),
+    shapes: str = typer.Option("fast,hog,concentrated", help="flood shapes, one run each: none (ham alone), "
+                               "fast, hog, concentrated, saturate (20 clients as fast as they can)"),
+    warmup: float = typer.Option(5.0, help="seconds of ham before the measured phases"),
+    pre: float = typer.Option(10.0, help="seconds of ham before the flood"),
+    flood: float = typer.Option(20.0, help="seconds of flood (bots and hoggers) beside the ham"),
+    post: float = typer.Option(10.0, help="seconds of ham after the flood"),
+    ham: bool = typer.Option(True, help="send ham (off for an acceptance-rate run)"),
+    ham_senders: int = typer.Option(20, help="ham client addresses (127.1.x.y)"),
+    ham_rate: float = typer.Option(20.0, help="ham messages a second from all senders together"),
+    retry_delay: float = typer.Option(1.0, help="seconds before a tempfailed ham message is tried again"),
+    bots: int = typer.Option(-1, help="bot addresses (-1: the shape's)"),
+    conns: int = typer.Option(-1, help="concurrent connections per bot (-1: the shape's)"),
+    per_conn: int = typer.Option(-1, help="messages per bot connection (-1: the shape's)"),
+    idle: int = typer.Option(-1, help="idle connections each bot holds open (-1: the shape's)"),
+    bot_rate: float = typer.Option(0.0, help="at most this many messages a second per bot (0: as fast as taken)"),
+    watch: str = typer.Option("", help="NAME=PID[,NAME=PID...]: processes whose CPU (/proc) is reported per phase"),
+    e2e: bool = typer.Option(False, help="time ham to its Maildir: the pipeline's settings (FLOODGATE_*) name "
+                             "the Maildir root; waits for the accepted ham to be placed"),
+    out: str = typer.Option("reports/smtpload.json", help="the JSON summary"),
+    seed: int = typer.Option(7),
+) -> None:
+    """Ham and a flood over real SMTP connections from distinct 127/8 addresses: SMTP step times,
+    connect -> 250 (-> Maildir with --e2e), every 4xx, accepted msg/s, CPU per message."""
+    import contextlib
+    import dataclasses
+    import os
+    import platform
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import orjson
+
+    from pipeline.bench import smtpload
+
+    host, _, port = target.rpartition(":")
+    phases = smtpload.Phases(warmup, pre, flood, post)
+    ham_mail, spam = smtpload.load_corpus(config.load().paths.data, seed)
+    ham_spec = smtpload.HamSpec(senders=ham_senders, rate=ham_rate, retry_delay_s=retry_delay) if ham else None
+    watched = {name: int(pid) for name, _, pid in (w.partition("=") for w in watch.split(",") if w)}
+    overrides = {k: v for k, v in (("bots", bots), ("conns", conns), ("per_conn", per_conn), ("idle", idle))
+                 if v >= 0} | ({"rate": bot_rate} if bot_rate > 0 else {})
+    report: dict = {"command": " ".join([COMMAND, *sys.argv[1:]]), "python": platform.python_version(),
+                    "cores": len(os.sched_getaffinity(0)), "runs": {}}
+    with contextlib.ExitStack() as stack:
+        pipeline = config.load() if e2e else None
+        if start_ingress:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="floodgate-smtpload-")))
+            pipeline, node = stack.enter_context(smtpload.ingress_process(config.load(), workdir, workers=workers))
+            host, port = pipeline.smtp.host, str(pipeline.smtp.port)
+            watched["ingress"] = node.workers["smtp"].proc.pid  # type: ignore[union-attr]
+            broker = smtpload.listening_pid(int(pipeline.kafka.bootstrap_servers.split(",")[0].rpartition(":")[2]))
+            if broker is not None:
+                watched.setdefault("broker", broker)
+            if not workers:
+                pipeline = None
+        for shape in smtpload.iter_shapes(shapes):
+            shape = dataclasses.replace(shape, **overrides)
+            summary = smtpload.run_shape(host or "127.0.0.1", int(port), shape, phases, ham=ham_mail, spam=spam,
+                                         ham_spec=ham_spec, watch=watched, e2e=pipeline, seed=seed)
+            report["runs"][shape.name] = summary
+            typer.echo(smtpload.table(summary))
+            typer.echo(f"load average {summary['loadavg_before']} -> {summary['loadavg_after']}")
+        if start_ingress:  # an ingress that died (or was killed) mid-run makes its numbers meaningless
+            report["ingress_exits"] = [dataclasses.asdict(e) for e in node.exits]
+            if node.exits:
+                typer.echo(f"the ingress exited during the runs: {node.exits}", err=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def naive() -> None:
     """The single-lane design of 2008 (benchmark baseline): classify, then deliver or quarantine, in turn."""
