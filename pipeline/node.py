@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -122,6 +123,13 @@ except (OSError, AttributeError):  # not Linux
     _prctl = None
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's choice), for a worker's metrics endpoint."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _die_with_parent() -> None:
     """In the child before exec: its own session (a terminal's Ctrl-C reaches the node, which
     stops the workers in order, not every worker at once), and SIGTERM when the thread that
@@ -176,7 +184,10 @@ class Exit:
 class Node:
     """The workers of one host as child processes, supervised (see the module docstring)."""
 
-    def __init__(self, settings: Settings, log_dir: Path | None, base_port: int = 9400, supervise: bool = True) -> None:
+    def __init__(self, settings: Settings, log_dir: Path | None, base_port: int | None = None,
+                 supervise: bool = True) -> None:
+        """``base_port``: the first worker's metrics/health port, the next ones following; None
+        gives each worker a free port (tests and benches, which share the host with others)."""
         self.settings = settings
         self.log_dir = log_dir
         self.base_port = base_port
@@ -197,7 +208,8 @@ class Node:
             worker = self.workers.get(name)
             if worker is None:
                 log_path = self.log_dir / f"{name}.log" if self.log_dir else None
-                worker = Worker(name, argv, self.base_port + len(self.workers), log_path, module, extra_env or {})
+                port = free_port() if self.base_port is None else self.base_port + len(self.workers)
+                worker = Worker(name, argv, port, log_path, module, extra_env or {})
                 self.workers[name] = worker
             worker.wanted = True
             self._spawn(worker)

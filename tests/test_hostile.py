@@ -316,7 +316,7 @@ def pipeline(bootstrap: str, trained_registry: Path,
                               registry=trained_registry)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = Node(settings, tmp / "logs", base_port=9680)
+    workers = Node(settings, tmp / "logs")
     # A Kafka password in every worker's environment: it must never be logged (no mechanism is set,
     # so the local PLAINTEXT broker does not try to use it).
     for name, argv in STANDARD.items():

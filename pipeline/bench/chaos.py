@@ -65,8 +65,6 @@ CLUSTERS = {1: ("chaos1", 19192), 3: ("chaos", 19092)}
 # their groups' input topics (topic keys). The classifiers write their outputs in transactions.
 INPUTS = {w: keys for w, keys in GROUP_INPUTS.items() if w in STANDARD and w != "reputation"}
 TRANSACTIONAL = {"ham", "bulk_ham", "spam"}
-# Worker metrics ports, away from the demo's (9400), the naive run's (9500) and the tests' (9600).
-BASE_PORT = 9810
 POLL_S = 0.5  # polling interval of the deadline-bounded waits below
 DRAIN_TIMEOUT_S = 600.0
 ADMIN_TIMEOUT_S = 5.0
@@ -388,7 +386,7 @@ def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignor
     stack = contextlib.ExitStack()
     stack.enter_context(replication(plan.brokers))
     topics.apply(settings, admin)
-    workers = Node(settings, workdir / "logs", base_port=base_port or BASE_PORT + 10 * plan.brokers)
+    workers = Node(settings, workdir / "logs", base_port=base_port)
     admission: Admission | None = None
     rng = random.Random(plan.seed)
     chaos: Chaos | None = None

@@ -224,7 +224,7 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
     settings = config.private(base, f"{name}-", workdir / name)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = Node(settings, workdir / name / "logs", base_port=9500 if name == "naive" else 9400)
+    workers = Node(settings, workdir / name / "logs")
     admission: Admission | None = None
     try:
         groups = start_workers(workers, settings)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import time
 import urllib.request
@@ -106,12 +105,6 @@ def internal_records(settings: Settings) -> dict[str, int]:
         probe.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
     settings = config.private(base, "repbench-", workdir / "repbench")
     evs = backlog(settings.paths.data, n)
@@ -121,7 +114,7 @@ def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
     distinct = ", ".join(f"{n:,} {kind}" for kind, n in sorted(kinds.items()))
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = Node(settings, workdir / "logs", base_port=free_port())
+    workers = Node(settings, workdir / "logs")
     try:
         produce(settings, evs)
         # Named apart from NICE's "reputation": it runs at nice 0.

@@ -62,7 +62,7 @@ from pipeline.bench.reputation import cpu_seconds
 from pipeline.core import config
 from pipeline.core.config import Settings
 from pipeline.kafka import topics
-from pipeline.node import STANDARD, Node
+from pipeline.node import STANDARD, Node, free_port
 from pipeline.replay import TokenBucket
 
 # Steps of one message, in order. ``connect`` is the TCP handshake, ``banner`` the server's
@@ -844,30 +844,6 @@ def run_shape(host: str, port: int, shape: Shape, phases: Phases, *, ham: Sequen
 
 
 # -- the processes under test --------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> int:
-    """The first of ``n`` consecutive ports free now (a node numbers its workers' metrics ports
-    from a base): a fixed base collides with another run's node on the same host, whose
-    ``/readyz`` then answers for a worker that could not bind its port."""
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(20_000, 60_000 - n)
-        try:
-            with contextlib.ExitStack() as held:
-                for port in range(base, base + n):
-                    sock = held.enter_context(socket.socket())
-                    sock.bind((host, port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no {n} consecutive free ports found")
-
-
 # The workers a message's way from the ingress to a Maildir or the quarantine needs: the standard
 # node less reputation (advisory counts, and the SMTP ingress does not follow it).
 MAIL_PATH = [w for w in STANDARD if w != "reputation"]
@@ -883,7 +859,7 @@ def ingress_process(base: Settings, workdir: Path, *, workers: bool = False) -> 
     settings = replace(settings, smtp=replace(settings.smtp, host="127.0.0.1", port=free_port()))
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    node = Node(settings, workdir / "logs", base_port=free_ports(1 + len(STANDARD)))
+    node = Node(settings, workdir / "logs")  # a free port per worker
     try:
         node.start("smtp", ["smtp"])
         if workers:
