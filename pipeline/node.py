@@ -267,7 +267,10 @@ class Node:
 
     def _exited(self, w: Worker, now: float) -> None:
         ran = now - w.started_at
-        w.backoff_s = 0.0 if ran >= STABLE_S else min(max(RESTART_BACKOFF_S, 2 * w.backoff_s), RESTART_BACKOFF_MAX_S)
+        if ran >= STABLE_S or w.killed:  # a crash after a good run, or a kill from outside: at once
+            w.backoff_s = 0.0
+        else:  # it keeps failing on its own: back off
+            w.backoff_s = min(max(RESTART_BACKOFF_S, 2 * w.backoff_s), RESTART_BACKOFF_MAX_S)
         w.restart_at = now + w.backoff_s
         code = w.proc.returncode if w.proc else None
         self.exits.append(Exit(w.name, code, time.time(), round(ran, 1), w.killed, w.backoff_s))
