@@ -39,10 +39,11 @@ STAGE = "deliver"
 # a few hundred events; this covers many batches.
 SENT_MEMORY = 100_000
 # A crashed worker keeps its partitions until the broker gives up on it (librdkafka's default
-# session timeout is 45 s): 45 s of undelivered ham. 10 s hands them over sooner while staying
-# above the brokers' minimum (group.min.session.timeout.ms, 6 s by default); heartbeats come from
-# librdkafka's own thread, so slow batches do not count against it.
-CONSUMER = {"session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000}
+# session timeout is 45 s): 45 s of undelivered ham. 6 s, the brokers' minimum
+# (group.min.session.timeout.ms), hands them over sooner, and bounds the rejoin wait after a
+# broker restart (see pipeline.kafka.consumer); heartbeats come from librdkafka's own thread, so
+# slow batches do not count against it.
+CONSUMER = {"session.timeout.ms": 6_000, "heartbeat.interval.ms": 2_000}
 
 
 class Deliverer:

@@ -50,6 +50,12 @@ num.partitions=1
 group.initial.rebalance.delay.ms=0
 offsets.topic.num.partitions=8
 transaction.state.log.num.partitions=8
+# A killed node keeps leading its partitions, and coordinating its groups and transactions,
+# until the controller fences it: broker.session.timeout.ms after its last heartbeat (9 s by
+# default). Ham stalls that long before anything can move (issue 18: 15-18 s from a kill to ham
+# flowing again with the defaults).
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=4000
 # Small machine, three JVMs: fewer threads than the defaults (3 network, 8 I/O).
 num.network.threads=2
 num.io.threads=4
