@@ -13,14 +13,12 @@ Standard library only, like ``broker.py``; what the two share is in ``local.py``
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +103,6 @@ class Cluster:
         return min(self.nodes, 3), min(self.nodes, 2)
 
 
-def _dir_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-
-
 def _layout(c: Cluster) -> dict:
     """The cluster's identity (cluster id, each node's directory id), made once and kept."""
     path = c.state / "cluster.json"
@@ -118,8 +112,8 @@ def _layout(c: Cluster) -> dict:
             sys.exit(f"[kafka] {c.state} holds a {layout['nodes']}-node cluster on port {layout['port']};"
                      f" run `down` and remove it to change the layout")
         return layout
-    layout = {"nodes": c.nodes, "port": c.port, "cluster_id": _dir_id(),
-              "directories": {str(n.id): _dir_id() for n in c.all()}}
+    layout = {"nodes": c.nodes, "port": c.port, "cluster_id": local.random_id(),
+              "directories": {str(n.id): local.random_id() for n in c.all()}}
     c.state.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(layout, indent=1) + "\n")
     return layout
