@@ -11,7 +11,6 @@ Postfix accepted is in exactly one mailbox or the quarantine, none lost or twice
 
 from __future__ import annotations
 
-import random
 import re
 import subprocess
 import sys
@@ -24,10 +23,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from models import corpus, registry
 from pipeline import feedback, kafka
 from pipeline.bench import mailstack
-from pipeline.bench.mailsystem import MailSystem
+from pipeline.bench.mailsystem import TAG, CorpusMail, MailSystem
 from pipeline.core import config, events
 from pipeline.core.config import Settings
 from pipeline.core.events import Envelope, MailEvent
@@ -39,7 +37,6 @@ from tests.worker_helpers import settings_env
 pytestmark = pytest.mark.kafka
 UNAVAILABLE = mailstack.unavailable("postfix", "dovecot", "swaks")
 BOB, CAROL = "bob@example.com", "carol@example.net"
-TAG = "X-Mailsystem-Test"
 # Clients "on the internet": any 127/8 address is ours on loopback; Postfix itself is 127.0.0.1.
 CLIENT, SPAMMER, OUTAGE_CLIENT = "127.0.0.23", "127.0.0.66", "127.0.0.25"
 OUTAGE_MESSAGES = 4
@@ -48,10 +45,6 @@ DELIVERY_TIMEOUT_S = 60.0
 # its watchdog ends it (pipeline/kafka/loop.py, BLOCKED_CALL_DEADLINE_S = 45 s) and the node
 # restarts it (BENCHMARKS.md, chaos: broker-restart): ham then arrives about a minute late.
 OUTAGE_RECOVERY_TIMEOUT_S = 150.0
-# Header fields Postfix's cleanup drops from every message (message_drop_headers), and the
-# corpus's own delivery trace: not what a sending client sends.
-DROPPED = (b"return-path", b"delivered-to", b"bcc", b"resent-bcc", b"content-length")
-HEADER = re.compile(rb"[!-9;-~]+:")  # a header field's name and colon (RFC 5322 2.2)
 
 
 @dataclass
@@ -91,50 +84,12 @@ def stack(bootstrap: str, trained_registry: Path, tmp_path_factory: pytest.TempP
     assert not dovecot_errors, dovecot_errors
 
 
-class Mail:
-    """Corpus messages the stack's model scores clearly (ham below 0.05, spam above 0.95), each
-    with a tag header of its own, ready for SMTP (CRLF, no header Postfix would drop, no line
-    Postfix would fold)."""
-
-    def __init__(self, trained_registry: Path) -> None:
-        model = registry.load_champion(trained_registry)
-        msgs = [m for m in corpus.load_spamassassin(config.ROOT / "data", groups=("easy_ham_2", "spam_2"))
-                if len(m.raw) < 12_000 and max(len(line) for line in m.raw.split(b"\n")) < 900]
-        random.Random(19).shuffle(msgs)
-        self.pools: dict[str, list[bytes]] = {"ham": [], "spam": []}
-        candidates = [(m.label or "ham", self.prepare(m.raw, "x")) for m in msgs[:400]]
-        # As the classifier will see them: with Postfix's Received header on top.
-        received = b"Received: from mail.sender.test (unknown [127.0.0.23])\r\n\tby mx.floodgate.test (Postfix)\r\n"
-        scores = model.score([received + raw for _, raw in candidates])
-        for (label, raw), score in zip(candidates, scores, strict=True):
-            if (label, score < 0.05, score > 0.95) in (("ham", True, False), ("spam", False, True)):
-                self.pools[label].append(raw)
-        assert len(self.pools["ham"]) >= 10 and len(self.pools["spam"]) >= 3, {k: len(v) for k, v in self.pools.items()}
-        self.used = Counter[str]()
-
-    @staticmethod
-    def prepare(raw: bytes, tag: str) -> bytes:
-        head, sep, body = mailstack.crlf(raw).partition(b"\r\n\r\n")
-        fields: list[bytes] = []
-        for line in head.split(b"\r\n"):
-            if line[:1] in (b" ", b"\t") and fields:
-                fields[-1] += b"\r\n" + line
-            else:
-                fields.append(line)
-        # Header fields only: the corpus has mbox "From " lines among them, which Postfix would
-        # take for the start of the body (and put an empty line above).
-        kept = [f for f in fields if HEADER.match(f) and f.split(b":", 1)[0].lower() not in DROPPED]
-        return b"\r\n".join([f"{TAG}: {tag}".encode(), *kept]) + sep + body
-
-    def take(self, kind: str, tag: str) -> bytes:
-        raw = self.pools[kind][self.used[kind]]
-        self.used[kind] += 1
-        return raw.replace(f"{TAG}: x\r\n".encode(), f"{TAG}: {tag}\r\n".encode(), 1)
-
-
 @pytest.fixture(scope="module")
-def mail(trained_registry: Path) -> Mail:
-    return Mail(trained_registry)
+def mail(trained_registry: Path) -> CorpusMail:
+    """Corpus mail the stack's model scores clearly (ham below 0.05, spam above 0.95)."""
+    found = CorpusMail(trained_registry)
+    assert len(found.pools["ham"]) >= 10 and len(found.pools["spam"]) >= 3, {k: len(v) for k, v in found.pools.items()}
+    return found
 
 
 def send(stack: MailSystem, raw: bytes, tag: str, rcpt: str, kind: str, client: str = CLIENT,
@@ -190,7 +145,7 @@ def event_id(message: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def ham(stack: MailSystem, mail: Mail) -> tuple[Sent, bytes, bytes]:
+def ham(stack: MailSystem, mail: CorpusMail) -> tuple[Sent, bytes, bytes]:
     """One ham message through the whole stack: (its ledger entry, what swaks sent, what IMAP gives back)."""
     raw = mail.take("ham", "ham-1")
     sent = send(stack, raw, "ham-1", BOB, "ham", mail_from="alice+list@sender.test")
@@ -242,7 +197,7 @@ def test_admission_sees_the_original_client_and_sender_not_postfix(stack: MailSy
     assert event.extra == {"relay": "127.0.0.1", "relay_queue_id": sent.qid}
 
 
-def test_obvious_spam_is_quarantined_not_delivered(stack: MailSystem, mail: Mail) -> None:
+def test_obvious_spam_is_quarantined_not_delivered(stack: MailSystem, mail: CorpusMail) -> None:
     send(stack, mail.take("spam", "spam-1"), "spam-1", CAROL, "spam", client=SPAMMER,
          mail_from="offers@spammer.test", helo="bot.spammer.test")
     entry = wait_for(lambda: _quarantined(stack, "spam-1"), DELIVERY_TIMEOUT_S, interval=0.2, what="spam quarantined")
@@ -325,7 +280,7 @@ def test_junk_moves_over_imap_become_feedback_events(stack: MailSystem, ham: tup
     print(f"mailsystem: MOVE with the report program {min(took):.2f}-{max(took):.2f} s", file=sys.stderr)
 
 
-def test_unknown_recipients_are_refused_at_postfix_not_bounced(stack: MailSystem, mail: Mail) -> None:
+def test_unknown_recipients_are_refused_at_postfix_not_bounced(stack: MailSystem, mail: CorpusMail) -> None:
     code, transcript, qid = stack.postfix.swaks("alice@sender.test", "nobody@example.com",
                                                 mailstack.crlf(b"Subject: to nobody\n\nhello\n"), client=CLIENT)
     assert code != 0 and qid is None
@@ -333,7 +288,8 @@ def test_unknown_recipients_are_refused_at_postfix_not_bounced(stack: MailSystem
     assert stack.postfix.queue() == []  # nothing accepted, so nothing to bounce
 
 
-def test_a_broker_outage_holds_mail_in_postfix_and_delivers_it_exactly_once(stack: MailSystem, mail: Mail) -> None:
+def test_a_broker_outage_holds_mail_in_postfix_and_delivers_it_exactly_once(stack: MailSystem,
+                                                                           mail: CorpusMail) -> None:
     pf, broker = stack.postfix, stack.broker
     assert broker is not None
     start = len(pf.log())

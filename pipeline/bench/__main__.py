@@ -1,4 +1,5 @@
-"""``python -m pipeline.bench``: the harness's commands (``make demo``, ``make bench-*``, ``make chaos``).
+"""``python -m pipeline.bench``: the harness's commands (``make demo``, ``make demo-mailsystem``, ``make bench-*``,
+``make chaos``).
 
 The harness drives and measures the product; the product never imports it, so its commands live
 here rather than in ``floodgate``.
@@ -99,6 +100,15 @@ def demo(
     report = bench.run(settings, scenario, ("floodgate", "naive") if naive else ("floodgate",), live=True)
     typer.echo(bench.summary(report))
     typer.echo("wrote reports/flood.json and reports/flood.png")
+
+
+@app.command()
+def mailsystem() -> None:
+    """Postfix in front, Dovecot behind (private instances on loopback, as root): mail from swaks, a Junk
+    move reported back, a release from the quarantine, the mailboxes over IMAP."""
+    from pipeline.bench import mailsystem as bench
+
+    bench.demo(config.load(), log=typer.echo)
 
 
 @app.command()

@@ -18,12 +18,17 @@
 from __future__ import annotations
 
 import contextlib
+import imaplib
+import json
 import os
+import random
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -33,6 +38,7 @@ from pipeline import kafka
 from pipeline.bench import mailstack
 from pipeline.core import config
 from pipeline.core.config import Settings
+from pipeline.core.events import MailEvent
 from pipeline.kafka import topics
 from pipeline.node import NODE, OPTIONAL, Node
 
@@ -201,3 +207,210 @@ def running(base: Settings, workdir: Path, **kw: object) -> Iterator[MailSystem]
     finally:
         stack.stop()
         stack.remove()
+
+
+# --- mail for it -------------------------------------------------------------------------------------
+
+TAG = "X-Mailsystem-Test"
+# Header fields Postfix's cleanup drops from every message (message_drop_headers), and the
+# corpus's own delivery trace: not what a sending client sends.
+DROPPED = (b"return-path", b"delivered-to", b"bcc", b"resent-bcc", b"content-length")
+HEADER = re.compile(rb"[!-9;-~]+:")  # a header field's name and colon (RFC 5322 2.2)
+# As the classifier sees a message that came through Postfix: its Received header on top.
+POSTFIX_RECEIVED = b"Received: from mail.sender.test (unknown [127.0.0.23])\r\n\tby mx.floodgate.test (Postfix)\r\n"
+
+
+class CorpusMail:
+    """Held-out corpus messages (easy_ham_2, spam_2) that ``registry``'s champion scores clearly
+    (ham below ``ham_below``, spam above ``spam_above``), each sent with a tag header of its own,
+    ready for SMTP: CRLF, no header Postfix would drop, no line Postfix would fold (998 bytes)."""
+
+    def __init__(self, registry: Path, candidates: int = 400, ham_below: float = 0.05, spam_above: float = 0.95,
+                 seed: int = 19) -> None:
+        from models import corpus
+        from models import registry as models
+
+        model = models.load_champion(registry)
+        msgs = [m for m in corpus.load_spamassassin(config.ROOT / "data", groups=("easy_ham_2", "spam_2"))
+                if len(m.raw) < 12_000 and max(len(line) for line in m.raw.split(b"\n")) < 900]
+        random.Random(seed).shuffle(msgs)
+        chosen = [(m.label or "ham", self.prepare(m.raw, "x")) for m in msgs[:candidates]]
+        scores = model.score([POSTFIX_RECEIVED + raw for _, raw in chosen])
+        self.pools: dict[str, list[bytes]] = {"ham": [], "spam": []}
+        for (label, raw), score in zip(chosen, scores, strict=True):
+            if (label == "ham" and score < ham_below) or (label == "spam" and score > spam_above):
+                self.pools[label].append(raw)
+        self.used = Counter[str]()
+
+    @staticmethod
+    def prepare(raw: bytes, tag: str) -> bytes:
+        head, sep, body = mailstack.crlf(raw).partition(b"\r\n\r\n")
+        fields: list[bytes] = []
+        for line in head.split(b"\r\n"):
+            if line[:1] in (b" ", b"\t") and fields:
+                fields[-1] += b"\r\n" + line
+            else:
+                fields.append(line)
+        # Header fields only: the corpus has mbox "From " lines among them, which Postfix would
+        # take for the start of the body (and put an empty line above).
+        kept = [f for f in fields if HEADER.match(f) and f.split(b":", 1)[0].lower() not in DROPPED]
+        return b"\r\n".join([f"{TAG}: {tag}".encode(), *kept]) + sep + body
+
+    def take(self, kind: str, tag: str) -> bytes:
+        """The next unused ``kind`` (ham or spam) message, tagged ``tag``."""
+        raw = self.pools[kind][self.used[kind]]
+        self.used[kind] += 1
+        return raw.replace(f"{TAG}: x\r\n".encode(), f"{TAG}: {tag}\r\n".encode(), 1)
+
+
+def header(message: bytes, name: str) -> str:
+    """One header field's value (unfolded, decoded leniently) or ""."""
+    head = message.split(b"\r\n\r\n", 1)[0].replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    m = re.search(rb"^" + re.escape(name.encode()) + rb":[ \t]*([^\r\n]*)", head, re.M | re.I)
+    return m.group(1).decode("utf-8", "replace").strip() if m else ""
+
+
+def listing(ms: MailSystem) -> list[str]:
+    """Every user's INBOX and Junk over IMAP: one line per message, with Floodgate's headers."""
+    from pipeline.sinks import parse_trace
+
+    assert ms.dovecot is not None
+    lines = []
+    for user in ms.users:
+        imap = ms.dovecot.imap(user)
+        try:
+            for box in ("INBOX", "Junk"):
+                msgs = mailstack.mailbox(imap, box)
+                lines.append(f"{user} {box}: {len(msgs)} message(s)")
+                for uid, body in msgs.items():
+                    trace = parse_trace(header(body, "X-Floodgate-Trace"))
+                    score = header(body, "X-Floodgate-Score")[:6]
+                    lines.append(f"  uid {uid.decode():>2}  X-Floodgate-Score: {score:6}  "
+                                 f"event {trace.get('event', '-')[:12]}  lane {trace.get('lane', '-'):8}  "
+                                 f"{header(body, 'Subject')[:50]}")
+        finally:
+            imap.logout()
+    return lines
+
+
+def placed(ms: MailSystem) -> tuple[int, list[str]]:
+    """Messages in the users' mailboxes, and the event ids in the quarantine."""
+    from pipeline.sinks.quarantine import Quarantine
+
+    assert ms.dovecot is not None and ms.settings is not None
+    count = 0
+    for user in ms.users:
+        imap = ms.dovecot.imap(user)
+        try:
+            count += sum(len(mailstack.uids(imap, box)) for box in ("INBOX", "Junk"))
+        finally:
+            imap.logout()
+    held: list[str] = []
+    if ms.settings.paths.quarantine_db.exists():
+        store = Quarantine(ms.settings.paths.quarantine_db)
+        try:
+            held = [e.event_id for e in store.entries(1000)]
+        finally:
+            store.close()
+    return count, held
+
+
+def wait(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s:g} s")
+        time.sleep(0.2)  # polling interval of a deadline-bounded wait
+
+
+# --- make demo-mailsystem ----------------------------------------------------------------------------
+
+# Who sends what to whom in the demo: (kind, recipient, client address).
+DEMO_PLAN = (("ham", "bob@example.com", "127.0.0.23"), ("ham", "carol@example.net", "127.0.0.23"),
+             ("ham", "bob@example.com", "127.0.0.24"), ("spam", "bob@example.com", "127.0.0.66"),
+             ("spam", "carol@example.net", "127.0.0.67"))
+DEMO_TIMEOUT_S = 90.0
+
+
+def demo(base: Settings, log: Callable[[str], None] = print) -> None:
+    """Postfix in front, Dovecot behind, on the settings' broker (private topics): ham and spam
+    from swaks, a Junk move reported back, a release from the quarantine, the mailboxes over IMAP."""
+    import tempfile
+
+    from pipeline import feedback
+
+    reason = mailstack.unavailable()
+    if reason:
+        raise SystemExit(f"demo-mailsystem: {reason}")
+    mail = CorpusMail(base.paths.registry)
+    workdir = Path(tempfile.mkdtemp(prefix="floodgate-mailsystem-"))
+    log(f"Floodgate between Postfix and Dovecot on loopback; Kafka at {base.kafka.bootstrap_servers} (private topics)")
+    with running(base, workdir, own_broker=False, log=lambda line: log(f"  started {line}")) as ms:
+        assert ms.postfix and ms.dovecot and ms.settings
+        log("\nswaks -> Postfix (the MX) -> floodgate smtp, told the original client by XFORWARD:")
+        qids = []
+        for i, (kind, rcpt, client) in enumerate(DEMO_PLAN):
+            raw = mail.take(kind, f"demo-{i}")
+            _, _, qid = ms.postfix.swaks("sender@corpus.test", rcpt, raw, client=client, helo="mail.corpus.test")
+            log(f"  {kind:4} from {client} to {rcpt}: {'queued as ' + str(qid) if qid else 'refused'} "
+                f"({header(raw, 'Subject')[:50]})")
+            qids += [qid] if qid else []
+        wait(lambda: set(qids) <= set(ms.postfix.sent()), DEMO_TIMEOUT_S, "Postfix handing the mail to Floodgate")
+        for line in ms.postfix.log().splitlines():
+            if "status=sent" in line:
+                log("  postfix: " + line.split("]: ", 1)[-1].split(", delay=")[0] + ": " + line.split("status=")[-1])
+        for line in (workdir / "logs" / "smtp.log").read_text(errors="replace").splitlines():
+            if '"msg":"accepted"' in line:
+                rec = json.loads(line)
+                log(f"  floodgate smtp: event {rec['event_id'][:12]} from client {rec['client']} (HELO {rec['helo']}), "
+                    f"relayed by {rec.get('relay', '-')}")
+        wait(lambda: sum((lambda c, h: (c, len(h)))(*placed(ms))) >= len(qids), DEMO_TIMEOUT_S,
+             "delivery over LMTP and the quarantine")
+        _, held = placed(ms)
+        log(f"\ndelivered over LMTP into Dovecot; quarantined: {len(held)}")
+        imap = ms.dovecot.imap("bob@example.com")
+        try:
+            inbox = mailstack.uids(imap, "INBOX")
+            if inbox:
+                log("\nbob moves a message into Junk and back out (IMAPSieve -> floodgate-report -> the spool):")
+                _move(imap, inbox[0], "Junk", log)
+                _move(imap, mailstack.uids(imap, "Junk")[0], "INBOX", log)
+        finally:
+            imap.logout()
+        if held:
+            log(f"\nfloodgate quarantine release {held[0]} --by postmaster")
+            feedback.release(ms.settings, held[0], "postmaster")
+            wait(lambda: placed(ms)[0] >= len(qids) - len(held) + 1, DEMO_TIMEOUT_S, "the released message")
+        reports = _feedback(ms.settings, (2 if inbox else 0) + (1 if held else 0))
+        log(f"\nthe feedback topic ({ms.settings.topic('feedback')}):")
+        for e in reports:
+            log(f"  {e.label:4}  event {e.id[:12]}  {e.extra}")
+        log("\nthe mailboxes over IMAP:")
+        for line in listing(ms):
+            log("  " + line)
+    log(f"\nstopped everything; the workers' logs are in {workdir / 'logs'}")
+
+
+def _move(imap: imaplib.IMAP4, uid: bytes, to: str, log: Callable[[str], None]) -> None:
+    t0 = time.monotonic()
+    typ, _ = imap.uid("MOVE", uid, to)
+    log(f"  MOVE uid {uid.decode()} to {to}: {typ} in {time.monotonic() - t0:.2f} s")
+
+
+def _feedback(settings: Settings, n: int) -> list[MailEvent]:
+    """The first ``n`` events on the feedback topic (fewer if they do not come within 30 s)."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    from pipeline.core import events
+
+    consumer = kafka.consumer(settings, settings.group("demo-feedback"))
+    topic = settings.topic("feedback")
+    found: list[MailEvent] = []
+    try:
+        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + 30
+        while len(found) < n and time.monotonic() < deadline:
+            found += [events.decode(m.value()) for m in consumer.consume(n - len(found), 0.5) if not m.error()]
+        return found
+    finally:
+        consumer.close()
