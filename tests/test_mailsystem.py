@@ -157,6 +157,16 @@ def ham(stack: MailSystem, mail: CorpusMail) -> tuple[Sent, bytes, bytes]:
 # --- the tests ----------------------------------------------------------------------------------------
 
 
+def test_where_the_programs_cannot_run_the_reason_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the skip says (runs everywhere, with or without the programs)."""
+    monkeypatch.setattr(mailstack.os, "geteuid", lambda: 1000)
+    assert "need root" in (mailstack.unavailable() or "")
+    monkeypatch.setattr(mailstack.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(mailstack, "which_program", lambda prog: None if prog in ("sievec", "swaks") else "/bin/true")
+    reason = mailstack.unavailable() or ""
+    assert "sievec" in reason and "dovecot-sieve" in reason and "swaks" in reason and "make tools" in reason
+
+
 def test_ham_reads_back_over_imap_byte_identical_below_the_added_headers(stack: MailSystem,
                                                                          ham: tuple[Sent, bytes, bytes]) -> None:
     sent, raw, body = ham
