@@ -64,10 +64,12 @@ LEDGER: dict[str, Sent] = {}
 
 
 @pytest.fixture(scope="module")
-def stack(bootstrap: str, trained_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailSystem]:
+def stack(bootstrap: str, trained_registry: Path, tmp_path_factory: pytest.TempPathFactory,
+          request: pytest.FixtureRequest) -> Iterator[MailSystem]:
     if UNAVAILABLE:
         pytest.skip(UNAVAILABLE)
     started = time.monotonic()
+    failed_before = request.session.testsfailed
     base = config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap})
     ms = MailSystem(base, tmp_path_factory.mktemp("mailsystem"), registry=trained_registry,
                     log=lambda line: print(f"mailsystem: {line}", file=sys.stderr))
@@ -78,7 +80,11 @@ def stack(bootstrap: str, trained_registry: Path, tmp_path_factory: pytest.TempP
     finally:
         codes = ms.stop()
         dovecot_errors = [line for line in ms.dovecot.log().splitlines() if " Error: " in line] if ms.dovecot else []
-        ms.remove()
+        if request.session.testsfailed == failed_before:
+            ms.remove()
+        else:  # kept for a post-mortem: Postfix's maillog, Dovecot's log and mail, the private broker
+            print(f"mailsystem: kept {ms.postfix.root if ms.postfix else '-'}, "
+                  f"{ms.dovecot.root if ms.dovecot else '-'} and {ms.workdir}", file=sys.stderr)
         print(f"mailsystem: module done in {time.monotonic() - started:.1f} s", file=sys.stderr)
     assert all(c == 0 for c in codes.values()), f"workers did not stop cleanly: {codes}"
     assert not dovecot_errors, dovecot_errors
@@ -329,14 +335,21 @@ def test_a_broker_outage_holds_mail_in_postfix_and_delivers_it_exactly_once(stac
     deferrals = Counter(re.findall(r" (\w+): to=<[^>]+>, relay=127\.0\.0\.1.* status=deferred \(host [^)]* 451 ",
                                    pf.log()[start:]))
     inbound = topic_events(stack.settings, "inbound")
+    held_twice = 0
     for s in outage:
         assert sent.get(s.qid) == 1, (s, sent)
-        assert len(tagged(inbound, s.tag)) == 1, s
+        # One event per delivery. The broker may hold it twice: a record it wrote although
+        # Floodgate's answer was 451 (the acknowledgement too late, or the request in flight when
+        # the time ran out), then Postfix's retry; both have the one event id (relayed_event_id).
+        records = tagged(inbound, s.tag)
+        assert len({e.id for e in records}) == 1, [(e.id, e.accepted_at) for e in records]
+        held_twice += len(records) - 1
         [(user, box, _)] = copies(stack, s.tag)
         assert (user, box) == (s.rcpt, "INBOX")
     restarted = sorted({e.name for e in stack.node.exits})
     print(f"mailsystem: broker down {down_s:.1f} s ({sum(deferrals[s.qid] for s in outage)} deferrals with 451 "
-          f"for {OUTAGE_MESSAGES} messages); all delivered {recovered_s:.1f} s after it was started again; "
+          f"for {OUTAGE_MESSAGES} messages, {held_twice} of them on the broker twice under one event id); "
+          f"all delivered once {recovered_s:.1f} s after it was started again; "
           f"workers restarted meanwhile: {restarted or 'none'}", file=sys.stderr)
 
 
