@@ -54,7 +54,7 @@ demo: $(STAMP) kafka-up topics champion  ## the whole story: broker, workers, re
 
 # Postfix in front, Dovecot behind: private instances on loopback ports under /tmp (root only; the
 # packages come from `make mail-tools`), the workers on the local broker with private topics.
-demo-mailsystem: $(STAMP) kafka-up topics champion mail-tools  ## Postfix -> Floodgate -> Dovecot: swaks mail, a Junk move, a release, IMAP
+demo-mailsystem: $(STAMP) kafka-up champion mail-tools  ## Postfix -> Floodgate -> Dovecot: swaks mail, a Junk move, a release, IMAP
 	@$(BENCH) mailsystem $(ARGS)
 
 champion: $(STAMP) data  ## train a model if the registry has no usable champion yet
