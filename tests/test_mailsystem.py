@@ -45,6 +45,7 @@ DELIVERY_TIMEOUT_S = 60.0
 # its watchdog ends it (pipeline/kafka/loop.py, BLOCKED_CALL_DEADLINE_S = 45 s) and the node
 # restarts it (BENCHMARKS.md, chaos: broker-restart): ham then arrives about a minute late.
 OUTAGE_RECOVERY_TIMEOUT_S = 150.0
+MOVE_MAX_S = 8.0  # a MOVE into or out of Junk, the report program included (Dovecot's limit: 10 s)
 
 
 @dataclass
@@ -292,7 +293,9 @@ def test_junk_moves_over_imap_become_feedback_events(stack: MailSystem, ham: tup
     assert len([e for e in topic_events(stack.settings, "feedback") if e.extra.get("via") == "imap"]) == 3
     spool = stack.dovecot.spool
     assert not list((spool / "new").iterdir()) and not list((spool / "bad").iterdir())
-    assert max(took) < 5.0, f"a MOVE waited {max(took):.1f} s for the report program"
+    # Dovecot kills the program after 10 s (and the report is lost): well below that even on a
+    # busy 2-core machine (0.02-2.2 s seen at a load average of 10).
+    assert max(took) < MOVE_MAX_S, f"a MOVE waited {max(took):.1f} s for the report program"
     print(f"mailsystem: MOVE with the report program {min(took):.2f}-{max(took):.2f} s", file=sys.stderr)
 
 

@@ -133,7 +133,8 @@ def test_the_pipe_program_runs_on_the_standard_library_alone_and_fast(tmp_path: 
     assert proc.returncode == 0, proc.stderr
     [path] = sp.pending()
     assert sp.read(path).data == message and path.name.endswith(".spam")
-    assert took < 2.0, f"the pipe program took {took:.2f}s; the user's MOVE waits for it"
+    # Tens of milliseconds on a quiet machine; the user's MOVE waits for it, Dovecot for at most 10 s.
+    assert took < 5.0, f"the pipe program took {took:.2f}s; the user's MOVE waits for it"
     # A spool it cannot write: exit 75 (EX_TEMPFAIL) with the reason, which Dovecot logs.
     blocked = tmp_path / "file"
     blocked.write_text("")
