@@ -14,7 +14,7 @@ BENCH  := $(PY) -m pipeline.bench
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo demo-mailsystem champion bench-flood test tools mail-tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -51,6 +51,11 @@ topics: $(STAMP) kafka-up  ## create the topics in infra/topics.toml; report dri
 
 demo: $(STAMP) kafka-up topics champion  ## the whole story: broker, workers, real mail, a spam flood, the result
 	@$(BENCH) demo $(ARGS)
+
+# Postfix in front, Dovecot behind: private instances on loopback ports under /tmp (root only; the
+# packages come from `make mail-tools`), the workers on the local broker with private topics.
+demo-mailsystem: $(STAMP) kafka-up champion mail-tools  ## Postfix -> Floodgate -> Dovecot: swaks mail, a Junk move, a release, IMAP
+	@$(BENCH) mailsystem $(ARGS)
 
 champion: $(STAMP) data  ## train a model if the registry has no usable champion yet
 	@$(FG) model check 2>/dev/null || $(MAKE) --no-print-directory train
@@ -93,10 +98,37 @@ bench-peers: $(STAMP) data  ## Floodgate vs bogofilter (PEERS=--spamassassin: an
 # promtool validates infra/prometheus (tests/test_infra.py). Debian's prometheus package brings it
 # (~19 MB download, ~20 s); its service is not started in a container without an init system.
 # Without root or apt-get the infra checks that need it are skipped, with the reason.
-tools:  ## install promtool (Debian package prometheus) when missing
+tools: mail-tools  ## install promtool (Debian package prometheus), Postfix, Dovecot and swaks when missing
 	@command -v promtool >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
 	  || echo "promtool unavailable: the promtool checks in tests/test_infra.py will be skipped"; }
+
+# Postfix, Dovecot (imapd, lmtpd, sieve) and swaks for tests/test_mailsystem.py and make
+# demo-mailsystem, which run private instances only (~12 MB, about a minute). Only missing
+# packages are installed. Postfix is preseeded to "No configuration" (no /etc/postfix/main.cf: no
+# system MTA); while apt-get runs, a policy-rc.d that refuses every start (unless one exists)
+# keeps the packages' scripts from starting their services, and where systemd runs, the services
+# of the packages installed here are stopped and disabled afterwards. Without root or apt-get the
+# tests are skipped with the reason.
+MAIL_PACKAGES := postfix swaks dovecot-core dovecot-imapd dovecot-lmtpd dovecot-sieve
+APT_GET ?= apt-get
+POLICY_RC_D ?= /usr/sbin/policy-rc.d
+
+mail-tools:  ## install Postfix, Dovecot (imapd, lmtpd, sieve) and swaks (Debian) when missing; no service left running
+	@missing=; for p in $(MAIL_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; done; \
+	[ -z "$$missing" ] && exit 0; \
+	if ! command -v $(firstword $(APT_GET)) >/dev/null || [ "$$(id -u)" != 0 ]; then \
+	  echo "not installed:$$missing (needs root and apt-get): tests/test_mailsystem.py will be skipped"; exit 0; fi; \
+	echo "installing$$missing (Debian packages; no service is left running)"; \
+	made=; if [ ! -e $(POLICY_RC_D) ]; then printf '#!/bin/sh\nexit 101\n' > $(POLICY_RC_D) && chmod 755 $(POLICY_RC_D) && made=1; fi; \
+	echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections; \
+	$(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends $$missing >/dev/null; \
+	rc=$$?; [ -n "$$made" ] && rm -f $(POLICY_RC_D); \
+	if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then \
+	  for p in $$missing; do case $$p in postfix) s=postfix;; dovecot-core) s=dovecot;; *) continue;; esac; \
+	    systemctl disable --now $$s >/dev/null 2>&1 || true; done; fi; \
+	[ $$rc = 0 ] || echo "installing$$missing failed: tests/test_mailsystem.py will be skipped"
 
 test: $(STAMP) tools data  ## the test suite, against a real Kafka broker (fetches the corpus first)
 	$(PY) -m pytest

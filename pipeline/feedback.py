@@ -43,6 +43,7 @@ then both produce, with the same harmless repeat as above.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import time
@@ -55,7 +56,7 @@ from pipeline import kafka
 from pipeline.core import events, senders
 from pipeline.core.config import Settings
 from pipeline.core.events import Envelope, MailEvent
-from pipeline.sinks import SCORE_HEADER, TRACE_HEADER, from_iso, iso, maildir, parse_trace, unstamp
+from pipeline.sinks import SCORE_HEADER, TRACE_HEADER, from_iso, iso, maildir, parse_trace, unstamp, unstamp_delivered
 from pipeline.sinks.quarantine import Quarantine
 
 TOKEN_ENV = "FLOODGATE_ADMIN_TOKEN"
@@ -246,6 +247,62 @@ def find(settings: Settings, event_id: str) -> MailEvent | None:
                      lane=trace.get("lane") if trace.get("lane") not in (None, "unknown") else None,
                      verdict="ham", score=score, model_version=model.rstrip(")") or None,
                      classified_at=from_iso(trace.get("classified", "")))
+
+
+def content_id(raw: bytes) -> str:
+    """The event id of a reported message that carries none (Floodgate never stamped it: a
+    client saved it into Junk itself, or it came another way): a hash of its content, line endings
+    aside, so that reports of one message share an id (retraining keeps the last verdict per id)
+    whether it was read over IMAP (CRLF) or from a Maildir (LF). 32 hex digits, like every id."""
+    return hashlib.blake2b(raw.replace(b"\r\n", b"\n"), digest_size=16).hexdigest()
+
+
+def from_delivered(settings: Settings, data: bytes, label: str, by: str = "",
+                   extra: Mapping[str, str] | None = None, now: float | None = None) -> MailEvent:
+    """The feedback event for a user's verdict on a copy read back from the mail store: what a
+    Dovecot IMAPSieve pipe hands ``floodgate-report`` when the user moves a message into Junk or
+    out of it (the store's own Return-Path/Delivered-To/Received lines on top, then our stamp).
+
+    The event id comes from the ``X-Floodgate-Trace`` header; the message is the content under
+    our headers, byte for byte what Floodgate received. An id the quarantine knows (a released
+    message) gives the quarantine's event, with the envelope Floodgate recorded. Otherwise the
+    envelope stays empty, as for a Maildir copy in :func:`find`: the store's Return-Path is not
+    Floodgate's record, and a client can write anything into a message it saves itself, so
+    sender reputation (which needs an envelope sender) is not moved by it; retraining is. A
+    message without our headers is reported by content, under :func:`content_id`.
+    """
+    if label not in LABELS:
+        raise FeedbackError(f"label must be one of {LABELS}, not {label!r}")
+    headers, raw = unstamp_delivered(data)
+    trace = parse_trace(headers.get(TRACE_HEADER.decode().lower(), ""))
+    event_id = trace.get("event", "")
+    if not maildir.EVENT_ID.fullmatch(event_id):
+        event_id = ""
+    event = _quarantined(settings, event_id) if event_id else None
+    if event is None:
+        score_text, _, model = headers.get(SCORE_HEADER.decode().lower(), "").partition(" (model ")
+        try:
+            score: float | None = float(score_text)
+        except ValueError:
+            score = None
+        lane = trace.get("lane")
+        event = MailEvent(id=event_id or content_id(raw),
+                          accepted_at=from_iso(trace.get("accepted", "")) or (time.time() if now is None else now),
+                          envelope=Envelope("", ()), raw=raw, source="smtp" if event_id else "report",
+                          lane=lane if lane not in (None, "unknown") else None,
+                          verdict="ham" if event_id else None, score=score,
+                          model_version=model.rstrip(")") or None, classified_at=from_iso(trace.get("classified", "")))
+    return replace(event, label=label, extra={"feedback": "user-report", "by": by, **(extra or {})})
+
+
+def _quarantined(settings: Settings, event_id: str) -> MailEvent | None:
+    if not settings.paths.quarantine_db.exists():
+        return None
+    store = Quarantine(settings.paths.quarantine_db)
+    try:
+        return store.event(event_id)
+    finally:
+        store.close()
 
 
 def _open_quarantine(settings: Settings) -> Quarantine:

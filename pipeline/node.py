@@ -46,6 +46,9 @@ STANDARD = {
 }
 # A whole node as ``floodgate run`` starts it: the ingress, the standard workers, the lag monitor.
 NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"]}
+# Workers a node runs only when named (``floodgate run -w NAME``): the report drain belongs where
+# the mail store spools users' Junk moves (pipeline/reports/), usually not a Floodgate node.
+OPTIONAL = {"report-drain": ["report-drain"]}
 # CPU niceness per worker: the spam side yields the CPU to the ham side, so a flood that
 # saturates the machine still leaves ham its share (the bulk lane and cleanup may fall behind;
 # that is their job), and the priority lane is served first when it wakes (make bench-flood,
@@ -60,7 +63,8 @@ NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"]}
 PRIORITY_LANE_NICE = -20
 NICE = {"classify-priority": PRIORITY_LANE_NICE, "deliver": PRIORITY_LANE_NICE,
         "naive": PRIORITY_LANE_NICE,  # naive: the same share as the priority lane, for a fair comparison
-        "classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10, "reputation": 10}
+        "classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10, "reputation": 10,
+        "report-drain": 10}  # feedback is for retraining: no hurry
 # The ingress (``floodgate smtp``; the flood bench's generator plays it) is on the priority path
 # too: every message, flood or not, is admitted there, and a starved ingress falls behind and
 # then releases its backlog as bursts that look like floods.
@@ -357,14 +361,14 @@ class Node:
 
 
 def run(settings: Settings, names: list[str], base_port: int, log_dir: Path | None) -> int:
-    """``floodgate run``: start ``names`` (keys of :data:`NODE`), supervise them until SIGTERM or
+    """``floodgate run``: start ``names`` (keys of :data:`NODE` or :data:`OPTIONAL`), supervise them until SIGTERM or
     SIGINT, then stop them all. Returns 0 when every worker stopped cleanly."""
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.set())
     node = Node(settings, log_dir, base_port=base_port)
     for name in names:
-        node.start(name, NODE[name])
+        node.start(name, (NODE | OPTIONAL)[name])
     log.info("node started", extra={"workers": {n: w.port for n, w in node.workers.items()}})
     stopping.wait()
     log.info("stopping the node")

@@ -206,3 +206,26 @@ def test_xforward_only_from_trusted_relays_and_admission_sees_the_original_clien
     assert (forwarded.envelope.client_address, forwarded.envelope.helo) == ("192.0.2.44", "bot+helo.example")
     assert forwarded.extra == {"relay": "127.0.3.25", "relay_queue_id": "4F1A2B"}
     assert (plain.envelope.client_address, plain.extra) == ("127.0.3.25", {})
+
+
+@pytest.mark.kafka
+def test_a_relays_retry_of_one_delivery_gets_the_same_event_id(topic_settings: Settings) -> None:
+    """A 451 cannot promise the broker does not have the event (a late acknowledgement); the relay
+    then delivers again, and its retry must not become a second message: same relay, queue id,
+    envelope and bytes, same event id (the sinks keep one copy per id). Anything else differs."""
+    def queued_as(relay: smtplib.SMTP, ident: str | None, rcpt: str = "bob@example.com", raw: bytes = RAW) -> str:
+        if ident is not None:
+            assert relay.docmd(f"XFORWARD ADDR=192.0.2.44 IDENT={ident}")[0] == 250
+        relay.mail("a@sender.test")
+        relay.rcpt(rcpt)
+        code, reply = relay.data(raw)
+        assert code == 250, reply
+        return reply.decode().rsplit(" ", 1)[-1]
+
+    with ingress(topic_settings, xforward_hosts=("127.0.3.0/24",)) as port, client(port, "127.0.3.25") as relay:
+        relay.ehlo("mx.relay.test")
+        first = queued_as(relay, "4F1A2B")
+        assert queued_as(relay, "4F1A2B") == first  # the retry
+        others = {queued_as(relay, "4F1A2C"), queued_as(relay, "4F1A2B", rcpt="carol@example.com"),
+                  queued_as(relay, "4F1A2B", raw=RAW + b"more\r\n"), queued_as(relay, None), queued_as(relay, None)}
+    assert len(others) == 5 and first not in others

@@ -1,4 +1,5 @@
-"""``python -m pipeline.bench``: the harness's commands (``make demo``, ``make bench-*``, ``make chaos``).
+"""``python -m pipeline.bench``: the harness's commands (``make demo``, ``make demo-mailsystem``, ``make bench-*``,
+``make chaos``).
 
 The harness drives and measures the product; the product never imports it, so its commands live
 here rather than in ``floodgate``.
@@ -177,6 +178,15 @@ def smtp_load(
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def mailsystem() -> None:
+    """Postfix in front, Dovecot behind (private instances on loopback, as root): mail from swaks, a Junk
+    move reported back, a release from the quarantine, the mailboxes over IMAP."""
+    from pipeline.bench import mailsystem as bench
+
+    bench.demo(config.load(), log=typer.echo)
 
 
 @app.command()

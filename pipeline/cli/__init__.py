@@ -219,6 +219,15 @@ def cleanup() -> None:
     stage.serve(service)
 
 
+@app.command("report-drain")
+def report_drain() -> None:
+    """Publish users' spooled Junk moves (floodgate-report) to the feedback topic, each once acknowledged."""
+    from pipeline.reports import drain
+
+    _, service = start_service("report-drain")
+    drain.serve(service)
+
+
 @app.command("run")
 def run_node(
     worker: Annotated[list[str] | None,
@@ -234,9 +243,10 @@ def run_node(
     from pipeline.core import log
 
     names = list(worker or node.NODE)
-    unknown = sorted((set(names) | set(without or ())) - set(node.NODE))
+    known = node.NODE | node.OPTIONAL
+    unknown = sorted((set(names) | set(without or ())) - set(known))
     if unknown:
-        raise typer.BadParameter(f"unknown worker(s) {unknown}; known: {', '.join(node.NODE)}")
+        raise typer.BadParameter(f"unknown worker(s) {unknown}; known: {', '.join(known)}")
     log.setup()
     names = [n for n in names if n not in set(without or ())]
     raise typer.Exit(node.run(config.load(), names, base_port, Path(log_dir) if log_dir else None))

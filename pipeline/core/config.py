@@ -98,6 +98,9 @@ class PathSettings:
     data: Path = ROOT / "data"
     maildir_root: Path = ROOT / ".run" / "maildirs"
     quarantine_db: Path = ROOT / ".run" / "quarantine.sqlite3"
+    # Users' Junk moves waiting for ``floodgate report-drain`` (pipeline/reports/): written by the
+    # IMAPSieve pipe program as the mail user, on the mail store's host.
+    report_spool: Path = ROOT / ".run" / "report-spool"
     registry: Path = ROOT / "models" / "registry"
 
 

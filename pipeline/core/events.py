@@ -83,8 +83,10 @@ class MailEvent:
 
 
 def new_event(envelope: Envelope, raw: bytes, source: str = "smtp", label: str | None = None,
-              accepted_at: float | None = None, extra: dict[str, Any] | None = None) -> MailEvent:
-    return MailEvent(id=uuid.uuid4().hex, accepted_at=time.time() if accepted_at is None else accepted_at,
+              accepted_at: float | None = None, extra: dict[str, Any] | None = None,
+              event_id: str | None = None) -> MailEvent:
+    """A new event; its id random (uuid4) unless the caller derives one (``event_id``)."""
+    return MailEvent(id=event_id or uuid.uuid4().hex, accepted_at=time.time() if accepted_at is None else accepted_at,
                      envelope=envelope, raw=raw, source=source, label=label, extra=extra or {})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -44,6 +45,24 @@ LOOP_LAG_STRESS_S = 0.25
 # reconnects at once then costs one accept a second instead of thousands. Past this many held at
 # once (file descriptors are finite), a refusal is answered at once.
 MAX_HELD_REFUSALS = 1000
+
+
+def relayed_event_id(relay: str, queue_id: str, mail_from: str, rcpt_to: list[str], raw: bytes) -> str:
+    """The event id of a message a trusted relay forwarded with its queue id (XFORWARD IDENT):
+    the same for every attempt at the same delivery, different for any other.
+
+    A 451 cannot promise that the broker does not have the event: an acknowledgement may come
+    after the answer, or a produce request in flight when the time ran out may have been written
+    (seen with Postfix in front when the broker came back during a retry, tests/test_mailsystem.py).
+    The relay then delivers again and the broker holds the message twice; with one id for both,
+    the sinks keep one copy (a Maildir file and a quarantine row per event id, LMTP/SMTP
+    delivery skips an id it already sent). The relay's queue id alone is not enough (Postfix
+    reuses short queue ids), so the envelope and the message are part of it."""
+    h = hashlib.blake2b(digest_size=16, person=b"floodgate-relay")
+    for part in (relay, queue_id, mail_from, *rcpt_to):
+        h.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    h.update(raw)
+    return h.hexdigest()
 
 
 def client_address(peer: Any) -> str:
@@ -197,10 +216,12 @@ class SmtpIngress:
 
     async def deliver(self, session: Session, origin: Origin, txn: Transaction, raw: bytes) -> str:
         extra = {"relay": origin.relay, "relay_queue_id": origin.relay_queue_id} if origin.relay else {}
+        event_id = (relayed_event_id(origin.relay, origin.relay_queue_id, txn.mail_from or "", txn.rcpt_to, raw)
+                    if origin.relay and origin.relay_queue_id else None)
         event = events.new_event(
             events.Envelope(mail_from=txn.mail_from or "", rcpt_to=tuple(txn.rcpt_to),
                             client_address=origin.client, helo=origin.helo),
-            raw, source="smtp", extra=extra)
+            raw, source="smtp", extra=extra, event_id=event_id)
         ctx = {"event_id": event.id, "client": origin.client, "helo": origin.helo,
                "rcpts": len(txn.rcpt_to), "bytes": len(raw)} | ({"relay": origin.relay} if origin.relay else {})
         topic = self.admission.topic(event)
