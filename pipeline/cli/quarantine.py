@@ -28,15 +28,6 @@ class Label(enum.StrEnum):
     ham = "ham"
 
 
-def _releasing(claimed_at: float | None) -> bool:
-    """Whether a release holds a message's claim now (it has not run out)."""
-    import time
-
-    from pipeline.feedback import RELEASE_LEASE_S
-
-    return claimed_at is not None and time.time() - claimed_at < RELEASE_LEASE_S
-
-
 def _store() -> Quarantine:
     from pipeline.sinks.quarantine import Quarantine
 
@@ -53,6 +44,7 @@ def list_entries(limit: int = typer.Option(50, min=1, help="at most this many, n
     """Quarantined messages, newest first."""
     import orjson
 
+    from pipeline.feedback import RELEASE_LEASE_S
     from pipeline.sinks import iso
 
     store = _store()
@@ -65,7 +57,7 @@ def list_entries(limit: int = typer.Option(50, min=1, help="at most this many, n
             typer.echo(orjson.dumps(e.as_dict()).decode())
             continue
         score = "-" if e.score is None else f"{e.score:.3f}"
-        state = "released" if e.released_at else "releasing" if _releasing(e.claimed_at) else "held"
+        state = "released" if e.released_at else "releasing" if e.releasing(RELEASE_LEASE_S) else "held"
         rcpt = ",".join(e.rcpt_to)[:40]
         typer.echo(_printable(f"{e.event_id}  {iso(e.quarantined_at)}  {score:>5}  {state:8}  {e.mail_from[:40]:40}  "
                               f"{rcpt:40}  {e.subject[:60]}"))
@@ -76,6 +68,7 @@ def list_entries(limit: int = typer.Option(50, min=1, help="at most this many, n
 @app.command()
 def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the whole message to stdout")) -> None:
     """One quarantined message: a summary and its headers (the body only with --raw)."""
+    from pipeline.feedback import RELEASE_LEASE_S
     from pipeline.sinks import iso
 
     store = _store()
@@ -87,7 +80,7 @@ def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the
     if entry is None or event is None:
         raise _fail(f"no quarantined message with event id {event_id!r}")
     released = f"{iso(entry.released_at)} by {entry.released_by}" if entry.released_at else "no"
-    if not entry.released_at and _releasing(entry.claimed_at):
+    if entry.releasing(RELEASE_LEASE_S):
         released = f"being released by {entry.claimed_by} since {iso(entry.claimed_at)}"
     if raw:
         sys.stdout.buffer.write(event.raw)
