@@ -285,6 +285,45 @@ def test_a_failed_release_gives_its_claim_back_and_a_dead_one_blocks_only_for_it
     q.close()
 
 
+@pytest.mark.kafka
+def test_a_bulk_release_claims_each_message_and_produces_them_together(topic_settings):
+    s = topic_settings
+    a, b, done = (classified("spam", i, rcpt=(f"u{i}@example.com",)) for i in range(3))
+    q = Quarantine(s.paths.quarantine_db)
+    q.add([a, b, done])
+    q.mark_released(done.id, "lead")
+    q.close()
+    outcomes = feedback.release_many(s, [a.id, done.id, "0" * 32, b.id, a.id], "ops", env={})
+    assert [(o.event_id, o.ok) for o in outcomes] == [(a.id, True), (done.id, False), ("0" * 32, False), (b.id, True)]
+    assert "already released by lead" in outcomes[1].error and "no quarantined message" in outcomes[2].error
+    assert sorted(e.id for e in _read(s, "ham", 2)) == sorted([a.id, b.id])
+    assert {e.extra["feedback"] for e in _read(s, "feedback", 2)} == {"quarantine-release"}
+    assert end_offsets(s, "ham") == 2 and end_offsets(s, "feedback") == 2  # one record each, no more
+
+
+@pytest.mark.kafka
+def test_a_recipients_own_release_is_their_report_and_delete_is_authorised_and_claimed(topic_settings):
+    s = topic_settings
+    mine, spam = classified("spam", 1, rcpt=("bob@example.com",)), classified("spam", 2)
+    q = Quarantine(s.paths.quarantine_db)
+    q.add([mine, spam])
+    q.close()
+    feedback.release(s, mine.id, "bob@example.com", env={}, by_recipient=True)
+    [record] = _read(s, "feedback", 1)
+    assert record.extra == {"feedback": feedback.USER_RELEASE_FEEDBACK, "by": "bob@example.com"}
+    with pytest.raises(feedback.FeedbackError, match="not authorized"):
+        feedback.delete(s, spam.id, "ops", "guess", env={feedback.TOKEN_ENV: "s3cret"})
+    with pytest.raises(feedback.FeedbackError, match="already released"):
+        feedback.delete(s, mine.id, "ops", env={})  # released mail is kept for the record until purged
+    feedback.delete(s, spam.id, "ops", "s3cret", env={feedback.TOKEN_ENV: "s3cret"})
+    q = Quarantine(s.paths.quarantine_db)
+    assert q.entry(spam.id) is None and q.event(spam.id) is None and q.count() == 1
+    q.close()
+    with pytest.raises(feedback.FeedbackError, match="no quarantined message"):
+        feedback.delete(s, spam.id, "ops", env={})
+    assert end_offsets(s, "ham") == 1  # a delete produces nothing
+
+
 def _release_racer(env: dict[str, str], event_ids: list[str], by: str, start: Any, results: Any) -> None:
     """One operator's process: at each start signal, ``floodgate quarantine release`` one message."""
     runner = CliRunner()

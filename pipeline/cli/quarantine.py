@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from pipeline.sinks.quarantine import Quarantine
 
 app = typer.Typer(no_args_is_help=True, help="The spam quarantine: list, show, release, purge.")
-# ``show`` prints at most this much of the header block; the body only with --raw.
-SHOW_HEADER_MAX = 64 * 1024
 
 
 class Label(enum.StrEnum):
@@ -70,6 +68,7 @@ def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the
     """One quarantined message: a summary and its headers (the body only with --raw)."""
     from pipeline.feedback import RELEASE_LEASE_S
     from pipeline.sinks import iso
+    from pipeline.sinks.quarantine import header_block
 
     store = _store()
     try:
@@ -93,11 +92,7 @@ def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the
                         ("size", f"{entry.size} bytes"), ("subject", entry.subject),
                         ("released", released)):
         typer.echo(_printable(f"{name + ':':13} {value}"))
-    head = event.raw[:SHOW_HEADER_MAX]
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        if sep in head:
-            head = head.split(sep, 1)[0]
-            break
+    head = header_block(event.raw)
     typer.echo("")
     typer.echo(_printable(head.decode("utf-8", errors="replace")))
     typer.echo(f"\n[body not shown: {entry.size} bytes in all; --raw writes the whole message]")

@@ -58,6 +58,8 @@ HEADER_SCAN_MAX = 256 * 1024
 # 380 KB Subject of 20,000 words took 11 s (one cleanup worker stalled per message). Only this
 # much of the raw value is decoded; SUBJECT_MAX characters are kept anyway.
 SUBJECT_DECODE_MAX = 8 * 1024
+# Operators are shown at most this much of a header block (a hostile one has 50,000 lines).
+HEADER_SHOW_MAX = 64 * 1024
 BUSY_TIMEOUT_MS = 10_000  # operators' commands and the worker share the file
 DAY_S = 86_400
 SCHEMA_VERSION = 2  # PRAGMA user_version; 0 is a file of version 1 (or a new one)
@@ -185,6 +187,16 @@ def subject_of(raw: bytes) -> str:
     except Exception:  # hostile headers can break the parser in many ways; a subject is cosmetic
         return ""
     return _CONTROL.sub(" ", subject).strip()[:SUBJECT_MAX]
+
+
+def header_block(raw: bytes, limit: int = HEADER_SHOW_MAX) -> bytes:
+    """The message's header block (up to the first empty line), at most ``limit`` bytes of it:
+    what ``floodgate quarantine show`` and the web worker show as text."""
+    head = raw[:limit]
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        if sep in head:
+            return head.split(sep, 1)[0]
+    return head
 
 
 def recipient_key(address: str) -> str:
