@@ -219,6 +219,15 @@ def cleanup() -> None:
     stage.serve(service)
 
 
+@app.command()
+def web() -> None:
+    """The quarantine in a browser: operators search and release; recipients see their own held mail."""
+    from pipeline import web as worker
+
+    _, service = start_service("web")
+    worker.serve(service)
+
+
 @app.command("run")
 def run_node(
     worker: Annotated[list[str] | None,

@@ -174,7 +174,8 @@ Cursor = tuple[float, str]  # (quarantined_at, event_id) of the last row of the 
 @dataclass(frozen=True)
 class Page:
     entries: list[Entry]
-    next: Cursor | None  # None: this is the last page
+    next: Cursor | None  # where the next (older) page starts after; None: this is the last
+    prev: Cursor | None = None  # where the previous (newer) page ends before; None: this is the first
 
 
 def subject_of(raw: bytes) -> str:
@@ -285,20 +286,35 @@ class Quarantine:
     def entries(self, limit: int = 50, include_released: bool = True) -> list[Entry]:
         return self.search(Search(state="all" if include_released else "held"), limit).entries
 
-    def search(self, query: Search, limit: int = 50, after: Cursor | None = None) -> Page:
-        """A page of matching entries, newest first, starting after ``after`` (see the module docstring)."""
+    def search(self, query: Search, limit: int = 50, after: Cursor | None = None,
+               before: Cursor | None = None) -> Page:
+        """A page of matching entries, newest first: the first, the one after ``after`` (older),
+        or the one before ``before`` (newer); see the module docstring."""
         limit = max(1, min(limit, PAGE_MAX))
         where, args, source = self._where(query)
+        backwards = after is None and before is not None
         if after is not None:
             where.append("(q.quarantined_at, q.event_id) < (?, ?)")
             args.extend(after)
+        elif before is not None:
+            where.append("(q.quarantined_at, q.event_id) > (?, ?)")
+            args.extend(before)
+        order = "ASC" if backwards else "DESC"
         sql = (f"SELECT {', '.join('q.' + c for c in SUMMARY.split(', '))} FROM {source}"
                f" {'WHERE ' + ' AND '.join(where) if where else ''}"
-               " ORDER BY q.quarantined_at DESC, q.event_id DESC LIMIT ?")
+               f" ORDER BY q.quarantined_at {order}, q.event_id {order} LIMIT ?")
         rows = self.db.execute(sql, (*args, limit + 1)).fetchall()
-        entries = [Entry.from_row(r) for r in rows[:limit]]
         more = len(rows) > limit
-        return Page(entries, (entries[-1].quarantined_at, entries[-1].event_id) if more else None)
+        entries = [Entry.from_row(r) for r in rows[:limit]]
+        if backwards:
+            entries.reverse()
+        if not entries:
+            return Page([], None, None)
+        first = (entries[0].quarantined_at, entries[0].event_id)
+        last = (entries[-1].quarantined_at, entries[-1].event_id)
+        if backwards:
+            return Page(entries, last, first if more else None)
+        return Page(entries, last if more else None, first if after is not None else None)
 
     def count(self, query: Search | None = None, cap: int = COUNT_MAX) -> int:
         """How many entries match (every one with no query), counted up to ``cap`` (then ``cap + 1``)."""
