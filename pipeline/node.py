@@ -44,8 +44,9 @@ STANDARD = {
     "cleanup": ["cleanup"],
     "reputation": ["reputation"],
 }
-# A whole node as ``floodgate run`` starts it: the ingress, the standard workers, the lag monitor.
-NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"]}
+# A whole node as ``floodgate run`` starts it: the ingress, the standard workers, the lag monitor,
+# the web worker (the quarantine in a browser; it reads the quarantine file cleanup writes).
+NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"], "web": ["web"]}
 # CPU niceness per worker: the spam side yields the CPU to the ham side, so a flood that
 # saturates the machine still leaves ham its share (the bulk lane and cleanup may fall behind;
 # that is their job), and the priority lane is served first when it wakes (make bench-flood,
@@ -60,7 +61,8 @@ NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"]}
 PRIORITY_LANE_NICE = -20
 NICE = {"classify-priority": PRIORITY_LANE_NICE, "deliver": PRIORITY_LANE_NICE,
         "naive": PRIORITY_LANE_NICE,  # naive: the same share as the priority lane, for a fair comparison
-        "classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10, "reputation": 10}
+        "classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10, "reputation": 10,
+        "web": 10}  # people's pages wait a few milliseconds more rather than ham
 # The ingress (``floodgate smtp``; the flood bench's generator plays it) is on the priority path
 # too: every message, flood or not, is admitted there, and a starved ingress falls behind and
 # then releases its backlog as bursts that look like floods.
