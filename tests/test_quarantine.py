@@ -168,17 +168,21 @@ def test_delete_needs_the_claim_and_purge_empties_every_table(store):
         assert store.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
 
 
-def test_digests_are_recorded_once_per_recipient_and_period(store):
+def test_a_digest_window_is_planned_once_per_recipient_and_period(store):
     e = classified("spam", 1, rcpt=("Bob@example.com", "carol@example.com"))
     store.add([e], now=NOW)
     assert store.digest_recipients(NOW - 1, NOW + 1) == ["bob@example.com", "carol@example.com"]
     assert store.digest_recipients(NOW + 1, NOW + 2) == []
-    assert store.last_digest("bob@example.com") is None
-    assert store.record_digest("BOB@example.com", "2027-01-15", NOW + 1, "d1", 1)
-    assert not store.record_digest("bob@example.com", "2027-01-15", NOW + 1, "d1", 1)
-    assert store.digest_sent("bob@example.com", "2027-01-15")
-    assert not store.digest_sent("carol@example.com", "2027-01-15")
-    assert store.last_digest("bob@example.com") == ("2027-01-15", NOW + 1)
+    assert store.last_digest_until("bob@example.com", "2027-01-15") is None
+    assert store.plan_digest("BOB@example.com", "2027-01-15", 0, NOW + 1) == (0, NOW + 1, False)
+    # A second run of the period gets the first run's window, and learns when it was sent.
+    assert store.plan_digest("bob@example.com", "2027-01-15", 0, NOW + 5) == (0, NOW + 1, False)
+    store.mark_digest_sent("bob@example.com", "2027-01-15")
+    assert store.plan_digest("bob@example.com", "2027-01-15", 0, NOW + 9) == (0, NOW + 1, True)
+    assert store.last_digest_until("bob@example.com", "2027-01-16") == NOW + 1
+    assert store.last_digest_until("carol@example.com", "2027-01-16") is None
+    assert [x.event_id for x in store.held_for("bob@example.com", 0, NOW + 1, 10)] == [e.id]
+    assert store.held_for("bob@example.com", NOW + 1, NOW + 9, 10) == []
 
 
 def test_released_once_only(store):

@@ -105,10 +105,10 @@ CREATE INDEX IF NOT EXISTS quarantine_recipient_event ON quarantine_recipient (e
 CREATE TABLE IF NOT EXISTS quarantine_digest (
     rcpt     TEXT NOT NULL,
     period   TEXT NOT NULL,         -- e.g. 2026-05-01 for a daily digest
-    until    REAL NOT NULL,         -- messages quarantined before this were in it
-    event_id TEXT NOT NULL,         -- the digest mail's event id (deterministic per rcpt and period)
-    messages INTEGER NOT NULL,
-    sent_at  REAL NOT NULL,
+    since    REAL NOT NULL,         -- it lists what was quarantined in [since, until)
+    until    REAL NOT NULL,
+    planned_at REAL NOT NULL,
+    sent_at  REAL,                  -- NULL: planned, not known to be acknowledged (sent again, the same)
     PRIMARY KEY (rcpt, period)
 ) WITHOUT ROWID;
 """
@@ -435,21 +435,28 @@ class Quarantine:
             " WHERE r.quarantined_at >= ? AND r.quarantined_at < ? AND q.released_at IS NULL ORDER BY 1",
             (since, until))]
 
-    def last_digest(self, rcpt: str) -> tuple[str, float] | None:
-        """(period, until) of the newest digest recorded for ``rcpt``."""
-        row = self.db.execute("SELECT period, until FROM quarantine_digest WHERE rcpt = ?"
-                              " ORDER BY until DESC LIMIT 1", (recipient_key(rcpt),)).fetchone()
-        return (row["period"], row["until"]) if row else None
+    def plan_digest(self, rcpt: str, period: str, since: float, until: float,
+                    now: float | None = None) -> tuple[float, float, bool]:
+        """The window [since, until) of ``rcpt``'s digest of ``period`` and whether it was sent:
+        planned now with the given window, or as an earlier run planned it (a run that died
+        before the broker acknowledged sends the very same digest again)."""
+        self.db.execute("INSERT OR IGNORE INTO quarantine_digest (rcpt, period, since, until, planned_at)"
+                        " VALUES (?, ?, ?, ?, ?)", (recipient_key(rcpt), period, since, until,
+                                                    time.time() if now is None else now))
+        row = self.db.execute("SELECT since, until, sent_at FROM quarantine_digest WHERE rcpt = ? AND period = ?",
+                              (recipient_key(rcpt), period)).fetchone()
+        return row["since"], row["until"], row["sent_at"] is not None
 
-    def digest_sent(self, rcpt: str, period: str) -> bool:
-        return self.db.execute("SELECT 1 FROM quarantine_digest WHERE rcpt = ? AND period = ?",
-                               (recipient_key(rcpt), period)).fetchone() is not None
+    def mark_digest_sent(self, rcpt: str, period: str, now: float | None = None) -> None:
+        self.db.execute("UPDATE quarantine_digest SET sent_at = ? WHERE rcpt = ? AND period = ? AND sent_at IS NULL",
+                        (time.time() if now is None else now, recipient_key(rcpt), period))
 
-    def record_digest(self, rcpt: str, period: str, until: float, event_id: str, messages: int,
-                      now: float | None = None) -> bool:
-        """Record that ``rcpt`` got the digest of ``period``; False if it was recorded before."""
-        cur = self.db.execute("INSERT OR IGNORE INTO quarantine_digest"
-                              " (rcpt, period, until, event_id, messages, sent_at) VALUES (?, ?, ?, ?, ?, ?)",
-                              (recipient_key(rcpt), period, until, event_id, messages,
-                               time.time() if now is None else now))
-        return cur.rowcount == 1
+    def last_digest_until(self, rcpt: str, before_period: str) -> float | None:
+        """Where ``rcpt``'s digest before ``before_period`` ended (the next one starts there)."""
+        row = self.db.execute("SELECT max(until) FROM quarantine_digest WHERE rcpt = ? AND period < ?",
+                              (recipient_key(rcpt), before_period)).fetchone()
+        return row[0]
+
+    def held_for(self, rcpt: str, since: float, until: float, limit: int) -> list[Entry]:
+        """Messages still held for ``rcpt`` that were quarantined in [since, until), newest first."""
+        return self.search(Search(recipients=(rcpt,), since=since, until=until), limit).entries
