@@ -89,7 +89,7 @@ def test_every_page_carries_the_security_headers_and_no_script(local: config.Set
         assert r.headers["content-security-policy"] == PAGE_CSP, path
         assert "script-src" not in PAGE_CSP and "default-src 'none'" in PAGE_CSP  # no script from anywhere
         assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
-        assert r.headers["referrer-policy"] == "no-referrer" and r.headers["cache-control"] == "no-store"
+        assert r.headers["referrer-policy"] == "same-origin" and r.headers["cache-control"] == "no-store"
         assert "<script" not in r.text.lower(), path
     frame = c.get(f"/quarantine/m/{held[0].id}/body")
     assert frame.status_code == 404  # no HTML part; the frame's own policy still applies

@@ -54,7 +54,9 @@ PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; frame-src 'se
 FRAME_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'; base-uri 'none'; sandbox"
 COMMON_HEADERS = {
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",  # a recipient's link is in the URL: never sent onwards
+    # A recipient's link is in the URL: never sent to another site. (Not no-referrer: with it browsers
+    # send "Origin: null" on our own forms, and the Origin check below could no longer tell them apart.)
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",  # quarantined mail is private
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
