@@ -95,11 +95,16 @@ bench-peers: $(STAMP) data  ## Floodgate vs bogofilter (PEERS=--spamassassin: an
 
 # promtool validates infra/prometheus (tests/test_infra.py). Debian's prometheus package brings it
 # (~19 MB download, ~20 s); its service is not started in a container without an init system.
-# Without root or apt-get the infra checks that need it are skipped, with the reason.
-tools:  ## install promtool (Debian package prometheus) when missing
-	@command -v promtool >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-	  || echo "promtool unavailable: the promtool checks in tests/test_infra.py will be skipped"; }
+# Chromium and its driver drive the web worker's browser tests (tests/test_web_browser.py): Debian's
+# chromium and chromium-driver (~100 MB, a minute). Without root or apt-get the tests that need
+# them are skipped, with the reason.
+TOOL_PACKAGES := $(if $(shell command -v promtool),,prometheus) \
+                 $(if $(and $(shell command -v chromium),$(shell command -v chromedriver)),,chromium chromium-driver)
+tools:  ## install promtool (Debian package prometheus), chromium and chromium-driver when missing
+	@test -z "$(strip $(TOOL_PACKAGES))" || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(TOOL_PACKAGES) >/dev/null; } \
+	  || echo "$(strip $(TOOL_PACKAGES)) unavailable: the tests that need them will be skipped"; }
 
 test: $(STAMP) tools data  ## the test suite, against a real Kafka broker (fetches the corpus first)
 	$(PY) -m pytest
