@@ -88,8 +88,13 @@ CREATE TABLE IF NOT EXISTS quarantine (
     claimed_at     REAL,            -- ... since when (its lease runs from here) ...
     claimed_by     TEXT             -- ... and its operator
 );
-CREATE INDEX IF NOT EXISTS quarantine_time ON quarantine (quarantined_at, event_id);
-CREATE INDEX IF NOT EXISTS quarantine_held ON quarantine (quarantined_at, event_id) WHERE released_at IS NULL;
+-- Newest first, with what the search form filters on: a search walks one of these alone (a few
+-- MB for 100,000 messages), touching the table only for the rows it shows.
+CREATE INDEX IF NOT EXISTS quarantine_all ON quarantine
+    (quarantined_at, event_id, released_at, score, model_version, mail_from, subject);
+CREATE INDEX IF NOT EXISTS quarantine_held ON quarantine
+    (quarantined_at, event_id, score, model_version, mail_from, subject) WHERE released_at IS NULL;
+CREATE INDEX IF NOT EXISTS quarantine_model ON quarantine (model_version);
 CREATE TABLE IF NOT EXISTS quarantine_message (
     event_id TEXT PRIMARY KEY,
     meta     BLOB NOT NULL,         -- the event's metadata line, to re-inject it unchanged
@@ -176,6 +181,7 @@ class Page:
     entries: list[Entry]
     next: Cursor | None  # where the next (older) page starts after; None: this is the last
     prev: Cursor | None = None  # where the previous (newer) page ends before; None: this is the first
+    total: int | None = None  # matches of the whole search, up to COUNT_MAX + 1 (when counted)
 
 
 def subject_of(raw: bytes) -> str:
@@ -287,9 +293,10 @@ class Quarantine:
         return self.search(Search(state="all" if include_released else "held"), limit).entries
 
     def search(self, query: Search, limit: int = 50, after: Cursor | None = None,
-               before: Cursor | None = None) -> Page:
+               before: Cursor | None = None, count: bool = False) -> Page:
         """A page of matching entries, newest first: the first, the one after ``after`` (older),
-        or the one before ``before`` (newer); see the module docstring."""
+        or the one before ``before`` (newer); see the module docstring. ``count``: also count the
+        matches up to COUNT_MAX (``Page.total``) in the same pass, on a first page."""
         limit = max(1, min(limit, PAGE_MAX))
         where, args, source = self._where(query)
         backwards = after is None and before is not None
@@ -299,22 +306,29 @@ class Quarantine:
         elif before is not None:
             where.append("(q.quarantined_at, q.event_id) > (?, ?)")
             args.extend(before)
+        counting = count and after is None and before is None
         order = "ASC" if backwards else "DESC"
-        sql = (f"SELECT {', '.join('q.' + c for c in SUMMARY.split(', '))} FROM {source}"
-               f" {'WHERE ' + ' AND '.join(where) if where else ''}"
-               f" ORDER BY q.quarantined_at {order}, q.event_id {order} LIMIT ?")
-        rows = self.db.execute(sql, (*args, limit + 1)).fetchall()
-        more = len(rows) > limit
-        entries = [Entry.from_row(r) for r in rows[:limit]]
+        # Keys first (from an index alone, in order), the rows shown after: one pass both finds the
+        # page and counts the matches, and only the page's rows are read from the table.
+        keys = self.db.execute(f"SELECT q.quarantined_at, q.event_id FROM {source}"
+                               f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+                               f" ORDER BY q.quarantined_at {order}, q.event_id {order} LIMIT ?",
+                               (*args, COUNT_MAX + 1 if counting else limit + 1)).fetchall()
+        more = len(keys) > limit
+        shown = [k[1] for k in keys[:limit]]
+        rows = {r["event_id"]: r for r in self.db.execute(
+            f"SELECT {SUMMARY} FROM quarantine WHERE event_id IN ({', '.join('?' * len(shown))})", shown)}
+        entries = [Entry.from_row(rows[i]) for i in shown if i in rows]
+        total = len(keys) if counting else None
         if backwards:
             entries.reverse()
         if not entries:
-            return Page([], None, None)
+            return Page([], None, None, total)
         first = (entries[0].quarantined_at, entries[0].event_id)
         last = (entries[-1].quarantined_at, entries[-1].event_id)
         if backwards:
-            return Page(entries, last, first if more else None)
-        return Page(entries, last if more else None, first if after is not None else None)
+            return Page(entries, last, first if more else None, total)
+        return Page(entries, last if more else None, first if after is not None else None, total)
 
     def count(self, query: Search | None = None, cap: int = COUNT_MAX) -> int:
         """How many entries match (every one with no query), counted up to ``cap`` (then ``cap + 1``)."""
@@ -342,8 +356,10 @@ class Quarantine:
             where.append("q.released_at IS NULL")
         elif query.state == "released":
             where.append("q.released_at IS NOT NULL")
-        for column, text in (("q.rcpt_to", query.recipient), ("q.mail_from", query.sender),
-                             ("q.subject", query.subject)):
+        if query.recipient.strip():  # the recipient index's small rows, not each row's JSON list
+            where.append("q.event_id IN (SELECT event_id FROM quarantine_recipient WHERE rcpt LIKE ? ESCAPE '\\')")
+            args.append(_like(recipient_key(query.recipient)))
+        for column, text in (("q.mail_from", query.sender), ("q.subject", query.subject)):
             if text.strip():
                 where.append(f"{column} LIKE ? ESCAPE '\\'")
                 args.append(_like(text.strip()))

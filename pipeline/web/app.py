@@ -276,12 +276,16 @@ def _list_context(web: Web, params: Mapping[str, str], base: str, recipients: tu
     limit = _limit(params)
     after, before = _cursor(params.get("after")), _cursor(params.get("before"))
     with web.store() as store:
-        page = store.search(query, limit, after=after, before=before)
-        total = store.count(query)
+        page = store.search(query, limit, after=after, before=before, count=True)
         models = store.model_versions() if not recipients else []
+    # A first page counts its matches in its own pass; later pages carry that count in their links
+    # (only a number shown to whoever follows them).
+    carried = params.get("n", "")
+    total = page.total if page.total is not None else (int(carried) if carried.isdigit() else None)
     keep = {k: v for k, v in form.items() if v and not (k == "state" and v == "held")}
     if limit != PAGE_SIZE:
         keep["limit"] = str(limit)
+    counted = {"n": str(total)} if total is not None else {}
 
     def link(**extra: str | None) -> str:
         merged = {**keep, **{k: v for k, v in extra.items() if v is not None}}
@@ -289,12 +293,12 @@ def _list_context(web: Web, params: Mapping[str, str], base: str, recipients: tu
 
     return {
         "entries": page.entries, "form": form, "limit": limit, "page_sizes": PAGE_SIZES, "models": models,
-        "total": total, "total_capped": total > COUNT_MAX, "count_max": COUNT_MAX,
-        "next_url": link(after=_cursor_param(page.next)) if page.next else None,
-        "prev_url": link(before=_cursor_param(page.prev)) if page.prev else None,
+        "total": total, "total_capped": total is not None and total > COUNT_MAX, "count_max": COUNT_MAX,
+        "next_url": link(after=_cursor_param(page.next), **counted) if page.next else None,
+        "prev_url": link(before=_cursor_param(page.prev), **counted) if page.prev else None,
         "first_url": link() if (after or before) else None,
-        "select_all_url": link(after=params.get("after"), before=params.get("before"), select="all"),
-        "select_none_url": link(after=params.get("after"), before=params.get("before")),
+        "select_all_url": link(after=params.get("after"), before=params.get("before"), select="all", **counted),
+        "select_none_url": link(after=params.get("after"), before=params.get("before"), **counted),
         "selected": params.get("select") == "all",
     }
 
