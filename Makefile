@@ -14,7 +14,7 @@ BENCH  := $(PY) -m pipeline.bench
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: digest help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
+.PHONY: bench-web digest help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ chaos: $(STAMP) champion  ## fault injection on a long run (ARGS="--messages 500
 
 bench-flood: $(STAMP) kafka-up champion  ## flood at 5x capacity: Floodgate vs the naive single lane (reports/)
 	@$(BENCH) flood $(ARGS)
+
+bench-web: $(STAMP) data  ## the web worker's list view with 100,000 quarantined messages: p95 -> BENCHMARKS.md
+	@$(BENCH) web $(ARGS)
 
 digest: $(STAMP)  ## mail each recipient with held mail a digest with signed links, once a period (ARGS="--period day")
 	@$(FG) digest $(ARGS)
