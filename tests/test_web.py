@@ -327,3 +327,41 @@ def test_a_bulk_release_from_the_web_is_the_command_lines_release(topic_settings
     store = Quarantine(s.paths.quarantine_db)
     assert {store.entry(i).released_by for i in ids} == {"ann"} and store.entry(mail[2].id).released_at is None
     store.close()
+
+
+def test_the_lanes_status_samples_while_someone_looks_and_says_why_not(local: config.Settings) -> None:
+    from pipeline.lag import PartitionLag
+    from pipeline.lag.status import Status
+    from pipeline.web.status import LaneStatus
+
+    class Monitor:
+        closed = False
+
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def sample(self) -> list[PartitionLag]:
+            if self.fail:
+                raise RuntimeError("broker down")
+            g = local.group
+            return [PartitionLag(g("deliver"), "ham", 0, 5, 9, 4, 2.5, True, Status.WARN, 0.0),
+                    PartitionLag(g("deliver"), "ham", 1, 5, 6, 1, None, True, Status.OK, 0.0)]
+
+        def status(self, samples: list[PartitionLag]) -> dict[str, Status]:
+            return {local.group("deliver"): Status.WARN}
+
+        def close(self) -> None:
+            Monitor.closed = True
+
+    lanes = LaneStatus(local, lambda _s: Monitor(False), interval_s=0.05, idle_s=0.5)
+    assert lanes.snapshot().at is None  # the first look starts the sampling; the page never waits
+    wait_for(lambda: lanes.snapshot().rows, 10, what="a sample")
+    rows = {r.worker: r for r in lanes.snapshot().rows}
+    assert (rows["deliver"].status, rows["deliver"].lag, rows["deliver"].lag_seconds) == ("WARN", 5, 2.5)
+    assert rows["deliver"].lane == "priority lane" and rows["cleanup"].lag == 0
+    wait_for(lambda: Monitor.closed, 10, what="sampling to stop once nobody looks")
+    failing = LaneStatus(local, lambda _s: Monitor(True), interval_s=0.05, idle_s=0.5)
+    failing.snapshot()
+    wait_for(lambda: failing.snapshot().error, 10, what="the error shown")
+    assert "broker down" in failing.snapshot().error
+    failing.close()
