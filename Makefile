@@ -14,7 +14,7 @@ BENCH  := $(PY) -m pipeline.bench
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo demo-mailsystem champion bench-flood test tools mail-tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
+.PHONY: bench-classify bench-flood bench-peers bench-reputation bench-web champion chaos clean cluster-down cluster-up data demo demo-mailsystem digest evaluate fmt help kafka-down kafka-status kafka-up lint mail-tools online-eval promote retrain test tools topics train venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -66,6 +66,12 @@ chaos: $(STAMP) champion  ## fault injection on a long run (ARGS="--messages 500
 bench-flood: $(STAMP) kafka-up champion  ## flood at 5x capacity: Floodgate vs the naive single lane (reports/)
 	@$(BENCH) flood $(ARGS)
 
+bench-web: $(STAMP) data  ## the web worker's list view with 100,000 quarantined messages: p95 -> BENCHMARKS.md
+	@$(BENCH) web $(ARGS)
+
+digest: $(STAMP)  ## mail each recipient with held mail a digest with signed links, once a period (ARGS="--period day")
+	@$(FG) digest $(ARGS)
+
 bench-reputation: $(STAMP) kafka-up data  ## verdicts/s one reputation worker tallies from a backlog -> BENCHMARKS.md
 	@$(BENCH) reputation $(ARGS)
 
@@ -97,11 +103,16 @@ bench-peers: $(STAMP) data  ## Floodgate vs bogofilter (PEERS=--spamassassin: an
 
 # promtool validates infra/prometheus (tests/test_infra.py). Debian's prometheus package brings it
 # (~19 MB download, ~20 s); its service is not started in a container without an init system.
-# Without root or apt-get the infra checks that need it are skipped, with the reason.
-tools: mail-tools  ## install promtool (Debian package prometheus), Postfix, Dovecot and swaks when missing
-	@command -v promtool >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-	  || echo "promtool unavailable: the promtool checks in tests/test_infra.py will be skipped"; }
+# Chromium and its driver drive the web worker's browser tests (tests/test_web_browser.py): Debian's
+# chromium and chromium-driver (~100 MB, a minute). Without root or apt-get the tests that need
+# them are skipped, with the reason.
+TOOL_PACKAGES := $(if $(shell command -v promtool),,prometheus) \
+                 $(if $(and $(shell command -v chromium),$(shell command -v chromedriver)),,chromium chromium-driver)
+tools: mail-tools  ## install promtool (prometheus), chromium, chromium-driver, Postfix, Dovecot and swaks when missing
+	@test -z "$(strip $(TOOL_PACKAGES))" || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(TOOL_PACKAGES) >/dev/null; } \
+	  || echo "$(strip $(TOOL_PACKAGES)) unavailable: the tests that need them will be skipped"; }
 
 # Postfix, Dovecot (imapd, lmtpd, sieve) and swaks for tests/test_mailsystem.py and make
 # demo-mailsystem, which run private instances only (~12 MB, about a minute). Only missing

@@ -34,6 +34,7 @@ from pipeline.kafka.loop import Handler, Loop, Output, TransientError
 from pipeline.sinks import lmtp, maildir, stamp
 
 STAGE = "deliver"
+OWN_SOURCES = ("release", "digest")  # events Floodgate made itself (pipeline/feedback.py, pipeline/digest.py)
 # Recipients a downstream server accepted, remembered so that a batch retried after one
 # recipient was deferred does not hand the others their copy again. Bounded: a batch is at most
 # a few hundred events; this covers many batches.
@@ -96,9 +97,9 @@ class Deliverer:
     def _done(self, event: MailEvent, fresh: bool) -> None:
         lane = metrics.lane_label(event.lane)
         if fresh:
-            # A released message waited for an operator, not for the pipeline: keep it out of the
-            # latency that tells whether ham is being held back.
-            if event.source != "release":
+            # A released message waited for an operator, and a digest was made by us, not by the
+            # pipeline: keep both out of the latency that tells whether ham is being held back.
+            if event.source not in OWN_SOURCES:
                 metrics.END_TO_END.labels(lane, "ham").observe(max(0.0, time.time() - event.accepted_at))
             metrics.MESSAGES.labels(STAGE, lane, "delivered").inc()
         else:

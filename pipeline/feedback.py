@@ -47,8 +47,8 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from confluent_kafka import KafkaError, KafkaException
 
@@ -61,6 +61,11 @@ from pipeline.sinks.quarantine import Quarantine
 
 TOKEN_ENV = "FLOODGATE_ADMIN_TOKEN"
 LABELS = ("spam", "ham")
+# The feedback kind of a release by the message's own recipient (the web worker's user view): a
+# user's report to the reputation worker (one ``u:`` vote), where an operator's release
+# (``senders.RELEASE_FEEDBACK``) is the operator's.
+USER_RELEASE_FEEDBACK = "user-release"
+USER_REPORT_FEEDBACK = "user-report"
 ACK_TIMEOUT_S = 30.0
 # A release's claim on a quarantined message: four times what its slowest step (waiting
 # ACK_TIMEOUT_S for the broker) may take, so a live release always marks the row before its
@@ -110,30 +115,93 @@ def _produce(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> Non
         raise FeedbackError(f"the broker refused: {errors[0]}; nothing was marked, try again")
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message of :func:`release_many`."""
+
+    event_id: str
+    released: MailEvent | None  # the event re-injected into the ham topic
+    error: str | None  # why it was not released
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 def release(settings: Settings, event_id: str, operator: str, token: str | None = None,
-            env: Mapping[str, str] | None = None, lease_s: float = RELEASE_LEASE_S) -> MailEvent:
+            env: Mapping[str, str] | None = None, lease_s: float = RELEASE_LEASE_S,
+            by_recipient: bool = False) -> MailEvent:
     """Send a quarantined message on to delivery and tell the model it was ham (once; see the
-    module docstring)."""
+    module docstring). :class:`FeedbackError` says why not."""
+    (outcome,) = release_many(settings, [event_id], operator, token, env, lease_s, by_recipient)
+    if outcome.released is None:
+        raise FeedbackError(outcome.error)
+    return outcome.released
+
+
+def release_many(settings: Settings, event_ids: Sequence[str], operator: str, token: str | None = None,
+                 env: Mapping[str, str] | None = None, lease_s: float = RELEASE_LEASE_S,
+                 by_recipient: bool = False) -> list[Outcome]:
+    """:func:`release` for several messages (an operator's bulk release): each claimed on its
+    own, the records of all that were claimed produced together and acknowledged in one wait,
+    then each marked. One outcome per distinct id, in order.
+
+    ``by_recipient``: the release is a recipient's own (the web worker's user view, which has
+    checked that every recipient of the message is theirs), so its feedback record is that
+    user's report (:data:`USER_RELEASE_FEEDBACK`, one user's vote), not an operator's release."""
+    authorize(operator, token, env)
+    wanted = list(dict.fromkeys(event_ids))
+    store = _open_quarantine(settings)
+    try:
+        outcomes: dict[str, Outcome] = {}
+        claimed: list[tuple[str, str, MailEvent, MailEvent]] = []  # (event id, claim, ham, feedback)
+        kind = USER_RELEASE_FEEDBACK if by_recipient else senders.RELEASE_FEEDBACK
+        for event_id in wanted:
+            event = store.event(event_id)
+            if event is None:
+                outcomes[event_id] = Outcome(event_id, None, f"no quarantined message with event id {event_id!r}")
+                continue
+            claim = store.claim(event_id, operator, lease_s)
+            if claim is None:
+                outcomes[event_id] = Outcome(event_id, None, _not_claimed(store, event_id, lease_s))
+                continue
+            ham = replace(event, verdict="ham", source="release", extra={**event.extra, "released_by": operator})
+            vote = replace(event, label="ham", extra={"feedback": kind, "by": operator})
+            claimed.append((event_id, claim, ham, vote))
+        if claimed:
+            try:
+                publish(settings, [r for _, _, ham, fb in claimed for r in (("ham", ham), ("feedback", fb))])
+            except FeedbackError as e:
+                for event_id, claim, _, _ in claimed:
+                    store.unclaim(event_id, claim)  # not acknowledged: the next release need not wait
+                    outcomes[event_id] = Outcome(event_id, None, str(e))
+                claimed = []
+            except BaseException:
+                for event_id, claim, _, _ in claimed:
+                    store.unclaim(event_id, claim)
+                raise
+        for event_id, claim, ham, _ in claimed:
+            # False only if this release outlived its lease and another took the row over (the
+            # module docstring): the mail was released either way.
+            store.mark_released(event_id, operator, claim=claim)
+            outcomes[event_id] = Outcome(event_id, ham, None)
+        return [outcomes[i] for i in wanted]
+    finally:
+        store.close()
+
+
+def delete(settings: Settings, event_id: str, operator: str, token: str | None = None,
+           env: Mapping[str, str] | None = None, lease_s: float = RELEASE_LEASE_S) -> None:
+    """Delete a quarantined message for good (it was spam): authorised like a release, and under
+    the same claim, so a message being released is never deleted under the release."""
     authorize(operator, token, env)
     store = _open_quarantine(settings)
     try:
-        event = store.event(event_id)
-        if event is None:
-            raise FeedbackError(f"no quarantined message with event id {event_id!r}")
         claim = store.claim(event_id, operator, lease_s)
         if claim is None:
             raise FeedbackError(_not_claimed(store, event_id, lease_s))
-        ham = replace(event, verdict="ham", source="release", extra={**event.extra, "released_by": operator})
-        feedback = replace(event, label="ham", extra={"feedback": senders.RELEASE_FEEDBACK, "by": operator})
-        try:
-            publish(settings, [("ham", ham), ("feedback", feedback)])
-        except BaseException:
-            store.unclaim(event_id, claim)  # not acknowledged: the next release need not wait
-            raise
-        # False only if this release outlived its lease and another took the row over (the
-        # module docstring): the mail was released either way.
-        store.mark_released(event_id, operator, claim=claim)
-        return ham
+        if not store.delete(event_id, claim):  # its lease ran out between the two statements
+            raise FeedbackError(f"{event_id} was taken over by another release or delete; not deleted")
     finally:
         store.close()
 
@@ -216,7 +284,7 @@ def report(settings: Settings, event_id: str, label: str, by: str = "") -> MailE
     if event is None:
         raise FeedbackError(f"event {event_id!r} is neither in the quarantine nor in any Maildir under "
                           f"{settings.paths.maildir_root}")
-    feedback = replace(event, label=label, extra={"feedback": "user-report", "by": by})
+    feedback = replace(event, label=label, extra={"feedback": USER_REPORT_FEEDBACK, "by": by})
     publish(settings, [("feedback", feedback)])
     return feedback
 

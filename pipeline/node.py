@@ -44,8 +44,9 @@ STANDARD = {
     "cleanup": ["cleanup"],
     "reputation": ["reputation"],
 }
-# A whole node as ``floodgate run`` starts it: the ingress, the standard workers, the lag monitor.
-NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"]}
+# A whole node as ``floodgate run`` starts it: the ingress, the standard workers, the lag monitor,
+# the web worker (the quarantine in a browser; it reads the quarantine file cleanup writes).
+NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"], "web": ["web"]}
 # Workers a node runs only when named (``floodgate run -w NAME``): the report drain belongs where
 # the mail store spools users' Junk moves (pipeline/reports/), usually not a Floodgate node.
 OPTIONAL = {"report-drain": ["report-drain"]}
@@ -64,7 +65,8 @@ PRIORITY_LANE_NICE = -20
 NICE = {"classify-priority": PRIORITY_LANE_NICE, "deliver": PRIORITY_LANE_NICE,
         "naive": PRIORITY_LANE_NICE,  # naive: the same share as the priority lane, for a fair comparison
         "classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10, "reputation": 10,
-        "report-drain": 10}  # feedback is for retraining: no hurry
+        "report-drain": 10,  # feedback is for retraining: no hurry
+        "web": 10}  # people's pages wait a few milliseconds more rather than ham
 # The ingress (``floodgate smtp``; the flood bench's generator plays it) is on the priority path
 # too: every message, flood or not, is admitted there, and a starved ingress falls behind and
 # then releases its backlog as bursts that look like floods.

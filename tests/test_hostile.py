@@ -604,6 +604,7 @@ def test_listeners_bind_to_loopback_by_default() -> None:
     s = config.load(env={})
     assert s.smtp.host == "127.0.0.1"
     assert s.worker.metrics_host == "127.0.0.1"
+    assert s.web.host == "127.0.0.1" and s.web.public_url.startswith("http://127.0.0.1:")  # the web worker
     service = Service("bind-check", s)
     try:
         port = service.serve_http(port=0)

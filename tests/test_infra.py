@@ -34,7 +34,8 @@ K8S_VERSION = "1.33"  # a Kubernetes release the manifests must be valid for
 METRIC_NAME = re.compile(r"\b(?:floodgate|kafka)_[a-zA-Z0-9_]+")
 # The workers whose group KEDA scales; reputation (Faust tables) is deliberately not autoscaled.
 SCALED = ("classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup")
-WORKERS = ("smtp", "reputation", "classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup", "lag")
+WORKERS = ("smtp", "reputation", "classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup", "lag",
+           "web")
 
 
 def known_metrics() -> set[str]:

@@ -37,6 +37,39 @@ def bench_flood(
                + (f"; kept {report['workdir']}" if keep else ""))
 
 
+@app.command("web")
+def bench_web(
+    messages: int = typer.Option(100_000, help="messages in the quarantine"),
+    rounds: int = typer.Option(20, help="requests timed per kind of list request"),
+    quarantine: str = typer.Option("", help="a quarantine file filled by an earlier run: used again (filled "
+                                   "and kept there if missing)"),
+) -> None:
+    """The web worker's list view with a full quarantine: p50/p95 per kind of request -> BENCHMARKS.md."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import orjson
+
+    from models.bench import write_section
+    from pipeline.bench import web as bench
+
+    with tempfile.TemporaryDirectory(prefix="floodgate-webbench-") as tmp:
+        result = bench.run(config.load(), messages, Path(tmp), rounds, Path(quarantine) if quarantine else None)
+    command = ("make bench-web" if (messages, rounds, quarantine) == (100_000, 20, "")
+               else COMMAND + " " + " ".join(sys.argv[1:]))
+    reports = config.ROOT / "reports"
+    reports.mkdir(exist_ok=True)
+    (reports / "bench-web.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    write_section(config.ROOT / "BENCHMARKS.md", bench.section(result, command))
+    for label, p in result["passes"].items():
+        lv = p["list_view"]
+        typer.echo(f"list view over {result['filled']['messages']:,} messages at {label}: p50 {lv['p50_ms']} ms, "
+                   f"p95 {lv['p95_ms']} ms, max {lv['max_ms']} ms ({lv['n']} requests; worker CPU p50 "
+                   f"{lv['cpu_p50_ms']} ms)")
+    typer.echo("wrote reports/bench-web.json and BENCHMARKS.md")
+
+
 @app.command("reputation")
 def bench_reputation(
     verdicts: int = typer.Option(20_000, help="classified events in the backlog the worker drains"),

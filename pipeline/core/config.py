@@ -140,6 +140,28 @@ class AdmissionSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """``floodgate web`` (pipeline/web/) and the digests' links (``floodgate digest``)."""
+
+    host: str = "127.0.0.1"  # loopback by default: put a TLS-terminating proxy in front
+    port: int = 8025
+    # Where people reach the web worker, as the links in digests must name it (no trailing /).
+    public_url: str = "http://127.0.0.1:8025"
+    # Signs operators' sessions and recipients' links (itsdangerous, HMAC-SHA1 over a key derived
+    # per purpose). Empty: the web worker makes one at start (sessions and links then die with the
+    # process) and ``floodgate digest`` refuses to run. Set it (FLOODGATE_WEB_SECRET_KEY) from a
+    # secret store, at least 32 random bytes.
+    secret_key: str = ""
+    # A recipient's link is good for this long: long enough to act on a digest after a weekend.
+    link_max_age_days: float = 7.0
+    # An operator's session ends after this long, used or not (a working day and a bit).
+    session_max_age_s: float = 10 * 3600.0
+    # Digests: a period's name and length ("day": one digest per recipient and UTC day).
+    digest_period: str = "day"
+    digest_from: str = "quarantine@floodgate.localdomain"  # the digest's From: header
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -147,6 +169,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
     def topic(self, key: str) -> str:
         """The real name of a topic from infra/topics.toml, by its key (``inbound``, ``ham``, ...)."""
@@ -206,6 +229,7 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> Setting
         worker=_section(WorkerSettings, toml.get("worker", {}), "worker", env),
         delivery=_section(DeliverySettings, toml.get("delivery", {}), "delivery", env),
         admission=_section(AdmissionSettings, toml.get("admission", {}), "admission", env),
+        web=_section(WebSettings, toml.get("web", {}), "web", env),
     )
 
 

@@ -14,7 +14,7 @@ Metadata fields:
 ``v``                     schema version (int); readers refuse versions they do not know
 ``id``                    event id (32 hex chars, uuid4): the idempotency key of every sink
 ``accepted_at``           unix time (float seconds) when ingress had the broker's ack
-``source``                ``smtp`` | ``replay`` | ``release`` (re-injected from quarantine)
+``source``                ``smtp`` | ``replay`` | ``release`` (re-injected from quarantine) | ``digest``
 ``envelope``              ``mail_from``, ``rcpt_to`` (list), ``client_address``, ``helo``
 ``label``                 optional ground truth (``ham``/``spam``) for replayed corpora
 ``lane``                  ``priority`` | ``bulk``: the lane admission chose (set by classify)
