@@ -24,7 +24,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from pipeline.core import config
 from pipeline.core.config import Settings
 from pipeline.core.events import MailEvent
 from pipeline.kafka import topics
-from pipeline.node import NODE, OPTIONAL, Node
+from pipeline.node import NODE, OPTIONAL, Node, server_ports
 
 BROKER = [sys.executable, str(config.ROOT / "infra" / "kafka" / "broker.py")]
 # A small heap: the stack carries a few dozen messages (the shared broker has 512 MiB).
@@ -54,23 +53,6 @@ WORKERS = ("smtp", "classify-priority", "classify-bulk", "deliver", "deliver-bul
 ACK_TIMEOUT_S = 2.0
 
 
-def free_ports(n: int, host: str = mailstack.LOOPBACK) -> int:
-    """The first of ``n`` consecutive ports nobody listens on now (Node numbers its workers' ports so)."""
-    for _ in range(100):
-        base = mailstack.free_port(host)
-        if base + n >= 65536:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for p in range(base, base + n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind((host, p))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
 class PrivateBroker:
     """``infra/kafka/broker.py`` with a port, a controller port and a state directory of its own.
 
@@ -79,7 +61,7 @@ class PrivateBroker:
 
     def __init__(self, state: Path, heap: str = BROKER_HEAP) -> None:
         self.state = state
-        self.port = free_ports(2)
+        self.port = server_ports(2)  # below the ephemeral range: it is stopped and started
         self.env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"} | {
             "FLOODGATE_KAFKA_PORT": str(self.port), "FLOODGATE_KAFKA_CONTROLLER_PORT": str(self.port + 1),
             "FLOODGATE_KAFKA_STATE": str(state), "FLOODGATE_KAFKA_HEAP": heap}
@@ -168,7 +150,7 @@ class MailSystem:
                              timeout_s=10.0),
             paths=replace(settings.paths, report_spool=self.dovecot.spool))
         t0 = time.monotonic()
-        self.node = Node(settings, self.workdir / "logs", base_port=free_ports(len(WORKERS)))
+        self.node = Node(settings, self.workdir / "logs")
         for name in WORKERS:
             self.node.start(name, (NODE | OPTIONAL)[name])
         self.node.wait_ready()
