@@ -216,7 +216,8 @@ def online_eval_cmd(
         return
     report = online.trec_evaluate(msgs, batch=batch, loss=loss)
     typer.echo(f"{report['protocol']}, {len(msgs)} messages in {report['order']} order")
-    typer.echo(f"  (1-ROCA) {report['one_minus_roca_pct']:.3f}%   at 0.5: {metrics.summary(report)}")
+    typer.echo(f"  (1-ROCA) {report['one_minus_roca_pct']:.3f}% on the served score, "
+               f"{report['one_minus_roca_pct_margin']:.3f}% on the margin   at 0.5: {metrics.summary(report)}")
 
 
 @app.command("bench")
