@@ -2,7 +2,9 @@
 
 * time split: the registered model itself on easy_ham_2 + spam_2 (newer mail than it trained on);
 * random split: a fresh fit with the same settings on a seeded, stratified 70 %, measured on the
-  other 30 % (the registered model has seen those messages, so it cannot be measured on them).
+  other 30 % (the registered model has seen those messages, so it cannot be measured on them);
+* cross-corpus: the registered model on the modern set, raw and list-stripped, when the set is
+  there (:mod:`models.crosscorpus`; the report says so when it is not).
 
 Writes ``reports/evaluate-<version>.json`` and ``.png`` (ROC curves on a log FPR axis, and the
 score distributions with the decision threshold).
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from models import explain, metrics, registry, splits, train
+from models import crosscorpus, explain, metrics, registry, splits, train
 from models.corpus import Message, load_spamassassin
 
 
@@ -33,7 +35,8 @@ def measure(model: registry.LoadedModel, messages: list[Message]) -> tuple[dict[
 
 
 def evaluate(data_dir: Path, registry_dir: Path, reports_dir: Path, version: str | None = None,
-             top: int = 20) -> dict[str, Any]:
+             top: int = 20, root: Path | None = None) -> dict[str, Any]:
+    """``root``: the project root the modern set is looked for beside (default: this checkout's)."""
     model = registry.load(registry_dir, version) if version else registry.load_champion(registry_dir)
     target = float(model.card.get("target_fpr", train.TARGET_FPR))
     corpus = list(load_spamassassin(data_dir))
@@ -51,6 +54,7 @@ def evaluate(data_dir: Path, registry_dir: Path, reports_dir: Path, version: str
         "random_split": {"note": "fresh fit, same settings, seeded stratified 70/30",
                          "test_fraction": splits.RANDOM_TEST_FRACTION, "seed": splits.RANDOM_SEED, **random_m},
         "top_features": explain.top_features(model.pipeline, [m.raw for m in t_train], n=top),
+        "cross_corpus": crosscorpus.evaluate(model, root if root is not None else _project_root()),
     }
     reports_dir.mkdir(parents=True, exist_ok=True)
     stem = reports_dir / f"evaluate-{model.version}"
@@ -59,6 +63,12 @@ def evaluate(data_dir: Path, registry_dir: Path, reports_dir: Path, version: str
          stem.with_suffix(".png"), title=f"model {model.version}")
     report["files"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".png"))]
     return report
+
+
+def _project_root() -> Path:
+    from pipeline.core.config import ROOT
+
+    return ROOT
 
 
 def plot(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path, title: str) -> None:
@@ -105,5 +115,7 @@ def render(report: dict[str, Any]) -> str:
     tf = report["top_features"]
     lines.append("top spam features: " + ", ".join(f"{t} {w:+.2f}" for t, w in tf["spam"]))
     lines.append("top ham features:  " + ", ".join(f"{t} {w:+.2f}" for t, w in tf["ham"]))
+    if "cross_corpus" in report:
+        lines += crosscorpus.render(report["cross_corpus"])
     lines += [f"wrote {f}" for f in report.get("files", [])]
     return "\n".join(lines)
