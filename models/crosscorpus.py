@@ -4,8 +4,8 @@ never saw the like of (issue 21).
 The set is ``modern-mail.tar.gz`` (2,000 messages 2019-2026: 1,000 posts to one technical mailing
 list as ham, 1,000 phishing messages from one honeypot as spam; see its README). It is for
 evaluation only: never trained on, never copied into the project. It is looked for at
-``$FLOODGATE_MODERN_CORPUS`` (the tarball or its unpacked ``modern/`` folder), then beside the
-project root (``../shared/corpora/modern-mail.tar.gz``); when it is in neither place
+``$FLOODGATE_MODERN_CORPUS`` (the tarball or its unpacked ``modern/`` folder; ``off`` to skip it),
+then beside the project root (``../shared/corpora/modern-mail.tar.gz``); when it is in neither place
 :func:`evaluate` says so and measures nothing.
 
 Every ham is a list post and every spam comes from one honeypot, so a model that reads the
@@ -42,6 +42,8 @@ def locate(root: Path, env: dict[str, str] | None = None) -> Path | None:
     None when absent. A named path that does not exist is an error, not a silent fallback."""
     env = os.environ if env is None else env
     named = env.get(ENV)
+    if named == "off":
+        return None
     if named:
         path = Path(named).expanduser()
         if not path.exists():
@@ -109,6 +111,8 @@ def evaluate(model: Any, root: Path, env: dict[str, str] | None = None) -> dict[
     except FileNotFoundError as e:
         return {"absent": str(e)}
     if path is None:
+        if (os.environ if env is None else env).get(ENV) == "off":
+            return {"absent": f"{ENV}=off: cross-corpus evaluation skipped"}
         return {"absent": f"no {TARBALL} beside the project ({Path(root).resolve().parent / 'shared' / 'corpora'}) "
                           f"and {ENV} is not set: cross-corpus evaluation skipped"}
     msgs = load(path)
