@@ -322,6 +322,50 @@ def bench_cmd(
     typer.echo(section)
 
 
+@app.command("score")
+def score_cmd(
+    files: Annotated[list[Path] | None, typer.Argument(help="messages (RFC 5322 files); standard input when none")
+                     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object a message, for scripts")] = False,
+    version: Annotated[str | None, typer.Option(help="a registered version; default: the champion")] = None,
+    top: Annotated[int, typer.Option(help="features shown each way")] = 8,
+) -> None:
+    """Score and explain messages: verdict, score, threshold, model version, and the features that
+    pushed the score most towards spam and towards ham (what `spamassassin -t` or `rspamc symbols`
+    tell). Exit 1 if a file cannot be read."""
+    import sys
+
+    import orjson
+
+    from models import explain, registry
+
+    reg = _settings().paths.registry
+    try:
+        model = registry.load(reg, version) if version else registry.load_champion(reg)
+    except (registry.ModelNotFound, registry.ModelIntegrityError) as e:
+        _fail(f"score: {e}")
+        return
+    inputs: list[tuple[str, bytes | None]] = []
+    if not files:
+        inputs.append(("-", sys.stdin.buffer.read()))
+    for path in files or []:
+        try:
+            inputs.append((str(path), path.read_bytes()))
+        except OSError as e:
+            typer.echo(f"score: {path}: {e.strerror or e}", err=True)
+            inputs.append((str(path), None))
+    for name, raw in inputs:
+        if raw is None:
+            continue
+        e = explain.explain(model, raw, n=top)
+        if as_json:
+            typer.echo(orjson.dumps({"file": name, **e}).decode())
+        else:
+            typer.echo(explain.render(name, e))
+    if any(raw is None for _, raw in inputs):
+        raise typer.Exit(1)
+
+
 @app.command("check")
 def check_cmd() -> None:
     """Exit 0 if the registry has a champion this code can load (checksums, trusted types, feature version)."""

@@ -741,6 +741,28 @@ def split_tokens(doc: str) -> list[str]:
     return list(dict.fromkeys(doc.split(VIEW_SEP, 1)[0].split()))
 
 
+KNUTH = 2654435761  # ByteGrams' multiplicative hash (Knuth): the top bits of n-gram x KNUTH mod 2**32
+
+
+def byte_gram_columns(data: bytes, n: int, n_features: int) -> np.ndarray:
+    """The column of each byte ``n``-gram of ``data`` in order (one per start position), as
+    :class:`ByteGrams` hashes them: what :mod:`models.explain` uses to name a column by its text."""
+    bits = int(n_features).bit_length() - 1
+    buf = np.frombuffer(data, dtype=np.uint8).astype(np.uint32)
+    total = buf.size - (n - 1)
+    if total <= 0:
+        return np.zeros(0, dtype=np.int64)
+    g = buf[:total].copy()
+    for k in range(1, n):
+        g |= buf[k:k + total] << np.uint32(8 * k)
+    return ((g * np.uint32(KNUTH)) >> np.uint32(32 - bits)).astype(np.int64)
+
+
+def view_bytes(doc: str, max_bytes: int) -> bytes:
+    """The bytes of a MailText document's character view that :class:`ByteGrams` reads."""
+    return str(doc).partition(VIEW_SEP)[2].encode("utf-8", "surrogatepass")[:max_bytes]
+
+
 class ByteGrams(TransformerMixin, BaseEstimator):
     """Stateless: MailText documents -> hashed byte ``n``-grams of their character view.
 
@@ -776,7 +798,7 @@ class ByteGrams(TransformerMixin, BaseEstimator):
 
     def _chunk(self, docs: Sequence[str], n: int, bits: int) -> Any:
         cap = int(self.max_bytes)
-        bufs = [str(d).partition(VIEW_SEP)[2].encode("utf-8", "surrogatepass")[:cap] for d in docs]
+        bufs = [view_bytes(d, cap) for d in docs]
         sizes = np.fromiter(map(len, bufs), dtype=np.int64, count=len(bufs))
         grams = np.maximum(sizes - (n - 1), 0)  # n-grams per document
         buf = np.frombuffer(b"".join(bufs), dtype=np.uint8).astype(np.uint32)
@@ -790,7 +812,7 @@ class ByteGrams(TransformerMixin, BaseEstimator):
         starts = np.cumsum(sizes) - sizes
         inside = (np.arange(total, dtype=np.int64) - starts[doc]) < grams[doc]  # not across two documents
         g, doc = g[inside], doc[inside]
-        keys = (doc << np.uint32(bits)) | ((g * np.uint32(2654435761)) >> np.uint32(32 - bits))
+        keys = (doc << np.uint32(bits)) | ((g * np.uint32(KNUTH)) >> np.uint32(32 - bits))
         keys.sort()
         first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
         counts = np.diff(np.append(first, keys.size)).astype(np.float64)
