@@ -152,6 +152,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import scipy.sparse as sp
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import FeatureUnion, Pipeline
@@ -163,6 +164,24 @@ CHAR_FEATURES = 2**18  # byte 4-grams of the character view (2**20 measured the 
 LOSS = "modified_huber"
 ALPHA = 2e-4  # L2 penalty (issue 21: 2e-4 with the character view; 1e-4 before it)
 EPOCHS = 30  # passes over the training set; fixed (tol=None) so that a fit is reproducible
+
+
+class SequentialUnion(FeatureUnion):
+    """A FeatureUnion whose ``transform`` runs its members one after another in this process and
+    stacks their blocks as CSR. scikit-learn's dispatches through joblib even with ``n_jobs=None``:
+    ~0.7 ms a call, more than the rest of scoring one message (batch 1: 2.5 ms -> 1.8 ms a message).
+    The same columns, values and order (tests/test_models_features.py); members are transformers
+    (not ``"passthrough"``); fitting is FeatureUnion's own."""
+
+    def transform(self, X: Any) -> Any:
+        weights = self.transformer_weights or {}
+        blocks = []
+        for name, trans in self.transformer_list:
+            if isinstance(trans, str):  # "drop"
+                continue
+            block = trans.transform(X)
+            blocks.append(block * weights[name] if name in weights else block)
+        return sp.hstack(blocks, format="csr")
 
 
 def feature_views(n_features: int = N_FEATURES, char_features: int = CHAR_FEATURES) -> list[tuple[str, Any]]:
@@ -185,7 +204,7 @@ def feature_views(n_features: int = N_FEATURES, char_features: int = CHAR_FEATUR
 def build(alpha: float = ALPHA, n_features: int = N_FEATURES, char_features: int = CHAR_FEATURES) -> Pipeline:
     return Pipeline([
         ("mail", MailText()),
-        ("hash", FeatureUnion(feature_views(n_features, char_features))),
+        ("hash", SequentialUnion(feature_views(n_features, char_features))),
         # No intercept: a message made mostly of what training never saw scores near 0.5 rather
         # than being pulled towards the (ham-heavy) prior.
         ("clf", SGDClassifier(loss=LOSS, alpha=alpha, max_iter=EPOCHS, tol=None, fit_intercept=False,

@@ -244,3 +244,15 @@ def test_anchor_scan_is_bounded_on_hostile_markup() -> None:
     assert _anchor_links("<a href=http://a.example>no close") == [("a.example", "")]
     for body in (b"<a href=http://a" * 1000, b"<a <a <a href=http://b.c>" * 500):
         assert "mime:unparsable" not in tokens(b"Content-Type: text/html\r\n\r\n<html><body>" + body)
+
+
+def test_the_sequential_union_gives_feature_unions_matrix() -> None:
+    from sklearn.pipeline import FeatureUnion
+
+    from models import pipeline
+
+    docs = MailText().transform([PLAIN, b"", b"Subject: x\r\n\r\n<html>\xff\xfe</html>"])
+    union = pipeline.build().named_steps["hash"]
+    assert isinstance(union, pipeline.SequentialUnion)
+    got, want = union.transform(docs), FeatureUnion(union.transformer_list).transform(docs).tocsr()
+    assert got.format == "csr" and got.shape == want.shape and (got != want).nnz == 0
