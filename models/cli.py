@@ -257,12 +257,16 @@ def retrain_cmd(
     if online:
         try:
             parent = registry.load_champion(reg)
-            learned = online_mod.learn(parent.pipeline, fb.messages)
-        except (registry.ModelNotFound, registry.ModelIntegrityError, TypeError) as e:
+            memory = online_mod.memory_for(parent.card, settings.paths.data)
+            learned = online_mod.learn(parent.pipeline, fb.messages, memory)
+        except (registry.ModelNotFound, registry.ModelIntegrityError, TypeError, FileNotFoundError) as e:
             _fail(f"retrain --online: {e}")
             return
         card = {k: v for k, v in parent.card.items() if k not in ("version", "created_at", "model_sha256")}
-        card.update(parent=parent.version, online_update={"learned": learned, "feedback": summary})
+        card.update(parent=parent.version, online_update={
+            "learned": learned, "feedback": summary, "rule": f"rehearsal: partial_fit of each verdict with "
+            f"{online_mod.REHEARSE} messages drawn from the {len(memory)} the parent trained on and the verdicts "
+            "before it (models.online.update)"})
         version = registry.register(parent.pipeline, card, reg)
     else:
         try:
@@ -284,7 +288,8 @@ def online_eval_cmd(
     batch: Annotated[int, typer.Option(help="labels fed back per step (TREC: 1)")] = 1,
     loss: Annotated[str | None, typer.Option(help="SGD loss instead of the pipeline's (e.g. log_loss)")] = None,
 ) -> None:
-    """TREC-style online evaluation on the corpus: in Date order, classify each message, then learn its label."""
+    """TREC-style online evaluation on the corpus: in Date order, classify each message, then learn its
+    label with the shipped update rule (models.online.update, as retrain --online)."""
     from models import metrics, online
     from models.corpus import load_spamassassin
 
