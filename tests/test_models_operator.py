@@ -176,3 +176,12 @@ def test_an_explanation_adds_up_to_the_margin(trained_registry: Path) -> None:
     assert any(k.startswith("text:") for k, _ in e["towards_spam"] + e["towards_ham"])
     text = explain.render("msg", explain.explain(model, raw))
     assert text.startswith("msg: ") and "towards spam:" in text and "towards ham" in text
+
+
+def test_every_hostile_message_gets_an_explanation(trained_registry: Path) -> None:
+    from tests import hostile
+
+    model = registry.load_champion(trained_registry)
+    for case in hostile.all_cases():
+        e = explain.explain(model, case.raw)
+        assert e["verdict"] in ("ham", "spam") and explain.render(case.name, e), case.name
