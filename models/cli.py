@@ -277,7 +277,7 @@ def retrain_cmd(
         trained = train.fit([*base, *fb.messages])
         version = registry.register(trained.pipeline, train.card_for(
             trained, train.TARGET_FPR, base={"corpus": "spamassassin", "groups": list(splits.TIME_TRAIN_GROUPS)},
-            feedback=summary), reg)
+            feedback=summary, training_digests=train.training_digests([*base, *fb.messages])), reg)
     typer.echo(f"registered {version}")
     if promote:
         _gated_promote(settings, version, gates.Limits(max_fpr, fpr_tolerance, recall_tolerance))
