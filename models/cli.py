@@ -337,12 +337,12 @@ def score_cmd(
 ) -> None:
     """Score and explain messages: verdict, score, threshold, model version, and the features that
     pushed the score most towards spam and towards ham (what `spamassassin -t` or `rspamc symbols`
-    tell). Exit 1 if a file cannot be read."""
+    tell). A file is one message, an mbox each of its messages. Exit 1 if a file cannot be read."""
     import sys
 
     import orjson
 
-    from models import explain, registry
+    from models import corpus, explain, registry
 
     reg = _settings().paths.registry
     try:
@@ -355,9 +355,12 @@ def score_cmd(
         inputs.append(("-", sys.stdin.buffer.read()))
     for path in files or []:
         try:
-            inputs.append((str(path), path.read_bytes()))
-        except OSError as e:
-            typer.echo(f"score: {path}: {e.strerror or e}", err=True)
+            if corpus.detect(path) == "mbox":  # an mbox file: each of its messages
+                inputs += [(m.name, m.raw) for m in corpus.iter_mbox(path)]
+            else:
+                inputs.append((str(path), path.read_bytes()))
+        except (OSError, ValueError) as e:
+            typer.echo(f"score: {path}: {getattr(e, 'strerror', None) or e}", err=True)
             inputs.append((str(path), None))
     for name, raw in inputs:
         if raw is None:

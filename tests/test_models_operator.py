@@ -110,6 +110,7 @@ def test_train_evaluate_promote_score_and_hot_reload(mail, topic_settings: confi
 
     code, out = cli(reg, "score", "--json", str(tree / ".Junk" / "cur"), str(spam_box))
     assert code == 1  # a folder is not a message: said so, and the exit code shows it
+    assert sum(line.startswith("{") for line in out.splitlines()) == 40  # an mbox: each of its messages
     one = next((tree / ".Junk" / "new").iterdir())
     code, out = cli(reg, "score", "--json", str(one))
     assert code == 0, out
