@@ -69,10 +69,12 @@ class Spec:
 
     @classmethod
     def parse(cls, text: str) -> Spec:
+        """``PATH``, ``ham=PATH`` or ``spam=PATH``; the path made absolute (a model card records it,
+        and ``promote`` reads the corpus again from wherever it runs)."""
         head, sep, rest = text.partition("=")
         if sep and head.lower() in LABELS:
-            return cls(Path(rest).expanduser(), head.lower())
-        return cls(Path(text).expanduser())
+            return cls(Path(rest).expanduser().absolute(), head.lower())
+        return cls(Path(text).expanduser().absolute())
 
     def __str__(self) -> str:
         return f"{self.label}={self.path}" if self.label else str(self.path)
