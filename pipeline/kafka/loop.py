@@ -278,13 +278,16 @@ class BatchTimer:
 class Loop:
     def __init__(self, service: Service, stage: str, group: str, topics: list[str], handler: Handler,
                  *, transactional: bool, batch_size: int | None = None, batch_timeout_s: float | None = None,
-                 consumer_overrides: dict | None = None) -> None:
+                 consumer_overrides: dict | None = None, on_idle: Callable[[], object] | None = None) -> None:
+        """``on_idle``: called when a poll brought nothing (e.g. the classifier looking for a newly
+        promoted model, so that an idle worker serves the champion, not its predecessor)."""
         s = service.settings
         self.service = service
         self.stage = stage
         self.group = group
         self.topics = topics
         self.handler = handler
+        self.on_idle = on_idle
         self.transactional = transactional
         self.batch_size = batch_size or s.worker.batch_size
         self.batch_timeout_s = batch_timeout_s if batch_timeout_s is not None else s.worker.batch_timeout_s
@@ -395,6 +398,8 @@ class Loop:
                 msgs = self.consumer.consume(self.batch_size, self.batch_timeout_s)
                 msgs = [m for m in msgs if self._usable(m)]
                 if not msgs:
+                    if self.on_idle is not None:
+                        self.on_idle()
                     continue
                 metrics.BATCH_SIZE.labels(self.stage).observe(len(msgs))
                 timer = BatchTimer()
