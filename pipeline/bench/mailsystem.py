@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -80,6 +81,13 @@ class PrivateBroker:
 
     def down(self) -> None:
         self._run("down")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no controlled shutdown (``up`` starts it again)."""
+        pid = int((self.state / "broker.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+            time.sleep(0.05)  # until the kernel has ended it (bounded: SIGKILL cannot be ignored)
 
 
 @dataclass

@@ -13,6 +13,7 @@ appended to the reputation section of BENCHMARKS.md, with the commit, command an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -75,10 +76,16 @@ def produce(settings: Settings, evs: list[events.MailEvent]) -> None:
         raise RuntimeError("the backlog was not acknowledged within 120 s")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux ``/proc``)."""
+def cpu_seconds(pid: int, tree: bool = False) -> float:
+    """User + system CPU time of a process (Linux ``/proc``); with ``tree``, and of its living
+    descendants (the SMTP ingress's session processes behind its front)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if tree:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(int(child), tree=True)
+    return total
 
 
 def stats(port: int) -> dict[str, Any] | None:

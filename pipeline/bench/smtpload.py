@@ -644,7 +644,7 @@ class LoadGenerator:
         sample = {"generator": time.thread_time(), "generator_process": cpu_seconds(os.getpid())}
         for name, pid in self.watch.items():
             with contextlib.suppress(OSError):
-                sample[name] = cpu_seconds(pid)
+                sample[name] = cpu_seconds(pid, tree=True)  # an ingress's session processes too
         return sample
 
     async def run(self) -> Run:
