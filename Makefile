@@ -148,8 +148,12 @@ mail-tools:  ## install Postfix, Dovecot (imapd, lmtpd, sieve) and swaks (Debian
 	    systemctl disable --now $$s >/dev/null 2>&1 || true; done; fi; \
 	[ $$rc = 0 ] || echo "installing$$missing failed: tests/test_mailsystem.py will be skipped"
 
+# Test files run on TEST_WORKERS processes (pytest-xdist; a file stays on one worker, so a module's
+# shared fixtures, such as the mail system's Postfix and Dovecot, are set up once). Most of the
+# suite waits on brokers, mail servers and worker processes rather than on the two cores.
+TEST_WORKERS ?= 3
 test: $(STAMP) tools data  ## the test suite, against a real Kafka broker (fetches the corpus first)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check pipeline models tests infra
