@@ -147,8 +147,14 @@ def spam_payloads(spam: Sequence[Message]) -> list[bytes]:
 
 
 def source(net: int, i: int) -> str:
-    """The ``i``-th client address of a role's network on 127/8 (never .0 or .255)."""
-    return f"127.{net}.{i // 250}.{i % 250 + 1}"
+    """The ``i``-th client address of a role's network on 127/8, each in a /24 of its own
+    (127.<net>.<i % 250 + 1>.<i // 250 + 1>; never .0 or .255).
+
+    Clients on the internet are spread over networks, and the ingress counts connections per /24
+    and hands each /24 to one session process (``pipeline/smtp/front.py``). Packed into one /24, a
+    shape's 60 bots were held to 50 connections by the per-network limit, and every bot of a shape
+    landed in one session process, the ham senders' or the other one as the hash fell."""
+    return f"127.{net}.{i % 250 + 1}.{i // 250 + 1}"
 
 
 # -- what is measured ----------------------------------------------------------------------
