@@ -250,5 +250,6 @@ def test_the_smtp_load_command_against_an_ingress_process_it_starts(settings: Se
     assert report["ingress_exits"] == []
     phase = report["runs"]["none"]["phases"]["1-before"]
     assert phase["ham"]["sent"] == 20 and phase["ham"]["accepted"] == 20
-    assert phase["cpu_s"]["ingress"] > 0 and "broker" in phase["cpu_s"]
+    ingress = {k: v for k, v in phase["cpu_s"].items() if k.startswith("smtp")}  # front and session processes
+    assert sum(ingress.values()) > 0 and "broker" in phase["cpu_s"]
     assert phase["cpu_ms_per_message"]["generator"] > 0

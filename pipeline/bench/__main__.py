@@ -157,7 +157,7 @@ def smtp_load(
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="floodgate-smtpload-")))
             pipeline, node = stack.enter_context(smtpload.ingress_process(config.load(), workdir, workers=workers))
             host, port = pipeline.smtp.host, str(pipeline.smtp.port)
-            watched["ingress"] = node.workers["smtp"].proc.pid  # type: ignore[union-attr]
+            watched |= smtpload.ingress_processes(node.workers["smtp"].proc.pid)  # type: ignore[union-attr]
             broker = smtpload.listening_pid(int(pipeline.kafka.bootstrap_servers.split(",")[0].rpartition(":")[2]))
             if broker is not None:
                 watched.setdefault("broker", broker)
