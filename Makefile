@@ -58,7 +58,10 @@ champion: $(STAMP) data  ## train a model if the registry has no usable champion
 chaos: $(STAMP) champion  ## fault injection on a long run (ARGS="--messages 5000" for a short one) -> reports/chaos.json
 	@$(BENCH) chaos $(ARGS)
 
-bench-flood: $(STAMP) kafka-up champion  ## flood at 5x capacity: Floodgate vs the naive single lane (reports/)
+# Two floods, each beside the naive single lane: over SMTP at the front door (ham timed connect ->
+# Maildir, reports/frontdoor.*; ~10 min), then at 5x capacity straight into the lanes
+# (reports/flood.*; ~5 min). ARGS=--no-lanes or --no-front-door for one of them.
+bench-flood: $(STAMP) kafka-up champion  ## floods over SMTP and into the lanes: Floodgate vs the naive single lane (reports/)
 	@$(BENCH) flood $(ARGS)
 
 bench-reputation: $(STAMP) kafka-up data  ## verdicts/s one reputation worker tallies from a backlog -> BENCHMARKS.md

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from pipeline.bench.frontdoor import SHAPES
 from pipeline.cli import start_service
 from pipeline.core import config
 
@@ -21,19 +22,41 @@ def bench_flood(
     pre: float = typer.Option(20.0, help="seconds of steady mail before the flood"),
     flood: float = typer.Option(20.0, help="seconds of flood"),
     post: float = typer.Option(20.0, help="seconds of steady mail after it"),
-    capacity: float = typer.Option(0.0, help="pipeline capacity in msg/s; 0 measures it first"),
+    capacity: float = typer.Option(0.0, help="lanes: pipeline capacity in msg/s; 0 measures it first"),
     naive: bool = typer.Option(True, help="also run the naive single-lane configuration"),
     keep: bool = typer.Option(False, help="keep the work directory (worker logs, Maildirs, quarantine)"),
+    front_door: bool = typer.Option(True, help="the flood over SMTP at the ingress (reports/frontdoor.*)"),
+    lanes: bool = typer.Option(True, help="the flood produced straight into the lanes, the generator playing "
+                               "the ingress (reports/flood.*)"),
+    shapes: str = typer.Option(",".join(SHAPES), help="front door: flood shapes, one after the other"),
+    warmup: float = typer.Option(-1.0, help="front door: seconds of ham before the first shape's measured "
+                                 "phases; -1: smtp.known_after_s + 10, so that the ham senders are known"),
 ) -> None:
-    """A spam flood at 5x capacity: ham latency before, during and after, beside the naive design."""
+    """A spam flood: over SMTP at the front door (ham timed connect -> Maildir, every 4xx), and at
+    5x capacity straight into the lanes; each beside the naive design."""
+    import sys
+
     from pipeline.bench import flood as bench
+    from pipeline.bench import frontdoor
 
     settings = config.load()
-    scenario = bench.Scenario(pre_s=pre, flood_s=flood, post_s=post, capacity=capacity or None)
-    report = bench.run(settings, scenario, ("floodgate", "naive") if naive else ("floodgate",), keep=keep)
-    typer.echo(bench.summary(report))
-    typer.echo("wrote reports/flood.json and reports/flood.png"
-               + (f"; kept {report['workdir']}" if keep else ""))
+    configs = ("floodgate", "naive") if naive else ("floodgate",)
+    command = " ".join([COMMAND, *sys.argv[1:]])
+    typer.echo(f"command: {command}", err=True)
+    if front_door:
+        scenario = frontdoor.FrontDoorScenario(warmup_s=None if warmup < 0 else warmup, pre_s=pre, flood_s=flood,
+                                               post_s=post, shapes=tuple(s for s in shapes.split(",") if s))
+        report = frontdoor.run(settings, scenario, configs, keep=keep, command=command,
+                               log=lambda line: typer.echo(line, err=True))
+        typer.echo(frontdoor.summary(report))
+        typer.echo("wrote reports/frontdoor.json and reports/frontdoor.png"
+                   + (f"; kept {report['workdir']}" if keep else ""))
+    if lanes:
+        scenario = bench.Scenario(pre_s=pre, flood_s=flood, post_s=post, capacity=capacity or None)
+        report = bench.run(settings, scenario, configs, keep=keep)
+        typer.echo(bench.summary(report))
+        typer.echo("wrote reports/flood.json and reports/flood.png"
+                   + (f"; kept {report['workdir']}" if keep else ""))
 
 
 @app.command("reputation")
