@@ -14,7 +14,7 @@ BENCH  := $(PY) -m pipeline.bench
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
+.PHONY: help venv kafka-up kafka-down kafka-status topics demo champion bench-flood bench-ingress test tools lint fmt clean data train evaluate promote retrain online-eval bench-classify bench-peers bench-reputation cluster-up cluster-down chaos
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ chaos: $(STAMP) champion  ## fault injection on a long run (ARGS="--messages 500
 # (reports/flood.*; ~5 min). ARGS=--no-lanes or --no-front-door for one of them.
 bench-flood: $(STAMP) kafka-up champion  ## floods over SMTP and into the lanes: Floodgate vs the naive single lane (reports/)
 	@$(BENCH) flood $(ARGS)
+
+bench-ingress: $(STAMP) kafka-up champion  ## msg/s the SMTP ingress accepts (20 clients), CPU per process; the node end to end -> BENCHMARKS.md
+	@$(BENCH) ingress $(ARGS)
 
 bench-reputation: $(STAMP) kafka-up data  ## verdicts/s one reputation worker tallies from a backlog -> BENCHMARKS.md
 	@$(BENCH) reputation $(ARGS)

@@ -59,6 +59,26 @@ def bench_flood(
                    + (f"; kept {report['workdir']}" if keep else ""))
 
 
+@app.command("ingress")
+def bench_ingress(
+    conns: int = typer.Option(1, help="connections each of the 20 clients keeps busy"),
+    only: str = typer.Option("", help="only the runs whose name contains this (persistent, per-message, "
+                             "product limits, end to end)"),
+) -> None:
+    """Messages a second the SMTP ingress accepts from 20 clients (1 and 2 processes, persistent and
+    one message per connection), CPU per process; and the rate the whole node sustains end to end.
+    Writes reports/ingress.json and the ingress section of BENCHMARKS.md."""
+    import sys
+
+    from pipeline.bench import ingress as bench
+
+    command = "make bench-ingress" if len(sys.argv) == 2 else " ".join([COMMAND, *sys.argv[1:]])
+    typer.echo(f"command: {command}", err=True)
+    report = bench.run(config.load(), conns, only, log=lambda line: typer.echo(line, err=True))
+    bench.write(report, command)
+    typer.echo("wrote reports/ingress.json and the ingress section of BENCHMARKS.md")
+
+
 @app.command("reputation")
 def bench_reputation(
     verdicts: int = typer.Option(20_000, help="classified events in the backlog the worker drains"),
