@@ -131,17 +131,33 @@ def chaos(
 def demo(
     seconds: float = typer.Option(10.0, help="length of each phase: before, during and after the flood"),
     naive: bool = typer.Option(False, help="also run the naive single-lane design on the same traffic"),
+    shape: str = typer.Option("hog", help="the flood at the front door: fast, hog (bots that also hold idle "
+                              "connections: every limit of the front door at work) or concentrated"),
+    front_door: bool = typer.Option(True, help="after the flood into the lanes, a flood over SMTP at the front door"),
 ) -> None:
-    """The whole story on this machine: workers as processes, real mail, a spam flood, the result."""
+    """The whole story on this machine: workers as processes, real mail, a spam flood into the lanes,
+    then one over SMTP at the front door, and the result."""
     from pipeline.bench import flood as bench
+    from pipeline.bench import frontdoor
 
     settings = config.load()
+    configs = ("floodgate", "naive") if naive else ("floodgate",)
     typer.echo("Floodgate demo: measuring this machine's capacity, then steady mail, a spam flood at 5x capacity,"
                " and recovery.\nWorkers run as separate processes; the live table is consumer lag per group.")
     scenario = bench.Scenario(pre_s=seconds, flood_s=seconds, post_s=seconds)
-    report = bench.run(settings, scenario, ("floodgate", "naive") if naive else ("floodgate",), live=True)
+    report = bench.run(settings, scenario, configs, live=True)
     typer.echo(bench.summary(report))
     typer.echo("wrote reports/flood.json and reports/flood.png")
+    if not front_door:
+        return
+    door = frontdoor.FrontDoorScenario(pre_s=seconds, flood_s=seconds, post_s=seconds, shapes=(shape,))
+    typer.echo(f"\nNow at the front door: floodgate smtp and the workers, ham senders and a {shape} flood of bots, "
+               "all over real SMTP connections from their own addresses. The ham senders first send for "
+               f"{settings.smtp.known_after_s + frontdoor.KNOWN_MARGIN_S:.0f} s, so that the ingress knows them, "
+               "as it knows a provider's regular senders.")
+    report = frontdoor.run(settings, door, configs, live=True, log=lambda line: typer.echo(line, err=True))
+    typer.echo(frontdoor.summary(report))
+    typer.echo("wrote reports/frontdoor.json and reports/frontdoor.png")
 
 
 @app.command("smtp-load")
