@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -202,6 +203,18 @@ def _phase_of(run: Run, t: float) -> str | None:
     return None
 
 
+def quarantined_lanes(db: Path) -> dict[str, str]:
+    """Event id -> the lane it was classified in, for the quarantine's messages (their metadata)."""
+    out: dict[str, str] = {}
+    if not db.exists():
+        return out
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+        for event_id, meta in conn.execute("SELECT event_id, meta FROM quarantine"):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                out[event_id] = orjson.loads(meta).get("lane") or "?"
+    return out
+
+
 # Replies that only stress gives (pipeline/smtp/limits.py): the share of clients without history.
 STRESS_REPLIES = ("server busy",)
 IDLE_CLOSE = "idle too long"
@@ -209,9 +222,9 @@ IDLE_CLOSE = "idle too long"
 
 def analyse(p: _Pending, found: accounting.Found, classified: dict[str, tuple[float, str]],
             lag: list[tuple[float, str, int]], lag_t0: float, disk: list[tuple[float, float]],
-            everything: set[str]) -> ShapeResult:
+            everything: set[str], spam_lanes: dict[str, str]) -> ShapeResult:
     """``everything``: every message the configuration's ingress acknowledged, all shapes' (the
-    other shapes' are not this one's unexpected finds)."""
+    other shapes' are not this one's unexpected finds); ``spam_lanes``: the quarantine's lanes."""
     run = p.run
     smtpload.attach_maildir(run, found)
     summary = smtpload.summarize(run)
@@ -266,6 +279,12 @@ def analyse(p: _Pending, found: accounting.Found, classified: dict[str, tuple[fl
         bucket["ham_clear_to_maildir"] = flood.stats(bucket.pop("clear"))
         bucket["disk"] = flood.stats(bucket["disk"])
     bots = [t for t in run.transactions if t.role == "bot" and t.accepted]
+    for t in bots:  # which lane the flood took: admission's bulk lane, or the priority lane with the ham
+        ph = _phase_of(run, t.done)
+        if ph is not None:
+            lane = spam_lanes.get(t.event_id) or classified.get(t.event_id, (0.0, "?"))[1]
+            key = {"bulk": "bot_bulk_lane", "priority": "bot_priority_lane"}.get(lane, "bot_lane_unknown")
+            phases[ph][key] = phases[ph].get(key, 0) + 1
     spam_landed = [found.quarantined[t.event_id] for t in bots if t.event_id in found.quarantined]
     before = summary["phases"].get("1-before", {}).get("ham", {}).get("connect_to_maildir", {}).get("p99")
     during = summary["phases"].get("2-during", {}).get("ham", {}).get("connect_to_maildir", {}).get("p99")
@@ -312,8 +331,10 @@ def run_config(name: str, base: Settings, scenario: FrontDoorScenario, workdir: 
         exits = [asdict(e) for e in bed.workers.exits]
         found = accounting.scan(bed.settings)
         classified = flood.classified_times(bed.settings.paths.maildir_root)
+        spam_lanes = quarantined_lanes(bed.settings.paths.quarantine_db)
     everything: set[str] = set().union(*(p.acked for p in pending))
-    results = {p.shape: analyse(p, found, classified, bed.lag, bed.t0, bed.disk, everything) for p in pending}
+    results = {p.shape: analyse(p, found, classified, bed.lag, bed.t0, bed.disk, everything, spam_lanes)
+               for p in pending}
     whole = accounting.reconcile(everything, found)
     for r in results.values():
         r.summary["config_ledger"] = whole.summary()
@@ -444,6 +465,10 @@ def summary(report: dict[str, Any]) -> str:
             during = r["summary"]["phases"].get("2-during", {})
             cpu = ", ".join(f"{k} {v:.1f}" for k, v in sorted(during.get("cpu_s", {}).items(), key=lambda kv: -kv[1])
                             if v >= 0.1)
+            lanes = r["phases"].get("2-during", {})
+            lines.append(f"{config:9} {shape:12} flood-phase bot messages by lane: priority "
+                         f"{lanes.get('bot_priority_lane', 0)}, bulk {lanes.get('bot_bulk_lane', 0)}, none (the naive "
+                         f"worker's single queue) {lanes.get('bot_lane_unknown', 0)}")
             lines.append(f"{config:9} {shape:12} ledger: {r['ledger']}; ham p99 ratio (during/before) {r['ratio']}; "
                          f"ham senders known at the flood {r['ham_known']}/{s['ham_senders']}; spam drained "
                          f"{r['drain_s']} s after the flood; CPU s in the flood phase: {cpu}")
