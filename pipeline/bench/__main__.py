@@ -61,7 +61,7 @@ def bench_flood(
 
 @app.command("ingress")
 def bench_ingress(
-    conns: int = typer.Option(1, help="connections each of the 20 clients keeps busy"),
+    conns: str = typer.Option("1,5", help="connections each of the 20 clients keeps busy: each run once per value"),
     only: str = typer.Option("", help="only the runs whose name contains this (persistent, per-message, "
                              "product limits, end to end)"),
 ) -> None:
@@ -74,7 +74,8 @@ def bench_ingress(
 
     command = "make bench-ingress" if len(sys.argv) == 2 else " ".join([COMMAND, *sys.argv[1:]])
     typer.echo(f"command: {command}", err=True)
-    report = bench.run(config.load(), conns, only, log=lambda line: typer.echo(line, err=True))
+    report = bench.run(config.load(), tuple(int(c) for c in conns.split(",")), only,
+                       log=lambda line: typer.echo(line, err=True))
     bench.write(report, command)
     typer.echo("wrote reports/ingress.json and the ingress section of BENCHMARKS.md")
 
