@@ -72,3 +72,49 @@ def test_a_short_front_door_run_reports_every_field_and_a_clean_ledger(
     assert report["results"]["floodgate"]["tiny"]["ham_known"] == 4  # every ham sender known before the flood
     text = frontdoor.summary(report)
     assert "floodgate tiny" in text and "naive     tiny" in text and "MAIL LOST" not in text
+
+
+def test_the_ingress_processes_are_named_by_role() -> None:
+    """A front with session processes below it (``floodgate smtp`` with smtp.processes > 1) is
+    read as front and sessions; a process without children is the single-process ingress."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import subprocess, sys, time; ps = [subprocess.Popen([sys.executable, '-c', 'import time; "
+            "time.sleep(30)']) for _ in range(2)]; print('up', flush=True); time.sleep(30)")
+    front = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert front.stdout is not None and front.stdout.readline().strip() == "up"
+        deadline = time.monotonic() + 10
+        while len(smtpload.children(front.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling interval of a deadline-bounded wait
+        named = smtpload.ingress_processes(front.pid)
+        assert set(named) == {"smtp-front", "smtp-session-0", "smtp-session-1"}
+        assert named["smtp-front"] == front.pid and named["smtp-session-0"] < named["smtp-session-1"]
+        assert smtpload.ingress_processes(named["smtp-session-0"]) == {"smtp": named["smtp-session-0"]}
+    finally:
+        for pid in smtpload.children(front.pid):
+            subprocess.run(["kill", str(pid)], check=False)
+        front.kill()
+        front.wait()
+
+
+def test_the_ingress_bench_rows_carry_cpu_per_process_per_1000_messages() -> None:
+    from pipeline.bench import ingress
+
+    run = {"case": {"name": "persistent", "processes": 2}, "clients": 20, "connections_per_client": 5,
+           "accepted_per_s": 900.0, "accepted": 2000, "loadavg": [1.5, 1.0, 1.0],
+           "cpu_s": {"smtp-front": 0.2, "smtp-session-0": 1.0, "smtp-session-1": 1.2, "broker": 1.6,
+                     "generator-bots": 0.4, "generator": 0.01}}
+    row = ingress.table_row(run, "2026-12-03 10:00", "abc1234")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:7] == ["persistent", "2", "20 x 5", "900.0", "–"]
+    assert cells[7] == "1.20 (0.1; 0.5 + 0.6)"  # ingress in all (front; each session process)
+    assert cells[8:11] == ["0.8", "0.2", "1.5"]  # broker, generator, load average
+    single = run | {"case": {"name": "per-message", "processes": 1}, "cpu_s": {"smtp": 2.0, "broker": 1.0}}
+    assert [c.strip() for c in ingress.table_row(single, "w", "s").strip("|").split("|")][7] == "1.0"
+    text = ingress.section("| 2026-12-01 00:00 | old | an earlier row |", {"machine": {"cpu": "x", "cores": 2,
+                           "python": "3.11"}, "runs": [run]}, "make bench-ingress")
+    assert text.startswith(ingress.SECTION_START) and text.rstrip().endswith(ingress.SECTION_END)
+    assert "| 2026-12-01 00:00 | old | an earlier row |" in text and "| 900.0 |" in text
