@@ -154,6 +154,7 @@ def measure(base: Settings, case: Case, spam: list[bytes], log: Callable[[str], 
 def run(settings: Settings, conns: tuple[int, ...] = (1, MANY_CONNS), only: str = "",
         log: Callable[[str], None] = print) -> dict[str, Any]:
     _, spam = smtpload.load_corpus(settings.paths.data)
+    started = {"when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit()}  # what was measured
     rows = []
     for case in cases(conns):
         if only and only not in case.name:
@@ -163,7 +164,7 @@ def run(settings: Settings, conns: tuple[int, ...] = (1, MANY_CONNS), only: str 
         r = measure(settings, case, spam, log)
         log("  " + line(r))
         rows.append(r)
-    return {"machine": machine(), "runs": rows}
+    return {"machine": machine(), **started, "runs": rows}
 
 
 def cpu_per_1k(r: dict[str, Any]) -> dict[str, float]:
@@ -185,7 +186,7 @@ def commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
-    try:
+    try:  # the checkout's commit (the harness measures as much as the ingress), + with changes to the ingress
         dirty = git("status", "--porcelain", "--", *CODE)
         return git("log", "-1", "--format=%h") + ("+" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -206,7 +207,7 @@ def table_row(r: dict[str, Any], when: str, sha: str) -> str:
 
 def section(old: str, report: dict[str, Any], command: str) -> str:
     rows = [ln for ln in old.splitlines() if ln.startswith("| 20")]
-    when, sha = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), commit()
+    when, sha = report.get("when") or time.strftime("%Y-%m-%d %H:%M", time.gmtime()), report.get("commit") or commit()
     m = report["machine"]
     return "\n".join([
         SECTION_START,
