@@ -230,6 +230,16 @@ def _connection_error(e: BaseException) -> str:
     return type(e).__name__
 
 
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    """Until one of two events is set."""
+    waits = {asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 # -- the client ----------------------------------------------------------------------------
 # One step of a script: (index in STEPS, the line to send first or None, the first byte of a good reply).
 Step = tuple[int, bytes | None, bytes]
@@ -245,7 +255,8 @@ class _Client(asyncio.Protocol):
     ingress does not get). The future's result is the last reply; a bad reply fails it with
     :class:`Rejected`, a lost connection with the connection's error."""
 
-    __slots__ = ("at", "buf", "closed", "done", "i", "loop", "quitting", "replies", "script", "t0", "transport")
+    __slots__ = ("at", "buf", "closed", "done", "i", "loop", "quitting", "replies", "script", "t0", "transport",
+                 "woken")
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -259,6 +270,9 @@ class _Client(asyncio.Protocol):
         self.at: list[float] = []
         self.t0 = 0.0
         self.done: asyncio.Future[bytes] | None = None
+        # Set when the server speaks unasked (an idle session's 421) or hangs up: an idle client
+        # learns of it then, not at its next command.
+        self.woken = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -279,6 +293,7 @@ class _Client(asyncio.Protocol):
                 self.close()
             else:
                 self.replies.append(line)
+                self.woken.set()
             return
         step, _, ok = self.script[self.i]
         self.at[step] = time.monotonic() - self.t0
@@ -298,6 +313,7 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = exc or ConnectionResetError("connection closed by the server")
+        self.woken.set()
         if self.done is not None and not self.done.done():
             self.done.set_exception(self.closed)
 
@@ -615,12 +631,18 @@ class LoadGenerator:
                 self._idle_held += 1
                 self.run_.idle_held_max = max(self.run_.idle_held_max, self._idle_held)
                 try:
+                    client = session.client
+                    client.woken.clear()  # by the banner, which came before anyone asked
                     while not over.is_set():
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(self.shape.noop_s):
-                                await over.wait()
+                                await _either(over, client.woken)
                         if over.is_set():
                             break
+                        if client.woken.is_set():  # the server closed it first (idle too long) or spoke
+                            if client.replies:
+                                raise Rejected("idle", client.replies.popleft())
+                            raise client.closed or ConnectionResetError("connection closed by the server")
                         try:
                             async with asyncio.timeout(self.reply_timeout_s):
                                 await session.noop(at)
