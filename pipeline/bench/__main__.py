@@ -218,7 +218,7 @@ def smtp_load(
             pipeline, node = stack.enter_context(smtpload.ingress_process(config.load(), workdir, workers=workers))
             host, port = pipeline.smtp.host, str(pipeline.smtp.port)
             watched |= smtpload.ingress_processes(node.workers["smtp"].proc.pid)  # type: ignore[union-attr]
-            broker = smtpload.listening_pid(int(pipeline.kafka.bootstrap_servers.split(",")[0].rpartition(":")[2]))
+            broker = smtpload.broker_pid(pipeline)
             if broker is not None:
                 watched.setdefault("broker", broker)
             if not workers:

@@ -141,7 +141,7 @@ STARTERS: dict[str, tuple[flood.Starter, Callable[[Settings], Settings]]] = {
 def watched(node: Node, settings: Settings) -> dict[str, int]:
     """Processes whose CPU is read per phase: the ingress's, the broker, every worker."""
     out = smtpload.ingress_processes(node.workers["smtp"].proc.pid)  # type: ignore[union-attr]
-    broker = smtpload.listening_pid(int(settings.kafka.bootstrap_servers.split(",")[0].rpartition(":")[2]))
+    broker = smtpload.broker_pid(settings)
     if broker is not None:
         out["broker"] = broker
     for name, w in node.workers.items():

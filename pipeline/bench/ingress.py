@@ -118,7 +118,7 @@ def measure(base: Settings, case: Case, spam: list[bytes], log: Callable[[str], 
     with tempfile.TemporaryDirectory(prefix="floodgate-ingress-", dir=base.paths.maildir_root.parent) as tmp, \
             ingress(base, Path(tmp), case) as (s, node):
         watch = smtpload.ingress_processes(node.workers["smtp"].proc.pid)  # type: ignore[union-attr]
-        broker = smtpload.listening_pid(int(s.kafka.bootstrap_servers.split(",")[0].rpartition(":")[2]))
+        broker = smtpload.broker_pid(s)
         if broker is not None:
             watch["broker"] = broker
         host, port = s.smtp.host, s.smtp.port

@@ -1008,6 +1008,11 @@ def listening_pid(port: int) -> int | None:
     return None
 
 
+def broker_pid(settings: Settings) -> int | None:
+    """The process of the first bootstrap broker, when it runs on this host (its CPU is read too)."""
+    return listening_pid(int(settings.kafka.bootstrap_servers.split(",")[0].rpartition(":")[2]))
+
+
 def children(pid: int) -> list[int]:
     """The child processes of ``pid``, oldest first (Linux ``/proc``)."""
     out: list[int] = []
