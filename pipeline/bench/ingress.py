@@ -45,7 +45,7 @@ import orjson
 from models.bench import machine, write_section
 from pipeline import kafka
 from pipeline.bench import accounting, flood, smtpload
-from pipeline.bench.frontdoor import naive_settings, own_port
+from pipeline.bench.frontdoor import naive_settings, own_port, watched
 from pipeline.core import config
 from pipeline.core.config import ROOT, Settings
 from pipeline.kafka import topics
@@ -117,10 +117,7 @@ def measure(base: Settings, case: Case, spam: list[bytes], log: Callable[[str], 
     shape = smtpload.Shape(case.name, bots=CLIENTS, conns=case.conns, per_conn=case.per_conn, net=NET)
     with tempfile.TemporaryDirectory(prefix="floodgate-ingress-", dir=base.paths.maildir_root.parent) as tmp, \
             ingress(base, Path(tmp), case) as (s, node):
-        watch = smtpload.ingress_processes(node.workers["smtp"].proc.pid)  # type: ignore[union-attr]
-        broker = smtpload.broker_pid(s)
-        if broker is not None:
-            watch["broker"] = broker
+        watch = watched(node, s)  # the ingress's processes, the broker, and end to end the workers
         host, port = s.smtp.host, s.smtp.port
         smtpload.run_split(host, port, shape, smtpload.Phases(0, 0, WARMUP_S, 0), ham=[], spam=spam, ham_spec=None,
                            watch=watch)
