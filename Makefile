@@ -14,7 +14,7 @@ BENCH  := $(PY) -m pipeline.bench
 BROKER := python3 infra/kafka/broker.py
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench-classify bench-flood bench-peers bench-reputation bench-web champion chaos clean cluster-down cluster-up data demo demo-mailsystem digest evaluate fmt help kafka-down kafka-status kafka-up lint mail-tools online-eval promote retrain score test tools topics train venv
+.PHONY: bench-classify bench-flood bench-ingress bench-peers bench-reputation bench-web champion chaos clean cluster-down cluster-up data demo demo-mailsystem digest evaluate fmt help kafka-down kafka-status kafka-up lint mail-tools online-eval promote retrain score test tools topics train venv
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -63,7 +63,10 @@ champion: $(STAMP) data  ## train a model if the registry has no usable champion
 chaos: $(STAMP) champion  ## fault injection on a long run (ARGS="--messages 5000" for a short one) -> reports/chaos.json
 	@$(BENCH) chaos $(ARGS)
 
-bench-flood: $(STAMP) kafka-up champion  ## flood at 5x capacity: Floodgate vs the naive single lane (reports/)
+# Two floods, each beside the naive single lane: over SMTP at the front door (ham timed connect ->
+# Maildir, reports/frontdoor.*; ~10 min), then at 5x capacity straight into the lanes
+# (reports/flood.*; ~5 min). ARGS=--no-lanes or --no-front-door for one of them.
+bench-flood: $(STAMP) kafka-up champion  ## floods over SMTP and into the lanes: Floodgate vs the naive single lane (reports/)
 	@$(BENCH) flood $(ARGS)
 
 bench-web: $(STAMP) data  ## the web worker's list view with 100,000 quarantined messages: p95 -> BENCHMARKS.md
@@ -71,6 +74,9 @@ bench-web: $(STAMP) data  ## the web worker's list view with 100,000 quarantined
 
 digest: $(STAMP)  ## mail each recipient with held mail a digest with signed links, once a period (ARGS="--period day")
 	@$(FG) digest $(ARGS)
+
+bench-ingress: $(STAMP) kafka-up champion  ## msg/s the SMTP ingress accepts (20 clients), CPU per process; the node end to end -> BENCHMARKS.md
+	@$(BENCH) ingress $(ARGS)
 
 bench-reputation: $(STAMP) kafka-up data  ## verdicts/s one reputation worker tallies from a backlog -> BENCHMARKS.md
 	@$(BENCH) reputation $(ARGS)
