@@ -77,6 +77,12 @@ class SmtpSettings:
     stress_unknown_share: float = 0.5
     stress_unknown_connections_per_client: int = 2
     stress_unknown_transactions: int = 4
+    # Mail from clients without history, together, per session process: a flood spread over many
+    # sources, each under every per-source limit, still shows here. Past the rate (and its burst)
+    # a MAIL FROM from such a client gets 450 and the ingress is under stress; a new legitimate
+    # sender's MTA retries in minutes, a spam run's bots are slowed down before any DATA.
+    unknown_message_rate: float = 20.0
+    unknown_message_burst: int = 40
     # A client is known after this many accepted messages over at least this long.
     known_after_messages: int = 5
     known_after_s: float = 30.0

@@ -186,7 +186,12 @@ class SmtpIngress:
             self.front.send("S")
 
     def check_mail(self, session: Session, origin: Origin) -> str | None:
-        refused = self.clients.mail(origin.client, self.now())
+        now = self.now()
+        if not self.clients.known(origin.client) and self.admission.good.is_good([f"client:{origin.client}"]):
+            self.clients.make_known(origin.client, now)  # history from the reputation topic
+            if self.front is not None:
+                self.front.send(f"K {origin.client}")
+        refused = self.clients.mail(origin.client, now)
         if refused:
             metrics.SMTP_REFUSED.labels("mail", refused[:3]).inc()
             log.info("deferred at MAIL", extra={"client": origin.client, "reply": refused})
@@ -224,9 +229,16 @@ class SmtpIngress:
             raw, source="smtp", extra=extra, event_id=event_id)
         ctx = {"event_id": event.id, "client": origin.client, "helo": origin.helo,
                "rcpts": len(txn.rcpt_to), "bytes": len(raw)} | ({"relay": origin.relay} if origin.relay else {})
-        topic = self.admission.topic(event)
+        now = self.now()
+        calm = not self.clients.stressed(now)
+        if not calm and not self.clients.known(origin.client):
+            # Under stress, mail from clients without history goes to the bulk lane: a flood
+            # spread thin over many sources, each under admission's own floor, stays out of ham's.
+            topic = self.admission.divert(event)
+        else:
+            topic = self.admission.topic(event)
         if topic == self.admission.bulk:
-            self.stress()  # admission is diverting a flood
+            self.stress()  # a flood is being diverted
         self.inflight += 1
         try:
             # accepted_at is stamped now; the ack follows within milliseconds when the broker is well.
@@ -240,7 +252,7 @@ class SmtpIngress:
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
-        if self.clients.accepted(origin.client, self.now()):
+        if calm and topic == self.admission.inbound and self.clients.accepted(origin.client, self.now()):
             log.info("client known", extra={"client": origin.client})
             if self.front is not None:
                 self.front.send(f"K {origin.client}")
