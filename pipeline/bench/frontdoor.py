@@ -109,7 +109,8 @@ def naive_settings(s: Settings) -> Settings:
     (no share, no tarpit, no shorter timeouts); everything goes to ``inbound``."""
     smtp = replace(s.smtp, max_connections=UNLIMITED, max_connections_per_client=UNLIMITED,
                    max_connections_per_network=UNLIMITED, client_connection_rate=0.0,
-                   client_message_rate=0.0, max_messages_per_connection=UNLIMITED,
+                   client_message_rate=0.0, unknown_message_rate=0.0,
+                   max_messages_per_connection=UNLIMITED,
                    stress_connection_share=1.0, stress_unknown_share=1.0,
                    stress_unknown_connections_per_client=UNLIMITED, stress_unknown_transactions=UNLIMITED,
                    stress_idle_timeout_s=s.smtp.idle_timeout_s, stress_hard_error_limit=s.smtp.hard_error_limit,
@@ -209,7 +210,7 @@ def quarantined_lanes(db: Path) -> dict[str, str]:
     if not db.exists():
         return out
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
-        for event_id, meta in conn.execute("SELECT event_id, meta FROM quarantine"):
+        for event_id, meta in conn.execute("SELECT event_id, meta FROM quarantine_message"):
             with contextlib.suppress(orjson.JSONDecodeError):
                 out[event_id] = orjson.loads(meta).get("lane") or "?"
     return out
