@@ -36,6 +36,7 @@ from pipeline.reputation import (
     REPORTERS_KEPT,
     TRAFFIC_WINDOW_S,
     Agreement,
+    Replays,
     aggregate,
     aggregate_reports,
     broker_credentials,
@@ -775,3 +776,11 @@ def test_revoke_says_so_when_no_worker_publishes_it(topic_settings: Settings):
     assert [key for _p, key in records] == [b"domain:x.example"]
     result = CliRunner().invoke(app, ["senders", "show", "domain:x.example"], env=config.environment(topic_settings))
     assert result.exit_code == 1 and "no standing published" in result.output
+
+
+def test_a_record_taken_before_is_stepped_over_per_partition():
+    taken = Replays()
+    assert [taken.fresh("ham", 0, o) for o in (0, 1, 2)] == [True, True, True]
+    # A rebalance hands partition 0 back from its committed offset 1: 1 and 2 were taken already.
+    assert [taken.fresh("ham", 0, o) for o in (1, 2, 3)] == [False, False, True]
+    assert taken.fresh("ham", 1, 0) and taken.fresh("spam", 0, 0)  # other partitions, other topics
