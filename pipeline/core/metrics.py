@@ -51,3 +51,9 @@ LAG_SECONDS = Gauge("kafka_consumergroup_group_lag_seconds", "Estimated consumer
                     ["consumergroup", "topic", "partition"])
 GROUP_STATUS = Gauge("floodgate_consumergroup_status", "Burrow-style status (1 for the current one)",
                      ["consumergroup", "status"])
+# Sender authentication at SMTP ingress (pipeline/smtp/auth.py). Results are from fixed vocabularies
+# (RFC 8601), so the label sets stay small whatever senders send.
+AUTH_RESULTS = Counter("floodgate_auth_results_total", "Sender authentication results at ingress",
+                       ["method", "result"])
+AUTH_SECONDS = Histogram("floodgate_auth_seconds", "Time sender authentication added to a message",
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5))
