@@ -48,11 +48,12 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
 from pipeline import kafka
-from pipeline.core import events, senders
+from pipeline.core import authres, events, senders
 from pipeline.core.config import Settings
 from pipeline.core.events import Envelope, MailEvent
 from pipeline.sinks import SCORE_HEADER, TRACE_HEADER, from_iso, iso, maildir, parse_trace, unstamp
@@ -123,7 +124,8 @@ def release(settings: Settings, event_id: str, operator: str, token: str | None 
         if claim is None:
             raise FeedbackError(_not_claimed(store, event_id, lease_s))
         ham = replace(event, verdict="ham", source="release", extra={**event.extra, "released_by": operator})
-        feedback = replace(event, label="ham", extra={"feedback": senders.RELEASE_FEEDBACK, "by": operator})
+        feedback = replace(event, label="ham", extra={"feedback": senders.RELEASE_FEEDBACK, "by": operator,
+                                                      **_verification(event)})
         try:
             publish(settings, [("ham", ham), ("feedback", feedback)])
         except BaseException:
@@ -215,9 +217,16 @@ def report(settings: Settings, event_id: str, label: str, by: str = "") -> MailE
     if event is None:
         raise FeedbackError(f"event {event_id!r} is neither in the quarantine nor in any Maildir under "
                           f"{settings.paths.maildir_root}")
-    feedback = replace(event, label=label, extra={"feedback": "user-report", "by": by})
+    feedback = replace(event, label=label, extra={"feedback": "user-report", "by": by, **_verification(event)})
     publish(settings, [("feedback", feedback)])
     return feedback
+
+
+def _verification(event: MailEvent) -> dict[str, Any]:
+    """The sender verification ingress recorded, carried into a feedback event: the reputation
+    worker then counts the report for the names the message proved, not those it claimed."""
+    rec = authres.verified(event.extra)
+    return {authres.AUTH: rec} if rec is not None else {}
 
 
 def find(settings: Settings, event_id: str) -> MailEvent | None:
