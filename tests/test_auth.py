@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 from pipeline import kafka
 from pipeline.admission import Admission
+from pipeline.bench import mailauth
+from pipeline.bench.dnsserver import KnotServer, silent_port, txt_rdata
 from pipeline.core import events, senders
 from pipeline.core.config import Settings, load
 from pipeline.smtp import SmtpIngress, auth
-from tests import mailauth
-from tests.dnsserver import KnotServer, silent_port, txt_rdata
 from tests.kafka_helpers import consume_n
 
 pytestmark = pytest.mark.skipif(bool(KnotServer.unavailable()), reason=KnotServer.unavailable() or "")

@@ -1,4 +1,4 @@
-"""A private authoritative DNS server for tests: Knot DNS (Debian package ``knot``) on loopback.
+"""A private authoritative DNS server for the tests and benches: Knot DNS (Debian package ``knot``) on loopback.
 
 Standard library only. Zones are Python data, written as zone files in a temporary directory;
 ``knotd`` runs in the foreground as a child of the test process on a free 127.0.0.1 port (UDP

@@ -1,4 +1,4 @@
-"""Test-time DKIM keys and signed messages (standard library + dkimpy; PyNaCl for Ed25519).
+"""DKIM keys and signed messages for the tests and benches (standard library + dkimpy; PyNaCl for Ed25519).
 
 RSA keys are generated here in pure Python (Miller-Rabin; ~0.1-0.5 s for 2048 bits), written as
 PKCS#1 PEM for ``dkim.sign`` and as the base64 SubjectPublicKeyInfo that goes into the key record
