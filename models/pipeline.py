@@ -104,6 +104,7 @@ from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
 
+from models import authfeatures
 from models.features import MailText, split_tokens
 
 N_FEATURES = 2**18
@@ -112,9 +113,14 @@ ALPHA = 1e-4  # L2 penalty: 1e-4 best at the operating point; 3e-5 and 3e-4 lost
 EPOCHS = 30  # passes over the training set; fixed (tol=None) so that a fit is reproducible
 
 
-def build(alpha: float = ALPHA, n_features: int = N_FEATURES) -> Pipeline:
+def build(alpha: float = ALPHA, n_features: int = N_FEATURES, authserv_id: str | None = None) -> Pipeline:
+    """The untrained pipeline. Its text step also reads Floodgate's own Authentication-Results
+    (:mod:`models.authfeatures`, by ``authserv_id``, default the ingress's from the settings); mail
+    without that field gets exactly the text features."""
+    if authserv_id is None:
+        authserv_id = authfeatures.default_authserv_id()
     return Pipeline([
-        ("mail", MailText()),
+        ("mail", authfeatures.MailWithAuth(MailText(), authserv_id)),
         ("hash", HashingVectorizer(n_features=n_features, analyzer=split_tokens, alternate_sign=False,
                                    binary=True, norm="l2")),
         ("clf", SGDClassifier(loss=LOSS, alpha=alpha, max_iter=EPOCHS, tol=None, random_state=0)),
@@ -126,8 +132,12 @@ def settings(pipeline: Pipeline) -> dict[str, Any]:
     from models import features
 
     hv, clf = pipeline.named_steps["hash"], pipeline.named_steps["clf"]
+    mail = pipeline.named_steps["mail"]
     return {
         "feature_version": features.FEATURE_VERSION,
+        # Which Authentication-Results field the model reads (models.authfeatures): the ingress's id.
+        **({"auth_features": {"authserv_id": mail.authserv_id, "version": mail.version}}
+           if isinstance(mail, authfeatures.MailWithAuth) else {}),
         "steps": [name for name, _ in pipeline.steps],
         "n_features": hv.n_features,
         "binary": hv.binary,
