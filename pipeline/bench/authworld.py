@@ -87,3 +87,21 @@ def forged_good(raw: bytes) -> tuple[str, bytes]:
     """Spam forging the known-good domain in MAIL FROM and From, unsigned: from a bot it fails
     SPF (not in the domain's network) and DMARC (p=reject), and proves nothing."""
     return f"alerts@{GOOD}", with_from(raw, f"alerts@{GOOD}")
+
+
+def ham_mail(world: World, raws: Sequence[bytes], first: int, domains: int, good_every: int = 10
+             ) -> list[tuple[str, str, bytes]]:
+    """(HELO, MAIL FROM, signed message) per ham message: from ``domains`` sender domains starting
+    at ``first``, every ``good_every``-th from the known-good domain :data:`GOOD` (sent from the
+    ham network, so it passes and proves the name)."""
+    out = []
+    for i, raw in enumerate(raws):
+        if good_every and i % good_every == 0:
+            mail_from, signed = good_mail(world, raw)
+            out.append((f"mail.{GOOD}", mail_from, signed))
+            continue
+        k = first + i % domains
+        dom = domain(k)
+        signed = world.sign(with_from(raw, f"someone@{dom}"), dom, world.keys[k % KEYS])
+        out.append((f"mail.{dom}", f"someone@{dom}", signed))
+    return out
