@@ -497,3 +497,102 @@ def test_big_messages_are_hashed_off_the_loop(knot: KnotServer) -> None:
     r, worst = asyncio.run(go())
     assert [d.result for d in r.dkim] == ["pass", "pass"]
     assert worst < 0.1  # the loop kept running while the body was canonicalised and hashed (~0.25 s)
+
+
+# -- a flood forging a known-good sender, through the real ingress ---------------------------------
+
+
+def _flood(s: Settings, knot: KnotServer, verify: bool) -> dict[str, Any]:
+    """Bots forging ceo@sender.test (a known-good domain) beside a real sender.test sender whose mail
+    is DKIM-signed, both above admission's flood rate; where each went."""
+    from models.corpus import Message  # noqa: F401  (the generator's types)
+    from pipeline.bench import smtpload
+
+    s = replace(auth_on(s, knot), admission=replace(s.admission, flood_rate=2.0))
+    s = replace(s, auth=replace(s.auth, enabled=verify))
+    smtpload.publish_good(s, ["domain:sender.test"])
+    ingress = SmtpIngress(s, host="127.0.0.1", port=0)
+    port = ingress.start()
+    try:
+        deadline = time.monotonic() + 30
+        while "domain:sender.test" not in ingress.admission.good.keys:  # admission has read the standing
+            assert time.monotonic() < deadline, "admission never saw the known-good standing"
+            time.sleep(0.1)
+        spam = mailauth.message("x@spam.test", subject="cheap pills", body=b"Buy now!\r\n")
+        bot_mail = [("ceo@sender.test", spam.replace(b"x@spam.test", b"ceo@sender.test"))]
+        ham = [(b"mail.sender.test", smtpload.Outgoing.build("alice@sender.test", "u@example.com", signed()))
+               for _ in range(20)]
+        shape = smtpload.Shape("forged-known-good", bots=6, conns=2, per_conn=5, net=6, mail="forge-good")
+        gen = smtpload.LoadGenerator("127.0.0.1", port, shape, smtpload.Phases(0, 1.0, 4.0, 0), ham=ham,
+                                     ham_spec=smtpload.HamSpec(senders=2, rate=20.0), spam=[b"x"],
+                                     bot_mail=bot_mail)
+        run = asyncio.run(gen.run())
+    finally:
+        ingress.stop()
+    return smtpload.lane_report(run, s) | {"bot_accepted": sum(1 for t in run.transactions
+                                                                if t.role == "bot" and t.accepted)}
+
+
+@pytest.mark.kafka
+def test_a_flood_forging_a_known_good_sender_is_diverted_and_the_real_sender_is_not(
+        knot: KnotServer, topic_settings: Settings) -> None:
+    lanes = _flood(topic_settings, knot, verify=True)
+    print("verification on:", lanes)
+    # Once diverted, bots are also slowed by the client limits (stress): few of them get a 250 at all.
+    assert lanes["bot_accepted"] > 5
+    assert lanes["bot_priority_after_first_second"] == 0  # admission caught the bots as any flood
+    assert lanes["bot"]["bulk"] > 0
+    # The real sender proved its name (DKIM, DMARC): exempt, though it sends above the flood rate.
+    assert lanes["ham"]["bulk"] == 0 and lanes["ham"]["priority"] >= 80
+
+
+@pytest.mark.kafka
+def test_without_verification_the_forged_flood_rides_the_priority_lane(knot: KnotServer,
+                                                                       topic_settings: Settings) -> None:
+    """The control: the same flood with verification off is exempt by the name it claims."""
+    lanes = _flood(topic_settings, knot, verify=False)
+    print("verification off:", lanes)
+    assert lanes["bot"]["bulk"] == 0 and lanes["bot_priority_after_first_second"] > 50
+
+
+@pytest.mark.kafka
+def test_a_dead_resolver_delays_a_message_by_the_budget_at_most_and_proves_nothing(topic_settings: Settings) -> None:
+    sock, dns_port = silent_port()
+    s = replace(topic_settings, smtp=replace(topic_settings.smtp, domains=("example.com",)),
+                auth=replace(topic_settings.auth, enabled=True, nameservers=("127.0.0.1",), dns_port=dns_port,
+                             authserv_id=ID, budget_s=0.5, query_timeout_s=0.4))
+    ingress = SmtpIngress(s, host="127.0.0.1", port=0)
+    port = ingress.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="mail.sender.test", timeout=10) as c:
+            c.ehlo()
+            c.mail("bounce@sender.test")
+            c.rcpt("u@example.com")
+            started = time.monotonic()
+            code, _ = c.data(signed())
+            took = time.monotonic() - started
+    finally:
+        ingress.stop()
+        sock.close()
+    assert code == 250
+    assert took < 0.5 + 0.4  # the budget, and the broker's acknowledgement
+    [ev] = _events(s, 1)
+    meta = ev.extra["auth"]
+    assert meta["spf"]["mailfrom"]["result"] == meta["dmarc"]["result"] == "temperror"
+    assert [d["result"] for d in meta["dkim"]] == ["temperror"] and meta["proven"] == []
+    assert b"=pass" not in ev.raw.split(b"\r\n\r\n")[0]
+
+
+def test_auth_settings_from_the_environment() -> None:
+    from pipeline.core import config
+
+    assert load(env={}).auth.enabled is True  # on by default, with the system's resolver
+    s = load(env={"FLOODGATE_AUTH_ENABLED": "false", "FLOODGATE_AUTH_NAMESERVERS": "127.0.0.1, ::1",
+                  "FLOODGATE_AUTH_DNS_PORT": "5353", "FLOODGATE_AUTH_HELO": "always"})
+    assert (s.auth.enabled, s.auth.nameservers, s.auth.dns_port) == (False, ("127.0.0.1", "::1"), 5353)
+    assert load(env=config.environment(s)) == s  # how a worker process gets its parent's settings
+    with pytest.raises(ValueError, match="boolean"):
+        load(env={"FLOODGATE_AUTH_ENABLED": "maybe"})
+    with pytest.raises(ValueError, match=r"auth\.helo"):
+        auth.config_from_settings(load(env={"FLOODGATE_AUTH_HELO": "sometimes"}))
+    assert auth.config_from_settings(s).authserv_id == s.smtp.hostname  # no id of its own: the hostname
