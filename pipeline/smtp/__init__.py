@@ -59,7 +59,7 @@ def run(settings: Settings, service: Service) -> None:
     ingress = SmtpIngress(settings)
     ingress.start()
     if ingress.verifier is not None:
-        ingress.verifier.warm_up()  # the worker process for big messages, now rather than on one
+        ingress.verifier.wait_warm()  # the worker process for big messages, before readiness
     service.checks.append(ingress.bridge.problem)
     freeze_start_up()
     service.ready.set()

@@ -94,6 +94,9 @@ log = logging.getLogger("floodgate.auth")
 T = TypeVar("T")
 
 HELO_MODES = ("always", "unless-mailfrom-passes", "never")
+# The big-message worker process starts in ~0.5-2 s (a fresh interpreter importing dkimpy); on a
+# loaded host it has taken longer. Readiness waits this long for it at most.
+WARM_UP_S = 60.0
 SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 # A library re-run per missing record: SPF needs at most ~1 + 10 mechanisms + 10 MX hosts each;
 # the deadline ends it long before this in practice.
@@ -1187,6 +1190,15 @@ class Verifier:
     def warm_up(self) -> concurrent.futures.Future[Any]:
         """Start the worker process for big messages now (spawning it takes ~0.5-2 s: not on a message)."""
         return self._processes().submit(_suffix_list)
+
+    def wait_warm(self, timeout_s: float = WARM_UP_S) -> None:
+        """Start the big-message worker and wait until it answers, so that an ingress is ready only
+        once it can verify any message (and its start-up CPU is spent before the first one). A
+        worker that does not come up is logged; big messages then get temperror until one does."""
+        try:
+            self.warm_up().result(timeout_s)
+        except Exception as exc:
+            log.error("the big-message verifier process did not start", extra={"error": repr(exc)})
 
     def _processes(self) -> ProcessPoolExecutor:
         if self._procs is None:

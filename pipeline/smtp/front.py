@@ -332,7 +332,7 @@ def run_session_process(settings: Settings, channel_fd: int, service: Service) -
     ingress.front = channel
     ingress.start(listen=False)
     if ingress.verifier is not None:
-        ingress.verifier.warm_up()  # the worker process for big messages, now rather than on one
+        ingress.verifier.wait_warm()  # the worker process for big messages, before readiness
     channel.start()
     freeze_start_up()
     service.ready.set()
