@@ -92,11 +92,19 @@ bench-peers: $(STAMP) data  ## Floodgate vs bogofilter (PEERS=--spamassassin: an
 
 # promtool validates infra/prometheus (tests/test_infra.py). Debian's prometheus package brings it
 # (~19 MB download, ~20 s); its service is not started in a container without an init system.
-# Without root or apt-get the infra checks that need it are skipped, with the reason.
-tools:  ## install promtool (Debian package prometheus) when missing
+# knotd (Debian package knot) is the private DNS server of the sender authentication tests and
+# benches (pipeline/bench/dnsserver.py: a child process on a loopback port, never port 53); the
+# system service a machine with systemd would start after the install is disabled.
+# Without root or apt-get the checks that need either are skipped, with the reason.
+tools:  ## install promtool (Debian package prometheus) and knotd (package knot) when missing
 	@command -v promtool >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
 	  || echo "promtool unavailable: the promtool checks in tests/test_infra.py will be skipped"; }
+	@PATH="$$PATH:/usr/sbin" command -v knotd >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends knot >/dev/null \
+	    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends knot >/dev/null; }; } \
+	  && { systemctl disable --now knot >/dev/null 2>&1 || true; } \
+	  || echo "knotd unavailable: the sender authentication tests (tests/test_auth.py) will be skipped"; }
 
 test: $(STAMP) tools data  ## the test suite, against a real Kafka broker (fetches the corpus first)
 	$(PY) -m pytest
