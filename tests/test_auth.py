@@ -596,3 +596,13 @@ def test_auth_settings_from_the_environment() -> None:
     with pytest.raises(ValueError, match=r"auth\.helo"):
         auth.config_from_settings(load(env={"FLOODGATE_AUTH_HELO": "sometimes"}))
     assert auth.config_from_settings(s).authserv_id == s.smtp.hostname  # no id of its own: the hostname
+
+
+def test_feedback_carries_the_verification_of_the_message_it_is_about() -> None:
+    """A report or release of a verified message counts for the names that message proved."""
+    from pipeline import feedback
+
+    ev = events.new_event(events.Envelope("ceo@bank.test", ("u@example.com",), "192.0.2.1"), b"x",
+                          extra={"auth": {"proven": []}, "relay": None})
+    assert feedback._verification(ev) == {"auth": {"proven": []}}
+    assert feedback._verification(replace(ev, extra={})) == {}
