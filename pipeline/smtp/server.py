@@ -242,6 +242,10 @@ class SmtpIngress:
             raw, source="smtp", extra=extra)
         ctx = {"event_id": event.id, "client": origin.client, "helo": origin.helo,
                "rcpts": len(txn.rcpt_to), "bytes": len(raw)} | ({"relay": origin.relay} if origin.relay else {})
+        if authres.AUTH in extra:  # the results in a word each (the header has the rest)
+            meta = extra[authres.AUTH]
+            ctx["auth"] = " ".join([f"spf={meta['spf']['mailfrom']['result']}",
+                                    *(f"dkim={d['result']}" for d in meta["dkim"]), f"dmarc={meta['dmarc']['result']}"])
         topic = self.admission.topic(event)
         if topic == self.admission.bulk:
             self.stress()  # admission is diverting a flood
