@@ -175,6 +175,19 @@ def test_dkim_fail_none_permerror(knot: KnotServer) -> None:
     assert [d.result for d in verify(cfg(knot.port), wrong_key).dkim] == ["fail"]
 
 
+def test_dkim_sees_only_the_signed_fields_and_gives_the_same_results(knot: KnotServer) -> None:
+    """dkimpy is given the DKIM-Signature fields, the fields h= names and the body (it would
+    canonicalise every field first): unsigned fields never mattered, signed ones still do."""
+    relayed = b"".join(f"Received: from hop{i}.test by hop{i + 1}.test; Thu, 3 Dec 2026\r\n".encode()
+                       for i in range(40)) + signed()
+    assert [d.result for d in verify(cfg(knot.port), relayed).dkim] == ["pass"]
+    assert [d.result for d in verify(cfg(knot.port), relayed.replace(b"hop7.test", b"hop8.test")).dkim] == ["pass"]
+    assert [d.result for d in verify(cfg(knot.port), relayed.replace(b"Subject: hello", b"Subject: HELLO")).dkim] == [
+        "fail"]
+    # dkimpy signs From twice (oversigning): a From added anywhere breaks the signature, here too.
+    assert [d.result for d in verify(cfg(knot.port), b"From: evil@x.test\r\n" + relayed).dkim] == ["fail"]
+
+
 def test_oversized_keys_are_refused_before_any_arithmetic(knot: KnotServer) -> None:
     r = verify(cfg(knot.port), signed(selector="big"))
     assert r.dkim[0].result == "permerror" and "4096" in r.dkim[0].reason

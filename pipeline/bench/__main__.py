@@ -238,6 +238,7 @@ def auth_verify(
     spf_memo: bool = typer.Option(True, help="keep SPF results per (client, domain)"),
     dkim_memo: bool = typer.Option(True, help="keep DKIM results of a signature over the same bytes"),
     openssl: bool = typer.Option(True, help="RSA checks in OpenSSL (off: dkimpy's pure Python)"),
+    signed_fields: bool = typer.Option(True, help="dkimpy gets the signed fields only (off: the whole header)"),
     profile: str = typer.Option("", help="cProfile one pass: cold | warm | campaign"),
 ) -> None:
     """The verifier alone (pipeline.bench.authbench): CPU ms per message, cold, warm and for a campaign,
@@ -251,7 +252,7 @@ def auth_verify(
     if not openssl:
         dkim.RSASSA_PKCS1_v1_5_verify = auth._ORIGINAL_RSA_VERIFY
     cfg = {"helo": helo, "dns_backend": dns_backend} | ({} if spf_memo else {"spf_result_entries": 0}) \
-        | ({} if dkim_memo else {"dkim_result_entries": 0})
+        | ({} if dkim_memo else {"dkim_result_entries": 0}) | {"signed_fields_only": signed_fields}
     typer.echo(orjson.dumps(authbench.run(domains, profile=profile, **cfg)).decode())
 
 
