@@ -118,6 +118,8 @@ SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "perm
 # A library re-run per missing record: SPF needs at most ~1 + 10 mechanisms + 10 MX hosts each;
 # the deadline ends it long before this in practice.
 MAX_ROUNDS = 128
+# RSA public exponents over this are refused before any arithmetic: pow() with a huge exponent holds
+# the loop for seconds, and real keys use 65537.
 MAX_EXPONENT = 2**32
 
 # dkimpy logs every failed signature at ERROR: keep that out of the service log.
@@ -140,17 +142,17 @@ class AuthConfig:
     dns_port: int = 53
     budget_s: float = 2.0  # the whole verification of one message
     query_timeout_s: float = 1.5  # one DNS query (it may outlive the message that started it)
-    cache_entries: int = 50_000
-    min_ttl_s: float = 5.0
-    max_ttl_s: float = 3600.0
-    max_negative_ttl_s: float = 300.0
+    cache_entries: int = 50_000  # records: ~3 a sending domain, so ~15,000 domains' worth (a few MB)
+    min_ttl_s: float = 5.0  # a TTL of 0 would make every message of a flood ask again
+    max_ttl_s: float = 3600.0  # a revoked key or SPF change is seen within the hour whatever the TTL says
+    max_negative_ttl_s: float = 300.0  # RFC 2308's advice is 1-3 hours; a new DKIM key must be seen sooner
     failure_ttl_s: float = 10.0  # timeouts and SERVFAIL: one wait per name, not one per message
     helo: str = "unless-mailfrom-passes"  # always | unless-mailfrom-passes | never
     arc: bool = True
-    max_signatures: int = 5
-    max_arc_sets: int = 8
+    max_signatures: int = 5  # each hashes the body again; real mail carries 1-3 (author, ESP, list)
+    max_arc_sets: int = 8  # RFC 8617 allows 50; each set is a seal and a signature to check
     max_key_bits: int = 4096  # RFC 8301: verifiers must handle 1024..4096
-    min_key_bits: int = 1024
+    min_key_bits: int = 1024  # RFC 8301: shorter RSA keys do not verify
     process_above_bytes: int = 256 * 1024  # DKIM/ARC of bigger messages in a worker process
     max_big_inflight: int = 4  # big messages queued for it; more: temperror at once (memory bound)
     dns_backend: str = "aiodns"  # aiodns (c-ares: ~0.15 CPU ms a query) | dnspython (pure Python: ~0.45)
