@@ -41,6 +41,8 @@ from typing import Any
 
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from models.features import VIEW_SEP
+
 VERSION = 1  # bump when the tokens for the same bytes change
 DEFAULT_AUTHSERV_ID = "floodgate.localdomain"  # pipeline.core.config: smtp.hostname's default
 MAX_HEAD_BYTES = 64_000  # our field is first: never look further than a header block can honestly be
@@ -137,7 +139,10 @@ class MailWithAuth(TransformerMixin, BaseEstimator):
         out = []
         for doc, raw in zip(docs, X, strict=True):
             extra = tokens(raw, self.authserv_id)
-            out.append(doc + " " + " ".join(extra) if extra else doc)
+            if extra:  # among the word tokens, before the character view (VIEW_SEP), never in it
+                words, sep, view = doc.partition(VIEW_SEP)
+                doc = words + " " + " ".join(extra) + sep + view
+            out.append(doc)
         return out
 
     def __sklearn_tags__(self):  # type: ignore[no-untyped-def]

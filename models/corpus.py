@@ -107,26 +107,38 @@ def iter_maildir(path: Path, label: str | None = None) -> Iterator[Message]:
 
 
 def _read_labels(labels_file: Path) -> dict[str, str]:
-    """``<label> <path>`` lines (the TREC spam track index) or ``name,label`` CSV rows, keyed by file name."""
-    labels: dict[str, str] = {}
+    """Labels by file: ``<label> <path>`` lines (the TREC spam track index), ``<path><TAB><label>``
+    lines, or ``name,label`` CSV rows (a header row is skipped). Keyed by the path as written
+    (``./`` dropped) and by its file name, unless two entries share that name."""
     text = Path(labels_file).read_text(encoding="utf-8", errors="replace")
-    rows: list[list[str]]
+    pairs: list[tuple[str, str]] = []
     if "," in text.split("\n", 1)[0]:
         rows = [r for r in csv.reader(text.splitlines()) if r]
         if rows and rows[0][0].strip().lower() in {"name", "file", "path"}:
             rows = rows[1:]
         pairs = [(r[0].strip(), r[1].strip()) for r in rows if len(r) >= 2]
     else:
-        pairs = []
         for line in text.splitlines():
-            parts = line.split()
-            if len(parts) >= 2:
-                pairs.append((parts[1], parts[0]))
+            parts = line.split("\t") if "\t" in line else line.split()
+            parts = [p.strip() for p in parts if p.strip()]
+            if len(parts) >= 2:  # which field is the label: TREC puts it first, a TSV index last
+                first_is_label = parts[0].lower() in _LABEL_WORDS and parts[-1].lower() not in _LABEL_WORDS
+                pairs.append((parts[1], parts[0]) if first_is_label else (parts[0], parts[-1]))
+    labels: dict[str, str] = {}
+    by_name: dict[str, list[str]] = {}
     for name, label in pairs:
         norm = _norm_label(label)
         assert norm is not None
-        labels[Path(name).name] = norm
+        key = name.removeprefix("./")
+        labels[key] = norm
+        by_name.setdefault(Path(key).name, []).append(norm)
+    for base, found in by_name.items():
+        if base not in labels and len(found) == 1:  # a file name two entries share says nothing
+            labels[base] = found[0]
     return labels
+
+
+_LABEL_WORDS = frozenset({"ham", "spam", "0", "1", "true", "false", "junk", "legit"})
 
 
 def iter_eml_dir(path: Path, labels_file: Path | None = None) -> Iterator[Message]:
@@ -143,7 +155,7 @@ def iter_eml_dir(path: Path, labels_file: Path | None = None) -> Iterator[Messag
             continue
         group = rel.parent.as_posix() if rel.parent != Path(".") else root.name
         if labels is not None:
-            label = labels.get(file.name)
+            label = labels.get(rel.as_posix(), labels.get(file.name))
         else:
             label = next((lab for part in reversed(rel.parts[:-1]) if (lab := label_from_name(part))),
                          label_from_name(root.name))

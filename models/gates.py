@@ -1,7 +1,9 @@
 """Promotion gates: a candidate replaces the champion only if it is no worse on the fixed evaluation set.
 
-The fixed set is the time split's test part (:func:`models.evaluate.fixed_eval_set`): every
-model is judged on the same messages, with its own decision threshold. A champion this code can
+The evaluation set is the one the candidate's card names (:func:`models.evaluate.eval_set_for`):
+the time split's test part for a model trained on the base corpus, plus the held-out newest part
+of each operator corpus it was trained with (:mod:`models.corpora`). Candidate and champion are
+judged on the same messages, each with its own decision threshold. A champion this code can
 no longer load (trained on an older feature version) is judged by the metrics its card recorded
 on that same set when it was trained (:func:`recorded`), so a feature change never skips the gates.
 """
@@ -38,10 +40,22 @@ def check(candidate: dict[str, Any], champion: dict[str, Any] | None, limits: Li
     return reasons
 
 
-def recorded(card: dict[str, Any]) -> dict[str, Any] | None:
-    """The metrics a model card recorded on the fixed evaluation set (the time split's test part),
-    or None if it has none (an online update's card copies its parent's, which still counts)."""
-    found = card.get("metrics", {}).get("time_split_test")
+def recorded(card: dict[str, Any], eval_sha256: str | None = None, base_sha256: str | None = None
+             ) -> dict[str, Any] | None:
+    """The metrics a model card recorded on an evaluation set, or None if it has none for it (an
+    online update's card copies its parent's, which still counts).
+
+    ``eval_sha256``: the fingerprint of the set asked about (:func:`models.evaluate.eval_set_for`);
+    ``base_sha256``: that of the time split's test part. A card answers with its
+    ``evaluation_set`` metrics when its own set has that fingerprint, and with its
+    ``time_split_test`` metrics when the time split's test part is asked about (or nothing is said)."""
+    m = card.get("metrics", {})
+    if eval_sha256 is not None and card.get("evaluation_set", {}).get("sha256") == eval_sha256:
+        found = m.get("evaluation_set")
+    elif eval_sha256 is None or eval_sha256 == base_sha256:
+        found = m.get("time_split_test")
+    else:
+        found = None
     if isinstance(found, dict) and "ham_fpr" in found and "spam_recall" in found:
         return found
     return None

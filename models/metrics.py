@@ -31,6 +31,12 @@ def recall_at_fpr(y: np.ndarray, scores: np.ndarray, target_fpr: float) -> float
     return float(np.mean(scores[y] >= t)) if y.any() else math.nan
 
 
+def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
+    """ROC area, or NaN when ``y`` holds one class only."""
+    y = np.asarray(y).astype(bool)
+    return float(roc_auc_score(y, scores)) if y.any() and (~y).any() else math.nan
+
+
 def metrics(y: np.ndarray, scores: np.ndarray, threshold: float, target_fpr: float = 0.001) -> dict[str, Any]:
     """``y``: 1/True for spam. All rates are fractions in [0, 1]; ``one_minus_roca_pct`` is a percentage."""
     y = np.asarray(y).astype(bool)

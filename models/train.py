@@ -80,6 +80,17 @@ def library_versions() -> dict[str, str]:
             "scipy": scipy.__version__, "skops": skops.__version__}
 
 
+DIGEST_HEX = 12  # per training message on the card: 48 bits, no accidental match among millions
+
+
+def training_digests(messages: Iterable[Message]) -> str:
+    """What the card keeps to tell later whether a message was trained on (:func:`models.corpora.digest`
+    prefixes, space-separated, sorted): ``evaluate --corpus`` leaves such messages out."""
+    from models.corpora import digest
+
+    return " ".join(sorted({digest(m.raw)[:DIGEST_HEX] for m in messages}))
+
+
 def card_for(trained: Trained, target_fpr: float, **extra: Any) -> dict[str, Any]:
     return {
         "threshold": trained.threshold,
@@ -116,21 +127,24 @@ def _usable_champion(registry_dir: Path) -> bool:
     return True
 
 
-def recorded_metrics(registry_dir: Path, version: str) -> dict[str, Any] | None:
-    """The metrics ``version``'s card recorded on the fixed evaluation set, without loading the
-    model (one this code cannot load still tells them); None if it recorded none or is damaged."""
+def recorded_metrics(registry_dir: Path, version: str, eval_sha: str | None = None,
+                     base_sha: str | None = None) -> dict[str, Any] | None:
+    """The metrics ``version``'s card recorded on an evaluation set (default: the time split's test
+    part; see :func:`models.gates.recorded`), without loading the model (one this code cannot load
+    still tells them); None if it recorded none for that set or is damaged."""
     try:
-        return gates.recorded(registry.read_card(registry_dir, version))
+        return gates.recorded(registry.read_card(registry_dir, version), eval_sha, base_sha)
     except (registry.ModelNotFound, registry.ModelIntegrityError):  # a damaged artifact records nothing trustworthy
         return None
 
 
-def _refusals(registry_dir: Path, time_eval: dict[str, Any]) -> list[str]:
+def _refusals(registry_dir: Path, time_eval: dict[str, Any], eval_sha: str | None = None,
+              base_sha: str | None = None) -> list[str]:
     """Why a new model must not replace an unusable champion: the gates against the metrics the
     champion's card recorded on the same evaluation set (none when there is no champion at all, or
     it recorded nothing: then there is nothing in service to protect)."""
     version = registry.champion_version(registry_dir)
-    reference = recorded_metrics(registry_dir, version) if version else None
+    reference = recorded_metrics(registry_dir, version, eval_sha, base_sha) if version else None
     if reference is None:
         return []
     return [f"{r} ({version}, as its card recorded)" for r in gates.check(time_eval, reference, gates.Limits())]
@@ -151,19 +165,100 @@ def train_corpus(data_dir: Path, registry_dir: Path, *, target_fpr: float = TARG
     r_train, r_test = splits.random_split(corpus)
     r_trained = fit(r_train, target_fpr=target_fpr)
     random_eval = metrics.metrics(targets(r_test), score(r_trained.pipeline, r_test), r_trained.threshold, target_fpr)
+    test_sha = splits.fingerprint(test)["sha256"]
     card = card_for(trained, target_fpr, split={
-        "name": "time", "train_groups": list(splits.TIME_TRAIN_GROUPS), "test_groups": list(splits.TIME_TEST_GROUPS)})
+        "name": "time", "train_groups": list(splits.TIME_TRAIN_GROUPS), "test_groups": list(splits.TIME_TEST_GROUPS)},
+        corpora=[], evaluation_set={"base": True, "corpora": [], "sha256": test_sha, "messages": len(test),
+                                    "description": "the SpamAssassin time split's test part (easy_ham_2 + spam_2)"},
+        training_digests=training_digests(train))
     card["metrics"]["time_split_test"] = time_eval
+    card["metrics"]["evaluation_set"] = time_eval
     card["metrics"]["random_split"] = {
         "note": "a separate fit on a stratified random 70 % (seed fixed), measured on the other 30 %",
         "test_fraction": splits.RANDOM_TEST_FRACTION, "seed": splits.RANDOM_SEED,
         "training_data": r_trained.fingerprint, **random_eval}
+    return _register(trained, card, registry_dir, time_eval, test_sha, test_sha, promote_if_first)
+
+
+def _register(trained: Trained, card: dict[str, Any], registry_dir: Path, eval_metrics: dict[str, Any],
+              eval_sha: str, base_sha: str | None, promote_if_first: bool
+              ) -> tuple[str, dict[str, Any], bool, list[str]]:
     version = registry.register(trained.pipeline, card, registry_dir)
     refused: list[str] = []
     promoted = promote_if_first and not _usable_champion(registry_dir)
     if promoted:
-        refused = _refusals(registry_dir, time_eval)
+        refused = _refusals(registry_dir, eval_metrics, eval_sha, base_sha)
         promoted = not refused
     if promoted:
         registry.promote(registry_dir, version)
     return version, registry.load(registry_dir, version).card, promoted, refused
+
+
+def train_corpora(specs: Sequence[Any], data_dir: Path, registry_dir: Path, *, with_base: bool = True,
+                  folder_labels: dict[str, str] | None = None, holdout: float | None = None,
+                  conflicts: str = "error", target_fpr: float = TARGET_FPR, promote_if_first: bool = True,
+                  echo: Any = print) -> tuple[str, dict[str, Any], bool, list[str]]:
+    """``make train CORPUS=...``: fit on the operator's corpora (:mod:`models.corpora`, each less its
+    newest ``holdout`` by Date) and, ``with_base``, the time split's training part; measure on the
+    evaluation set (the held-out parts, and the time split's test part with the base); register;
+    promote as :func:`train_corpus` does. Raises :class:`models.corpora.CorpusError` with the reason
+    for a corpus that cannot be used; prints counted warnings through ``echo``."""
+    from models import corpora as oc
+    from models.corpus import load_spamassassin
+
+    holdout = oc.HOLDOUT if holdout is None else holdout
+    if not 0 <= holdout < 1:
+        raise oc.CorpusError(f"--holdout must be in [0, 1), got {holdout}")
+    base_all = list(load_spamassassin(data_dir)) if with_base else []
+    base_train, base_test = splits.time_split(base_all)
+    read = oc.read_all(specs, folder_labels, base=base_all, conflicts=conflicts)
+    for line in oc.warnings_text(read):
+        echo(line)
+    train_msgs, held_msgs = list(base_train), list(base_test)
+    records: list[dict[str, Any]] = []
+    held_by: dict[str, list[Message]] = {}
+    for c in read:
+        tr, held = oc.holdout_split(c.messages, holdout)
+        train_msgs += tr
+        held_msgs += held
+        held_by[str(c.spec)] = held
+        records.append({**c.summary(), "trained_on": len(tr), "held_out": len(held)})
+    operator = [m for c in read for m in c.messages]
+    if not operator:
+        raise oc.CorpusError("no message of the corpora is left to train on: " + "; ".join(oc.warnings_text(read)))
+    if not with_base:
+        oc.require_both_labels(operator, "the operator corpora (--no-base)")
+    elif {m.label for m in operator} != {"ham", "spam"}:
+        echo(f"warning: the corpora given hold only {operator[0].label}: the other label comes from the "
+             "base corpus alone")
+    oc.require_both_labels(train_msgs, "the training set")
+    if not held_msgs:
+        raise oc.CorpusError("nothing to measure the model on: --holdout 0 with --no-base leaves no evaluation set")
+    trained = fit(train_msgs, target_fpr=target_fpr)
+    y_eval = targets(held_msgs)
+    s_eval = score(trained.pipeline, held_msgs)
+    eval_metrics = metrics.metrics(y_eval, s_eval, trained.threshold, target_fpr)
+    eval_sha = splits.fingerprint(held_msgs)["sha256"]
+    base_sha = splits.fingerprint(base_test)["sha256"] if with_base else None
+    parts = (["the SpamAssassin time split's test part"] if with_base else []) + [
+        f"{spec}: newest {100 * holdout:.0f} % by Date ({len(h)})" for spec, h in held_by.items()]
+    card = card_for(trained, target_fpr, corpora=records,
+                    base={"corpus": "spamassassin", "groups": list(splits.TIME_TRAIN_GROUPS)} if with_base else None,
+                    evaluation_set={"base": with_base, "corpora": [str(c.spec) for c in read],
+                                    "folder_labels": dict(folder_labels or {}), "holdout": holdout,
+                                    "conflicts": conflicts, "sha256": eval_sha, "messages": len(held_msgs),
+                                    "description": "; ".join(parts)},
+                    training_digests=training_digests(train_msgs))
+    card["metrics"]["evaluation_set"] = eval_metrics
+    per: dict[str, Any] = {}
+    at = 0
+    if with_base:
+        card["metrics"]["time_split_test"] = metrics.metrics(y_eval[:len(base_test)], s_eval[:len(base_test)],
+                                                             trained.threshold, target_fpr)
+        at = len(base_test)
+    for spec, held in held_by.items():
+        per[spec] = metrics.metrics(y_eval[at:at + len(held)], s_eval[at:at + len(held)], trained.threshold,
+                                    target_fpr) if held else None
+        at += len(held)
+    card["metrics"]["held_out"] = per
+    return _register(trained, card, registry_dir, eval_metrics, eval_sha, base_sha, promote_if_first)

@@ -9,7 +9,7 @@ lane's partitions.
 * With no model in the registry the worker refuses to start: mail is never passed through
   unclassified.
 * Hot reload: a promoted model is loaded and verified in a background thread, then swapped
-  in between two batches. Each batch is scored by exactly one model, and each event carries
+  in between two batches (or while the lane is idle). Each batch is scored by exactly one model, and each event carries
   the version that scored it; no message ever meets a half-loaded model.
 * Campaign cache: a message whose verdict key (:func:`models.features.verdict_key`: every header
   value and body byte the model reads) was scored before by the same model costs a lookup
@@ -176,4 +176,4 @@ def run(settings: Settings, lane: str, service: Service) -> Loop:
     """Build the classifier loop (the caller runs it). Raises NoModelError with no model."""
     classifier = Classifier(settings, lane, service)
     return Loop(service, STAGE, settings.group(f"classify-{lane}"), [settings.topic(LANES[lane])],
-                classifier.handle, transactional=True)
+                classifier.handle, transactional=True, on_idle=classifier.models.current)

@@ -34,15 +34,17 @@ from pipeline.kafka.loop import Handler, Loop, Output, TransientError
 from pipeline.sinks import lmtp, maildir, stamp
 
 STAGE = "deliver"
+OWN_SOURCES = ("release", "digest")  # events Floodgate made itself (pipeline/feedback.py, pipeline/digest.py)
 # Recipients a downstream server accepted, remembered so that a batch retried after one
 # recipient was deferred does not hand the others their copy again. Bounded: a batch is at most
 # a few hundred events; this covers many batches.
 SENT_MEMORY = 100_000
 # A crashed worker keeps its partitions until the broker gives up on it (librdkafka's default
-# session timeout is 45 s): 45 s of undelivered ham. 10 s hands them over sooner while staying
-# above the brokers' minimum (group.min.session.timeout.ms, 6 s by default); heartbeats come from
-# librdkafka's own thread, so slow batches do not count against it.
-CONSUMER = {"session.timeout.ms": 10_000, "heartbeat.interval.ms": 2_000}
+# session timeout is 45 s): 45 s of undelivered ham. 6 s, the brokers' minimum
+# (group.min.session.timeout.ms), hands them over sooner, and bounds the rejoin wait after a
+# broker restart (see pipeline.kafka.consumer); heartbeats come from librdkafka's own thread, so
+# slow batches do not count against it.
+CONSUMER = {"session.timeout.ms": 6_000, "heartbeat.interval.ms": 2_000}
 
 
 class Deliverer:
@@ -95,9 +97,9 @@ class Deliverer:
     def _done(self, event: MailEvent, fresh: bool) -> None:
         lane = metrics.lane_label(event.lane)
         if fresh:
-            # A released message waited for an operator, not for the pipeline: keep it out of the
-            # latency that tells whether ham is being held back.
-            if event.source != "release":
+            # A released message waited for an operator, and a digest was made by us, not by the
+            # pipeline: keep both out of the latency that tells whether ham is being held back.
+            if event.source not in OWN_SOURCES:
                 metrics.END_TO_END.labels(lane, "ham").observe(max(0.0, time.time() - event.accepted_at))
             metrics.MESSAGES.labels(STAGE, lane, "delivered").inc()
         else:

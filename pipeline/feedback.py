@@ -43,11 +43,12 @@ then both produce, with the same harmless repeat as above.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -56,11 +57,16 @@ from pipeline import kafka
 from pipeline.core import authres, events, senders
 from pipeline.core.config import Settings
 from pipeline.core.events import Envelope, MailEvent
-from pipeline.sinks import SCORE_HEADER, TRACE_HEADER, from_iso, iso, maildir, parse_trace, unstamp
+from pipeline.sinks import SCORE_HEADER, TRACE_HEADER, from_iso, iso, maildir, parse_trace, unstamp, unstamp_delivered
 from pipeline.sinks.quarantine import Quarantine
 
 TOKEN_ENV = "FLOODGATE_ADMIN_TOKEN"
 LABELS = ("spam", "ham")
+# The feedback kind of a release by the message's own recipient (the web worker's user view): a
+# user's report to the reputation worker (one ``u:`` vote), where an operator's release
+# (``senders.RELEASE_FEEDBACK``) is the operator's.
+USER_RELEASE_FEEDBACK = "user-release"
+USER_REPORT_FEEDBACK = "user-report"
 ACK_TIMEOUT_S = 30.0
 # A release's claim on a quarantined message: four times what its slowest step (waiting
 # ACK_TIMEOUT_S for the broker) may take, so a live release always marks the row before its
@@ -110,31 +116,93 @@ def _produce(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> Non
         raise FeedbackError(f"the broker refused: {errors[0]}; nothing was marked, try again")
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message of :func:`release_many`."""
+
+    event_id: str
+    released: MailEvent | None  # the event re-injected into the ham topic
+    error: str | None  # why it was not released
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
 def release(settings: Settings, event_id: str, operator: str, token: str | None = None,
-            env: Mapping[str, str] | None = None, lease_s: float = RELEASE_LEASE_S) -> MailEvent:
+            env: Mapping[str, str] | None = None, lease_s: float = RELEASE_LEASE_S,
+            by_recipient: bool = False) -> MailEvent:
     """Send a quarantined message on to delivery and tell the model it was ham (once; see the
-    module docstring)."""
+    module docstring). :class:`FeedbackError` says why not."""
+    (outcome,) = release_many(settings, [event_id], operator, token, env, lease_s, by_recipient)
+    if outcome.released is None:
+        raise FeedbackError(outcome.error)
+    return outcome.released
+
+
+def release_many(settings: Settings, event_ids: Sequence[str], operator: str, token: str | None = None,
+                 env: Mapping[str, str] | None = None, lease_s: float = RELEASE_LEASE_S,
+                 by_recipient: bool = False) -> list[Outcome]:
+    """:func:`release` for several messages (an operator's bulk release): each claimed on its
+    own, the records of all that were claimed produced together and acknowledged in one wait,
+    then each marked. One outcome per distinct id, in order.
+
+    ``by_recipient``: the release is a recipient's own (the web worker's user view, which has
+    checked that every recipient of the message is theirs), so its feedback record is that
+    user's report (:data:`USER_RELEASE_FEEDBACK`, one user's vote), not an operator's release."""
+    authorize(operator, token, env)
+    wanted = list(dict.fromkeys(event_ids))
+    store = _open_quarantine(settings)
+    try:
+        outcomes: dict[str, Outcome] = {}
+        claimed: list[tuple[str, str, MailEvent, MailEvent]] = []  # (event id, claim, ham, feedback)
+        kind = USER_RELEASE_FEEDBACK if by_recipient else senders.RELEASE_FEEDBACK
+        for event_id in wanted:
+            event = store.event(event_id)
+            if event is None:
+                outcomes[event_id] = Outcome(event_id, None, f"no quarantined message with event id {event_id!r}")
+                continue
+            claim = store.claim(event_id, operator, lease_s)
+            if claim is None:
+                outcomes[event_id] = Outcome(event_id, None, _not_claimed(store, event_id, lease_s))
+                continue
+            ham = replace(event, verdict="ham", source="release", extra={**event.extra, "released_by": operator})
+            vote = replace(event, label="ham", extra={"feedback": kind, "by": operator, **_verification(event)})
+            claimed.append((event_id, claim, ham, vote))
+        if claimed:
+            try:
+                publish(settings, [r for _, _, ham, fb in claimed for r in (("ham", ham), ("feedback", fb))])
+            except FeedbackError as e:
+                for event_id, claim, _, _ in claimed:
+                    store.unclaim(event_id, claim)  # not acknowledged: the next release need not wait
+                    outcomes[event_id] = Outcome(event_id, None, str(e))
+                claimed = []
+            except BaseException:
+                for event_id, claim, _, _ in claimed:
+                    store.unclaim(event_id, claim)
+                raise
+        for event_id, claim, ham, _ in claimed:
+            # False only if this release outlived its lease and another took the row over (the
+            # module docstring): the mail was released either way.
+            store.mark_released(event_id, operator, claim=claim)
+            outcomes[event_id] = Outcome(event_id, ham, None)
+        return [outcomes[i] for i in wanted]
+    finally:
+        store.close()
+
+
+def delete(settings: Settings, event_id: str, operator: str, token: str | None = None,
+           env: Mapping[str, str] | None = None, lease_s: float = RELEASE_LEASE_S) -> None:
+    """Delete a quarantined message for good (it was spam): authorised like a release, and under
+    the same claim, so a message being released is never deleted under the release."""
     authorize(operator, token, env)
     store = _open_quarantine(settings)
     try:
-        event = store.event(event_id)
-        if event is None:
-            raise FeedbackError(f"no quarantined message with event id {event_id!r}")
         claim = store.claim(event_id, operator, lease_s)
         if claim is None:
             raise FeedbackError(_not_claimed(store, event_id, lease_s))
-        ham = replace(event, verdict="ham", source="release", extra={**event.extra, "released_by": operator})
-        feedback = replace(event, label="ham", extra={"feedback": senders.RELEASE_FEEDBACK, "by": operator,
-                                                      **_verification(event)})
-        try:
-            publish(settings, [("ham", ham), ("feedback", feedback)])
-        except BaseException:
-            store.unclaim(event_id, claim)  # not acknowledged: the next release need not wait
-            raise
-        # False only if this release outlived its lease and another took the row over (the
-        # module docstring): the mail was released either way.
-        store.mark_released(event_id, operator, claim=claim)
-        return ham
+        if not store.delete(event_id, claim):  # its lease ran out between the two statements
+            raise FeedbackError(f"{event_id} was taken over by another release or delete; not deleted")
     finally:
         store.close()
 
@@ -217,7 +285,7 @@ def report(settings: Settings, event_id: str, label: str, by: str = "") -> MailE
     if event is None:
         raise FeedbackError(f"event {event_id!r} is neither in the quarantine nor in any Maildir under "
                           f"{settings.paths.maildir_root}")
-    feedback = replace(event, label=label, extra={"feedback": "user-report", "by": by, **_verification(event)})
+    feedback = replace(event, label=label, extra={"feedback": USER_REPORT_FEEDBACK, "by": by, **_verification(event)})
     publish(settings, [("feedback", feedback)])
     return feedback
 
@@ -255,6 +323,62 @@ def find(settings: Settings, event_id: str) -> MailEvent | None:
                      lane=trace.get("lane") if trace.get("lane") not in (None, "unknown") else None,
                      verdict="ham", score=score, model_version=model.rstrip(")") or None,
                      classified_at=from_iso(trace.get("classified", "")))
+
+
+def content_id(raw: bytes) -> str:
+    """The event id of a reported message that carries none (Floodgate never stamped it: a
+    client saved it into Junk itself, or it came another way): a hash of its content, line endings
+    aside, so that reports of one message share an id (retraining keeps the last verdict per id)
+    whether it was read over IMAP (CRLF) or from a Maildir (LF). 32 hex digits, like every id."""
+    return hashlib.blake2b(raw.replace(b"\r\n", b"\n"), digest_size=16).hexdigest()
+
+
+def from_delivered(settings: Settings, data: bytes, label: str, by: str = "",
+                   extra: Mapping[str, str] | None = None, now: float | None = None) -> MailEvent:
+    """The feedback event for a user's verdict on a copy read back from the mail store: what a
+    Dovecot IMAPSieve pipe hands ``floodgate-report`` when the user moves a message into Junk or
+    out of it (the store's own Return-Path/Delivered-To/Received lines on top, then our stamp).
+
+    The event id comes from the ``X-Floodgate-Trace`` header; the message is the content under
+    our headers, byte for byte what Floodgate received. An id the quarantine knows (a released
+    message) gives the quarantine's event, with the envelope Floodgate recorded. Otherwise the
+    envelope stays empty, as for a Maildir copy in :func:`find`: the store's Return-Path is not
+    Floodgate's record, and a client can write anything into a message it saves itself, so
+    sender reputation (which needs an envelope sender) is not moved by it; retraining is. A
+    message without our headers is reported by content, under :func:`content_id`.
+    """
+    if label not in LABELS:
+        raise FeedbackError(f"label must be one of {LABELS}, not {label!r}")
+    headers, raw = unstamp_delivered(data)
+    trace = parse_trace(headers.get(TRACE_HEADER.decode().lower(), ""))
+    event_id = trace.get("event", "")
+    if not maildir.EVENT_ID.fullmatch(event_id):
+        event_id = ""
+    event = _quarantined(settings, event_id) if event_id else None
+    if event is None:
+        score_text, _, model = headers.get(SCORE_HEADER.decode().lower(), "").partition(" (model ")
+        try:
+            score: float | None = float(score_text)
+        except ValueError:
+            score = None
+        lane = trace.get("lane")
+        event = MailEvent(id=event_id or content_id(raw),
+                          accepted_at=from_iso(trace.get("accepted", "")) or (time.time() if now is None else now),
+                          envelope=Envelope("", ()), raw=raw, source="smtp" if event_id else "report",
+                          lane=lane if lane not in (None, "unknown") else None,
+                          verdict="ham" if event_id else None, score=score,
+                          model_version=model.rstrip(")") or None, classified_at=from_iso(trace.get("classified", "")))
+    return replace(event, label=label, extra={"feedback": "user-report", "by": by, **(extra or {})})
+
+
+def _quarantined(settings: Settings, event_id: str) -> MailEvent | None:
+    if not settings.paths.quarantine_db.exists():
+        return None
+    store = Quarantine(settings.paths.quarantine_db)
+    try:
+        return store.event(event_id)
+    finally:
+        store.close()
 
 
 def _open_quarantine(settings: Settings) -> Quarantine:

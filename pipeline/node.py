@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,8 +45,12 @@ STANDARD = {
     "cleanup": ["cleanup"],
     "reputation": ["reputation"],
 }
-# A whole node as ``floodgate run`` starts it: the ingress, the standard workers, the lag monitor.
-NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"]}
+# A whole node as ``floodgate run`` starts it: the ingress, the standard workers, the lag monitor,
+# the web worker (the quarantine in a browser; it reads the quarantine file cleanup writes).
+NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"], "web": ["web"]}
+# Workers a node runs only when named (``floodgate run -w NAME``): the report drain belongs where
+# the mail store spools users' Junk moves (pipeline/reports/), usually not a Floodgate node.
+OPTIONAL = {"report-drain": ["report-drain"]}
 # CPU niceness per worker: the spam side yields the CPU to the ham side, so a flood that
 # saturates the machine still leaves ham its share (the bulk lane and cleanup may fall behind;
 # that is their job), and the priority lane is served first when it wakes (make bench-flood,
@@ -59,7 +65,9 @@ NODE = {"smtp": ["smtp"], **STANDARD, "lag": ["lag", "--serve"]}
 PRIORITY_LANE_NICE = -20
 NICE = {"classify-priority": PRIORITY_LANE_NICE, "deliver": PRIORITY_LANE_NICE,
         "naive": PRIORITY_LANE_NICE,  # naive: the same share as the priority lane, for a fair comparison
-        "classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10, "reputation": 10}
+        "classify-bulk": 10, "deliver-bulk": 10, "cleanup": 10, "reputation": 10,
+        "report-drain": 10,  # feedback is for retraining: no hurry
+        "web": 10}  # people's pages wait a few milliseconds more rather than ham
 # The ingress (``floodgate smtp``; the flood bench's generator plays it) is on the priority path
 # too: every message, flood or not, is admitted there, and a starved ingress falls behind and
 # then releases its backlog as bursts that look like floods.
@@ -122,6 +130,36 @@ except (OSError, AttributeError):  # not Linux
     _prctl = None
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's choice), for a worker's metrics endpoint."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_ports(n: int) -> int:
+    """The first of ``n`` consecutive ports free now, below the kernel's ephemeral range: for a
+    server a test stops and starts again (a broker). In the ephemeral range, a client retrying the
+    stopped server can be given the server's own port for its end and connect to itself (TCP's
+    simultaneous open), and the restarted server then cannot bind it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10_000, max(10_001, low - n))
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + n):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports below {low}")
+
+
 def _die_with_parent() -> None:
     """In the child before exec: its own session (a terminal's Ctrl-C reaches the node, which
     stops the workers in order, not every worker at once), and SIGTERM when the thread that
@@ -176,7 +214,10 @@ class Exit:
 class Node:
     """The workers of one host as child processes, supervised (see the module docstring)."""
 
-    def __init__(self, settings: Settings, log_dir: Path | None, base_port: int = 9400, supervise: bool = True) -> None:
+    def __init__(self, settings: Settings, log_dir: Path | None, base_port: int | None = None,
+                 supervise: bool = True) -> None:
+        """``base_port``: the first worker's metrics/health port, the next ones following; None
+        gives each worker a free port (tests and benches, which share the host with others)."""
         self.settings = settings
         self.log_dir = log_dir
         self.base_port = base_port
@@ -197,7 +238,8 @@ class Node:
             worker = self.workers.get(name)
             if worker is None:
                 log_path = self.log_dir / f"{name}.log" if self.log_dir else None
-                worker = Worker(name, argv, self.base_port + len(self.workers), log_path, module, extra_env or {})
+                port = free_port() if self.base_port is None else self.base_port + len(self.workers)
+                worker = Worker(name, argv, port, log_path, module, extra_env or {})
                 self.workers[name] = worker
             worker.wanted = True
             self._spawn(worker)
@@ -255,7 +297,10 @@ class Node:
 
     def _exited(self, w: Worker, now: float) -> None:
         ran = now - w.started_at
-        w.backoff_s = 0.0 if ran >= STABLE_S else min(max(RESTART_BACKOFF_S, 2 * w.backoff_s), RESTART_BACKOFF_MAX_S)
+        if ran >= STABLE_S or w.killed:  # a crash after a good run, or a kill from outside: at once
+            w.backoff_s = 0.0
+        else:  # it keeps failing on its own: back off
+            w.backoff_s = min(max(RESTART_BACKOFF_S, 2 * w.backoff_s), RESTART_BACKOFF_MAX_S)
         w.restart_at = now + w.backoff_s
         code = w.proc.returncode if w.proc else None
         self.exits.append(Exit(w.name, code, time.time(), round(ran, 1), w.killed, w.backoff_s))
@@ -342,14 +387,14 @@ class Node:
 
 
 def run(settings: Settings, names: list[str], base_port: int, log_dir: Path | None) -> int:
-    """``floodgate run``: start ``names`` (keys of :data:`NODE`), supervise them until SIGTERM or
+    """``floodgate run``: start ``names`` (keys of :data:`NODE` or :data:`OPTIONAL`), supervise them until SIGTERM or
     SIGINT, then stop them all. Returns 0 when every worker stopped cleanly."""
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.set())
     node = Node(settings, log_dir, base_port=base_port)
     for name in names:
-        node.start(name, NODE[name])
+        node.start(name, (NODE | OPTIONAL)[name])
     log.info("node started", extra={"workers": {n: w.port for n, w in node.workers.items()}})
     stopping.wait()
     log.info("stopping the node")

@@ -44,6 +44,30 @@ def _docker_kafka() -> tuple[str, object] | None:
     return container.get_bootstrap_server(), container
 
 
+# With pytest-xdist (``make test`` runs ``-n``), the controller process owns the local broker:
+# it starts it before the workers start, and stops it (if it started it) after they are all done,
+# so that no worker stops it under another and no two workers start it at once.
+_controller_started_broker = False
+
+
+def _xdist_worker() -> bool:
+    return bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _controller_started_broker
+    parallel = (getattr(config.option, "numprocesses", None) or 0) > 0 or getattr(config.option, "dist", "no") != "no"
+    if _xdist_worker() or not parallel or os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        return
+    _controller_started_broker = subprocess.run([*BROKER, "status"], capture_output=True).returncode != 0
+    subprocess.run([*BROKER, "up"], check=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _controller_started_broker and not _xdist_worker():
+        subprocess.run([*BROKER, "down"], check=False)
+
+
 @pytest.fixture(scope="session")
 def bootstrap() -> Iterator[str]:
     global _broker_description
@@ -51,7 +75,7 @@ def bootstrap() -> Iterator[str]:
         _broker_description = f"external cluster {os.environ['KAFKA_BOOTSTRAP_SERVERS']}"
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
-    found = None if os.environ.get("FLOODGATE_NO_DOCKER") else _docker_kafka()
+    found = None if os.environ.get("FLOODGATE_NO_DOCKER") or _xdist_worker() else _docker_kafka()
     if found:
         address, container = found
         _broker_description = f"testcontainers apache/kafka at {address}"

@@ -180,6 +180,77 @@ def empty_cases() -> Iterator[Hostile]:
     yield Hostile("one_byte", b"\x00")
 
 
+# --- active content: what a page showing mail must never run or fetch -----------------------
+
+# Every URL in these payloads names this host, on a TLD reserved for tests (RFC 6761): the browser
+# test sends all remote requests to a local canary proxy that counts them, so a payload that gets
+# through is seen, never fetched from the network. Script that runs calls XSS_CALL, which posts
+# XSS_MESSAGE to the top page (the test listens there) and fetches from the canary.
+CANARY_HOST = "canary.floodgate.test"
+CANARY = f"http://{CANARY_HOST}"
+XSS_MESSAGE = "floodgate-xss"
+
+
+def _xss(where: str) -> str:
+    return (f"top.postMessage('{XSS_MESSAGE}:{where}','*');parent.postMessage('{XSS_MESSAGE}:{where}','*');"
+            f"fetch('{CANARY}/script/{where}');document.title='XSS'")
+
+
+def active_cases() -> Iterator[Hostile]:
+    """HTML mail that tries to run script or load something remote, in every way a sanitizer has
+    been beaten before; and the same in headers, attachment names and the text part."""
+    m = marker
+    html = "; ".join([
+        f"<script>{_xss('script')}</script>",
+        f"<img src=x onerror=\"{_xss('onerror')}\">",
+        f"<svg onload=\"{_xss('svg-onload')}\"><script>{_xss('svg-script')}</script>"
+        f"<image href='{CANARY}/svg-image.png'/></svg>",
+        f"<body onload=\"{_xss('body-onload')}\">",
+        f"<iframe src='{CANARY}/iframe'></iframe><iframe srcdoc=\"<script>{_xss('srcdoc')}</script>\"></iframe>",
+        f"<object data='{CANARY}/object'></object><embed src='{CANARY}/embed'>",
+        f"<a href=\"javascript:{_xss('javascript-url')}\">click</a>",
+        f"<img src='{CANARY}/pixel.gif' width=1 height=1><img srcset='{CANARY}/srcset.png 1x'>",
+        f"<table background='{CANARY}/table-bg.png'><tr><td>cell</td></tr></table>",
+        f"<div style=\"background-image:url({CANARY}/style-attr.png)\">styled</div>",
+        f"<style>@import url({CANARY}/import.css); body {{ background: url({CANARY}/style-tag.png) }}</style>",
+        f"<link rel=stylesheet href='{CANARY}/link.css'><link rel=prefetch href='{CANARY}/prefetch'>",
+        f"<meta http-equiv=refresh content='0;url={CANARY}/refresh'>",
+        f"<base href='{CANARY}/base/'><img src='relative.png'>",
+        f"<form action='{CANARY}/form'><input type=image src='{CANARY}/input.png'></form>",
+        f"<video poster='{CANARY}/poster.png' src='{CANARY}/video.mp4' autoplay></video>"
+        f"<audio src='{CANARY}/audio.mp3' autoplay></audio>",
+        f"<noscript><p title=\"</noscript><img src=x onerror={_xss('noscript-mxss')}>\"></noscript>",
+        f"<math><mtext><table><mglyph><style><img src=x onerror={_xss('math-mxss')}></style></mglyph></table>"
+        "</mtext></math>",
+        f"<details open ontoggle=\"{_xss('ontoggle')}\"><summary>s</summary></details>",
+        f"<input autofocus onfocus=\"{_xss('onfocus')}\">",
+    ])
+    body = (b"--a\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + m("active_html") +
+            f" <script>{_xss('text-part')}</script>\r\n".encode() +
+            b"--a\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><head><title>t</title></head><body>" +
+            m("active_html") + b" " + html.encode() + b"</body></html>\r\n"
+            b"--a\r\nContent-Type: text/html; name=\"<img src=x onerror=alert(1)>.html\"\r\n"
+            b"Content-Disposition: attachment; filename=\"<svg onload=alert(1)>.html\"\r\n\r\n" +
+            f"<script>{_xss('attachment')}</script>\r\n".encode() + b"--a--\r\n")
+    yield Hostile("active_html", message(
+        [("From", f"\"<img src={CANARY}/from.png onerror=alert(1)>\" <attacker@spam.test>"),
+         ("To", f"victim@{DOMAIN}"), ("Subject", f"<script>{_xss('subject')}</script> Invoice"),
+         ("MIME-Version", "1.0"), ("Content-Type", 'multipart/mixed; boundary="a"')], body),
+        mail_from=f"<script>{_xss('envelope')}</script>@spam.test")
+    # The same markup behind a charset that a sanitizer reading bytes would not decode.
+    utf7 = "+ADw-script+AD4-" + _xss("utf7").replace("'", "+ACc-") + "+ADw-/script+AD4-"
+    yield Hostile("active_html_utf7", message(_basic(ctype="text/html; charset=utf-7"),
+                                              m("active_html_utf7") + b" " + utf7.encode()))
+    # Markup split by NULs, comments and encoded entities.
+    yield Hostile("active_html_obfuscated", message(
+        _basic(ctype="text/html; charset=utf-8"),
+        m("active_html_obfuscated") + b" <scr\x00ipt>" + _xss("nul").encode() + b"</script>"
+        b"<!--><script>" + _xss("comment").encode() + b"</script>-->"
+        b"<a href='&#106;avascript:" + _xss("entity").encode() + b"'>x</a>"
+        b"<img src=`x` onerror=" + _xss("backtick").encode() + b">"
+        b"<svg><a xlink:href='" + CANARY.encode() + b"/xlink'><text>t</text></a></svg>"))
+
+
 # --- envelopes ------------------------------------------------------------------------------
 
 # Recipients an attacker crafts to leave the Maildir root; all claim a local domain, so SMTP accepts them.
@@ -215,8 +286,9 @@ def envelope_cases() -> Iterator[Hostile]:
 
 
 def all_cases() -> list[Hostile]:
-    """Every hostile message: MIME, encodings, headers, sizes, empties and envelopes."""
-    cases = [*mime_cases(), *encoding_cases(), *header_cases(), *size_cases(), *empty_cases(), *envelope_cases()]
+    """Every hostile message: MIME, encodings, headers, sizes, empties, active content and envelopes."""
+    cases = [*mime_cases(), *encoding_cases(), *header_cases(), *size_cases(), *empty_cases(), *active_cases(),
+             *envelope_cases()]
     names = [c.name for c in cases]
     assert len(names) == len(set(names)), "hostile case names must be unique"
     return cases

@@ -15,7 +15,6 @@ from pipeline.bench import chaos
 from pipeline.core import config
 
 pytestmark = pytest.mark.kafka
-PORT = 9900  # worker metrics ports of their own: `make chaos` may run beside the tests
 
 
 def base_settings(bootstrap: str | None, registry: Path) -> config.Settings:
@@ -40,7 +39,7 @@ def test_every_worker_killed_and_delivery_down_lose_and_duplicate_nothing(bootst
     plan = chaos.Plan(messages=4000, rate=50.0, outage_s=3.0, warmup_s=2.0, gap_s=0.5, recovery_timeout_s=120.0,
                       faults=(*(f"kill:{w}" for w in chaos.INPUTS), "maildir-down"), cycle=False)
     result = chaos.run_one(base_settings(bootstrap, trained_registry), plan, tmp_path, own_cluster=False,
-                           base_port=PORT)
+)
     check(result, plan)
     # The faults hit a pipeline with mail in flight, not an idle one.
     assert all(f.at < result.sent.start + plan.messages / plan.rate for f in result.faults)
@@ -51,6 +50,6 @@ def test_every_worker_killed_and_delivery_down_lose_and_duplicate_nothing(bootst
 def test_one_of_three_brokers_killed_mid_stream_loses_and_duplicates_nothing(bootstrap, trained_registry, tmp_path):
     plan = chaos.Plan(messages=2000, rate=100.0, brokers=3, broker_down_s=5.0, warmup_s=3.0,
                       recovery_timeout_s=120.0, faults=("broker-kill",), cycle=False)
-    result = chaos.run_one(base_settings(None, trained_registry), plan, tmp_path, base_port=PORT + 10)
+    result = chaos.run_one(base_settings(None, trained_registry), plan, tmp_path)
     check(result, plan)
     assert result.plan["bootstrap"].count(",") == 2

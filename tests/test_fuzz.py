@@ -226,8 +226,8 @@ MUTATIONS = [
 def test_a_shared_verdict_key_means_identical_features(raw: bytes, mutate) -> None:  # type: ignore[no-untyped-def]
     """classify reuses a cached verdict for an equal key: that must never score a different message."""
     other = mutate(raw)
-    if features.verdict_key(raw) == features.verdict_key(other):
-        assert features.message_tokens(raw) == features.message_tokens(other)
+    if features.verdict_key(raw) == features.verdict_key(other):  # the tokens and the character view
+        assert features.message_document(raw) == features.message_document(other)
 
 
 def test_campaign_copies_share_a_verdict_key() -> None:
@@ -249,5 +249,5 @@ def test_verdict_key_follows_every_header_the_extractor_reads() -> None:
         variants = [f"{name}: {v}\r\n".encode() + base for v in values]
         by_key: dict[str, str] = {}
         for raw in variants:
-            tokens = features.message_tokens(raw)
-            assert by_key.setdefault(features.verdict_key(raw), tokens) == tokens, name
+            doc = features.message_document(raw)
+            assert by_key.setdefault(features.verdict_key(raw), doc) == doc, name

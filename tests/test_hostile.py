@@ -316,7 +316,7 @@ def pipeline(bootstrap: str, trained_registry: Path,
                               registry=trained_registry)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = Node(settings, tmp / "logs", base_port=9680)
+    workers = Node(settings, tmp / "logs")
     # A Kafka password in every worker's environment: it must never be logged (no mechanism is set,
     # so the local PLAINTEXT broker does not try to use it).
     for name, argv in STANDARD.items():
@@ -604,6 +604,7 @@ def test_listeners_bind_to_loopback_by_default() -> None:
     s = config.load(env={})
     assert s.smtp.host == "127.0.0.1"
     assert s.worker.metrics_host == "127.0.0.1"
+    assert s.web.host == "127.0.0.1" and s.web.public_url.startswith("http://127.0.0.1:")  # the web worker
     service = Service("bind-check", s)
     try:
         port = service.serve_http(port=0)

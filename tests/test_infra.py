@@ -34,7 +34,8 @@ K8S_VERSION = "1.33"  # a Kubernetes release the manifests must be valid for
 METRIC_NAME = re.compile(r"\b(?:floodgate|kafka)_[a-zA-Z0-9_]+")
 # The workers whose group KEDA scales; reputation (Faust tables) is deliberately not autoscaled.
 SCALED = ("classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup")
-WORKERS = ("smtp", "reputation", "classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup", "lag")
+WORKERS = ("smtp", "reputation", "classify-priority", "classify-bulk", "deliver", "deliver-bulk", "cleanup", "lag",
+           "web")
 
 
 def known_metrics() -> set[str]:
@@ -311,4 +312,61 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
         (tmp_path / f.name).write_text(f.read_text().replace(INSTALLED_FLOODGATE, here))
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
                           capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+
+
+# --- Postfix in front, Dovecot behind (tests/test_mailsystem.py runs them) -------------------------
+
+POSTFIX = INFRA / "postfix"
+DOVECOT = INFRA / "dovecot"
+
+
+def test_postfix_takes_only_what_floodgate_takes_and_hands_it_over_with_xforward() -> None:
+    """Whatever Postfix accepts and Floodgate then refuses with 5xx bounces to a (forged) sender:
+    backscatter. So Postfix's domains are Floodgate's, its size limit below Floodgate's, and its
+    transport goes to floodgate smtp's default address with XFORWARD."""
+    from pipeline.bench.mailstack import master_cf_services, read_main_cf, transport_domains
+    from pipeline.core.config import SmtpSettings
+
+    smtp = SmtpSettings()
+    main = read_main_cf(POSTFIX / "main.cf")
+    assert main["relay_domains"].split() == list(smtp.domains)
+    assert int(main["message_size_limit"]) < smtp.max_message_bytes
+    assert int(main["floodgate_destination_recipient_limit"]) <= smtp.max_recipients
+    assert main["relay_recipient_maps"] and main["mydestination"] == "" and main["local_recipient_maps"] == ""
+    assert transport_domains(POSTFIX / "floodgate-transport") == {
+        d: f"floodgate:[{smtp.host}]:{smtp.port}" for d in smtp.domains}
+    service = master_cf_services(POSTFIX / "master.cf")
+    assert service.split()[:8] == ["floodgate", "unix", "-", "-", "n", "-", "-", "smtp"]
+    assert "-o smtp_send_xforward_command=yes" in service
+
+
+def test_dovecot_listens_where_floodgate_delivers_and_pipes_moves_to_the_spool() -> None:
+    from pipeline.core.config import DeliverySettings
+
+    conf = (DOVECOT / "floodgate.conf").read_text()
+    lmtp = re.search(r"service lmtp \{\s*inet_listener lmtp \{\s*address = (\S+)\s*port = (\d+)", conf)
+    assert lmtp and (lmtp.group(1), int(lmtp.group(2))) == (DeliverySettings().host, DeliverySettings().port)
+    bin_dir = re.search(r"sieve_pipe_bin_dir = (\S+)", conf).group(1)  # type: ignore[union-attr]
+    for label, script in (("spam", "report-spam.sieve"), ("ham", "report-ham.sieve")):
+        assert f"file:/etc/dovecot/floodgate/{script}" in conf
+        assert f'pipe :copy "floodgate-report" ["{label}", "${{username}}"];' in (DOVECOT / script).read_text()
+    assert bin_dir == "/etc/dovecot/floodgate/bin"
+    program = (DOVECOT / "floodgate-report").read_text()
+    drain = unit(DOVECOT / "floodgate-report-drain.service")["Service"]
+    spool = re.search(r"^exec .* --spool (\S+)", program, re.M).group(1)  # type: ignore[union-attr]
+    assert f"FLOODGATE_PATHS_REPORT_SPOOL={spool}" in drain["Environment"]
+    assert spool in drain["ReadWritePaths"][0].split()
+    assert drain["ExecStart"] == [f"{INSTALLED_FLOODGATE} report-drain"] and drain["Restart"] == ["always"]
+    assert (DOVECOT / "floodgate-report").stat().st_mode & 0o111
+
+
+def test_systemd_analyze_verifies_the_report_drain_unit(tmp_path: Path) -> None:
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    here = shutil.which("floodgate") or str(Path(sys.executable).with_name("floodgate"))
+    path = tmp_path / "floodgate-report-drain.service"
+    path.write_text((DOVECOT / path.name).read_text().replace(INSTALLED_FLOODGATE, here))
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr

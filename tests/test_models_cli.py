@@ -36,6 +36,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         random.Random(3).sample([m for m in train if m.label == "spam"], 12)
     weak = train_and_register(sliver, reg)
     return {"FLOODGATE_PATHS_REGISTRY": str(reg), "FLOODGATE_PATHS_DATA": str(data),
+            "FLOODGATE_MODERN_CORPUS": "off",  # tests/test_models_crosscorpus.py covers it
             "strong": strong, "weak": weak, "reports": str(tmp_path_factory.mktemp("reports"))}
 
 

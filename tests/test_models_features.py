@@ -166,3 +166,93 @@ def test_delimiter_cuts_lose_nothing(pieces: list[bytes]) -> None:
     for i, chunk in enumerate(chunks[:-1]):  # each cut is a whole line: "--X", maybe "--", padding, line end
         assert chunk.endswith(b"\n") or (i == 0 and chunk == b""), chunks
         assert i == 0 or chunk[:1] in (b"\r", b"\n", b" ", b"\t"), chunks
+
+
+# --- features v7 (issue 21): the character view, de-obfuscation, link structure ---------------------
+
+def _reference_grams(text: str, n: int, n_features: int, max_bytes: int) -> dict[int, float]:
+    """ByteGrams spelled out in Python for one text: counts of hashed byte n-grams, unit length."""
+    data = text.encode("utf-8", "surrogatepass")[:max_bytes]
+    bits = n_features.bit_length() - 1
+    counts: dict[int, float] = {}
+    for i in range(len(data) - n + 1):
+        g = int.from_bytes(data[i:i + n], "little")
+        col = ((g * 2654435761) & 0xFFFFFFFF) >> (32 - bits)
+        counts[col] = counts.get(col, 0.0) + 1.0
+    norm = sum(c * c for c in counts.values()) ** 0.5
+    return {c: v / norm for c, v in counts.items()}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=60), max_size=7), st.sampled_from([1, 3, 4]))
+def test_byte_grams_match_their_definition(texts: list[str], n: int) -> None:
+    from models.features import VIEW_SEP, ByteGrams
+
+    bg = ByteGrams(n=n, n_features=2**10, max_bytes=50)
+    x = bg.transform([f"tok{VIEW_SEP}{t}" for t in texts])
+    assert x.shape == (len(texts), 2**10)
+    for i, t in enumerate(texts):
+        row = x.getrow(i)
+        assert dict(zip(row.indices.tolist(), row.data.tolist(), strict=True)) == pytest.approx(
+            _reference_grams(t, n, 2**10, 50))
+
+
+def test_byte_grams_read_only_the_view_and_any_batch_size() -> None:
+    from models.features import ByteGrams
+
+    docs = MailText().transform([PLAIN] * 600)  # more documents than one sorting chunk
+    x = ByteGrams().transform(docs)
+    assert x.shape[0] == 600 and x.getrow(0).nnz > 0
+    assert (x.getrow(599) != x.getrow(0)).nnz == 0
+    assert ByteGrams().transform(["no view here", ""]).nnz == 0
+
+
+def test_document_holds_tokens_then_the_view() -> None:
+    from models.features import VIEW_SEP, split_tokens
+
+    [doc] = MailText().transform([PLAIN])
+    _tokens, view = doc.split(VIEW_SEP)
+    assert split_tokens(doc) == list(dict.fromkeys(message_tokens(PLAIN).split()))
+    assert view.startswith("lunch on friday\n") and "http://www.cafe.example.ie/menu" in view
+
+
+def test_obfuscated_spellings_read_as_the_words_they_show() -> None:
+    raw = ("Subject: 𝐅𝐑𝐄𝐄 ｃａｓｈ\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+           "Ver\u200bify your acc\u00adount").encode()
+    got = tokens(raw)
+    assert {"s:free", "s:cash", "verify", "your", "account"} <= set(got)
+
+
+def test_links_that_show_another_site() -> None:
+    raw = (b"From: Bank <service@bank.com>\r\nSubject: check\r\nContent-Type: text/html\r\n\r\n"
+           b"<html xmlns:o=\"urn:schemas-microsoft-com\"><body><a href=\"http://evil.example.ru/x\">"
+           b"https://www.bank.com/login</a> <a href=\"http://img.example.net/\"><img src=a.png></a>"
+           b"<p>see http://schemas.microsoft.com/office/2004/12/omml</p></body></html>")
+    got = tokens(raw)
+    assert {"html:link_names_other_1", "html:image_links_1", "mime:html_only", "url:from_site"} <= set(got)
+    assert not any("microsoft" in t for t in got)  # a namespace, not a link
+    elsewhere = tokens(PLAIN.replace(b"alice@mail.example.org", b"alice@shop.example.com"))
+    assert "url:no_from_site" in elsewhere and "url:sites_1" in elsewhere
+
+
+def test_anchor_scan_is_bounded_on_hostile_markup() -> None:
+    from models.features import MAX_ANCHORS, _anchor_links
+
+    assert _anchor_links('<a href="http://a.example/">x</a>' * (MAX_ANCHORS + 50)) == [("a.example", "x")] * MAX_ANCHORS
+    assert _anchor_links("<a href=http://a" * 2000) == []  # no ">": nothing, and no quadratic rescan
+    assert _anchor_links("<abbr href=http://a.example>x</a>") == []
+    assert _anchor_links("<a href=http://a.example>no close") == [("a.example", "")]
+    for body in (b"<a href=http://a" * 1000, b"<a <a <a href=http://b.c>" * 500):
+        assert "mime:unparsable" not in tokens(b"Content-Type: text/html\r\n\r\n<html><body>" + body)
+
+
+def test_the_sequential_union_gives_feature_unions_matrix() -> None:
+    from sklearn.pipeline import FeatureUnion
+
+    from models import pipeline
+
+    docs = MailText().transform([PLAIN, b"", b"Subject: x\r\n\r\n<html>\xff\xfe</html>"])
+    union = pipeline.build().named_steps["hash"]
+    assert isinstance(union, pipeline.SequentialUnion)
+    got, want = union.transform(docs), FeatureUnion(union.transformer_list).transform(docs).tocsr()
+    assert got.format == "csr" and got.shape == want.shape and (got != want).nnz == 0

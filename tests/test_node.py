@@ -86,7 +86,7 @@ def test_the_node_restarts_a_killed_worker_and_stops_every_worker_on_sigterm(top
 def test_a_worker_that_keeps_failing_is_restarted_with_a_growing_delay(topic_settings, tmp_path):
     # A classifier with an empty registry refuses to start (exit 1): the node keeps trying, slower each time.
     settings = config.private(topic_settings, "nomodel", tmp_path, registry=tmp_path / "empty-registry")
-    n = node.Node(settings, tmp_path / "logs", base_port=free_port())
+    n = node.Node(settings, tmp_path / "logs")
     try:
         n.start("classify-priority", node.NODE["classify-priority"])
         wait_for(lambda: len(n.exits) >= 3, timeout=60, what="three failed starts")

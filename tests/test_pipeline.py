@@ -50,7 +50,7 @@ def pipeline(bootstrap: str, trained_registry: Path, tmp_path_factory: pytest.Te
                               registry=trained_registry)
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = Node(settings, tmp / "logs", base_port=9600)
+    workers = Node(settings, tmp / "logs")
     workers.start_standard()
     yield settings, workers
     codes = workers.stop_all()

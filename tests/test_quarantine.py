@@ -6,6 +6,7 @@ import multiprocessing
 import sqlite3
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -17,7 +18,7 @@ from pipeline import deliver, feedback, kafka
 from pipeline.cli import app
 from pipeline.core import config, events
 from pipeline.sinks import maildir, stamp
-from pipeline.sinks.quarantine import DAY_S, Quarantine, subject_of
+from pipeline.sinks.quarantine import DAY_S, Quarantine, Search, subject_of
 from tests.kafka_helpers import consume_n, wait_for
 from tests.worker_helpers import classified, delivered_files, end_offsets, event_ids, group_lag, running
 
@@ -73,28 +74,115 @@ def test_a_claim_gives_a_message_to_one_release_for_its_lease(store):
     assert store.claim("0" * 32, "ops", 120) is None
 
 
-# The schema before claims existed.
-OLD_SCHEMA = """
+# Version 1 of the schema: the raw message inside the summary table; ``claims`` adds the columns
+# of releases' claims (a file from before them lacks them).
+V1_SCHEMA = """
 CREATE TABLE quarantine (event_id TEXT PRIMARY KEY, accepted_at REAL NOT NULL, quarantined_at REAL NOT NULL,
     mail_from TEXT NOT NULL, rcpt_to TEXT NOT NULL, client_address TEXT NOT NULL, score REAL, model_version TEXT,
     subject TEXT NOT NULL, size INTEGER NOT NULL, meta BLOB NOT NULL, raw BLOB NOT NULL, released_at REAL,
-    released_by TEXT);
+    released_by TEXT{claims});
+CREATE INDEX quarantine_by_time ON quarantine (quarantined_at);
 """
+V1_CLAIMS = ", claim TEXT, claimed_at REAL, claimed_by TEXT"
 
 
-def test_a_quarantine_file_from_before_claims_gets_the_claim_columns(tmp_path):
-    path = tmp_path / "old.sqlite3"
+@pytest.mark.parametrize("claims", ["", V1_CLAIMS], ids=["before-claims", "with-claims"])
+def test_a_version_1_file_is_converted_with_every_message_and_its_state(tmp_path, claims):
+    path = tmp_path / "v1.sqlite3"
+    held, released = classified("spam", 1, rcpt=("Bob@Example.com", "carol@example.com")), classified("spam", 2)
     old = sqlite3.connect(path)
-    old.executescript(OLD_SCHEMA)
+    old.executescript(V1_SCHEMA.format(claims=claims))
+    for i, e in enumerate((held, released)):
+        old.execute("INSERT INTO quarantine (event_id, accepted_at, quarantined_at, mail_from, rcpt_to, client_address,"
+                    " score, model_version, subject, size, meta, raw, released_at, released_by)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (e.id, e.accepted_at, NOW + i, e.envelope.mail_from,
+                     orjson.dumps(list(e.envelope.rcpt_to)).decode(), e.envelope.client_address, e.score,
+                     e.model_version, subject_of(e.raw), len(e.raw),
+                     events.encode(e).partition(b"\n")[0], e.raw, NOW + 9 if i else None, "ops" if i else None))
+    old.commit()
     old.close()
     q = Quarantine(path)
     try:
-        event = classified("spam")
-        q.add([event])
-        assert q.claim(event.id, "ops", 120) and q.entry(event.id).claimed_by == "ops"
+        assert q.count() == 2 and q.event(held.id) == held and q.raw(released.id) == released.raw
+        assert q.entry(released.id).released_by == "ops" and q.entry(held.id).released_at is None
+        assert [e.event_id for e in q.search(Search(recipients=("bob@example.com",)), 10).entries] == [held.id]
+        assert {r[0] for r in q.db.execute("SELECT name FROM sqlite_master")} >= {
+            "quarantine", "quarantine_message", "quarantine_recipient", "quarantine_digest"}
+        assert "raw" not in {r["name"] for r in q.db.execute("PRAGMA table_info(quarantine)")}
+        assert q.claim(held.id, "ops", 120) and q.entry(held.id).claimed_by == "ops"
     finally:
         q.close()
-    Quarantine(path).close()  # opened again: nothing left to add
+    Quarantine(path).close()  # opened again: nothing left to convert
+
+
+def test_search_filters_pages_and_counts(store):
+    rows = []
+    for i in range(30):
+        e = classified("spam", i, rcpt=(f"user{i % 3}@example.com",), subject=f"offer {i} 100%_off")
+        e = replace(e, envelope=replace(e.envelope, mail_from=f"s{i % 5}@spam.test"), score=i / 30,
+                    model_version="v2" if i % 2 else "v1")
+        store.add([e], now=NOW + i)
+        rows.append(e)
+    newest_first = [e.id for e in reversed(rows)]
+    # Pages: keyset cursors, newest first, each row once, the last page says so.
+    seen, after = [], None
+    while True:
+        page = store.search(Search(state="all"), 7, after)
+        seen += [e.event_id for e in page.entries]
+        if page.next is None:
+            break
+        after = page.next
+    assert seen == newest_first
+
+    def ids(**query) -> set[str]:
+        return {e.event_id for e in store.search(Search(state="all", **query), 100).entries}
+
+    assert ids(recipient="USER1@") == {e.id for i, e in enumerate(rows) if i % 3 == 1}
+    assert ids(recipients=("User1@Example.com", "user2@example.com")) == {e.id for i, e in enumerate(rows) if i % 3}
+    assert ids(sender="s4@") == {e.id for i, e in enumerate(rows) if i % 5 == 4}
+    assert ids(subject="offer 2") == {rows[2].id, *(rows[i].id for i in range(20, 30))}
+    assert ids(subject="100%_") == {e.id for e in rows} and ids(subject="100%x") == set()  # % and _ are literal
+    assert ids(score_min=0.5, score_max=0.6) == {e.id for i, e in enumerate(rows) if 0.5 <= i / 30 <= 0.6}
+    assert ids(model_version="v2") == {e.id for i, e in enumerate(rows) if i % 2}
+    assert ids(since=NOW + 10, until=NOW + 12) == {rows[10].id, rows[11].id}
+    assert store.model_versions() == ["v2", "v1"]
+    assert store.mark_released(rows[0].id, "ops")
+    assert rows[0].id not in {e.event_id for e in store.search(Search(), 100).entries}
+    assert {e.event_id for e in store.search(Search(state="released"), 100).entries} == {rows[0].id}
+    assert store.count(Search()) == 29 and store.count(Search(), cap=10) == 11 and store.count() == 30
+    with pytest.raises(ValueError, match="state"):
+        store.search(Search(state="nope"))
+
+
+def test_delete_needs_the_claim_and_purge_empties_every_table(store):
+    a, b = classified("spam", 1), classified("spam", 2)
+    store.add([a], now=NOW - 31 * DAY_S)
+    store.add([b], now=NOW)
+    releasing = store.claim(b.id, "ops", 120, now=NOW)
+    assert store.claim(b.id, "lead", 120, now=NOW + 1) is None  # a release holds it: no delete either
+    assert not store.delete(b.id, "not-the-claim")
+    assert store.delete(b.id, releasing) and store.entry(b.id) is None and store.event(b.id) is None
+    assert store.purge(30, now=NOW) == 1
+    for table in ("quarantine", "quarantine_message", "quarantine_recipient"):
+        assert store.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
+
+
+def test_a_digest_window_is_planned_once_per_recipient_and_period(store):
+    e = classified("spam", 1, rcpt=("Bob@example.com", "carol@example.com"))
+    store.add([e], now=NOW)
+    assert store.digest_recipients(NOW - 1, NOW + 1) == ["bob@example.com", "carol@example.com"]
+    assert store.digest_recipients(NOW + 1, NOW + 2) == []
+    assert store.last_digest_until("bob@example.com", "2027-01-15") is None
+    assert store.plan_digest("BOB@example.com", "2027-01-15", 0, NOW + 1) == (0, NOW + 1, False)
+    # A second run of the period gets the first run's window, and learns when it was sent.
+    assert store.plan_digest("bob@example.com", "2027-01-15", 0, NOW + 5) == (0, NOW + 1, False)
+    store.mark_digest_sent("bob@example.com", "2027-01-15")
+    assert store.plan_digest("bob@example.com", "2027-01-15", 0, NOW + 9) == (0, NOW + 1, True)
+    assert store.last_digest_until("bob@example.com", "2027-01-16") == NOW + 1
+    assert store.last_digest_until("carol@example.com", "2027-01-16") is None
+    assert [x.event_id for x in store.held_for("bob@example.com", 0, NOW + 1, 10)] == [e.id]
+    assert store.held_for("bob@example.com", NOW + 1, NOW + 9, 10) == []
 
 
 def test_released_once_only(store):
@@ -199,6 +287,45 @@ def test_a_failed_release_gives_its_claim_back_and_a_dead_one_blocks_only_for_it
     entry = q.entry(third.id)
     assert (entry.released_at, entry.claimed_at) == (None, None)  # free for the next release at once
     q.close()
+
+
+@pytest.mark.kafka
+def test_a_bulk_release_claims_each_message_and_produces_them_together(topic_settings):
+    s = topic_settings
+    a, b, done = (classified("spam", i, rcpt=(f"u{i}@example.com",)) for i in range(3))
+    q = Quarantine(s.paths.quarantine_db)
+    q.add([a, b, done])
+    q.mark_released(done.id, "lead")
+    q.close()
+    outcomes = feedback.release_many(s, [a.id, done.id, "0" * 32, b.id, a.id], "ops", env={})
+    assert [(o.event_id, o.ok) for o in outcomes] == [(a.id, True), (done.id, False), ("0" * 32, False), (b.id, True)]
+    assert "already released by lead" in outcomes[1].error and "no quarantined message" in outcomes[2].error
+    assert sorted(e.id for e in _read(s, "ham", 2)) == sorted([a.id, b.id])
+    assert {e.extra["feedback"] for e in _read(s, "feedback", 2)} == {"quarantine-release"}
+    assert end_offsets(s, "ham") == 2 and end_offsets(s, "feedback") == 2  # one record each, no more
+
+
+@pytest.mark.kafka
+def test_a_recipients_own_release_is_their_report_and_delete_is_authorised_and_claimed(topic_settings):
+    s = topic_settings
+    mine, spam = classified("spam", 1, rcpt=("bob@example.com",)), classified("spam", 2)
+    q = Quarantine(s.paths.quarantine_db)
+    q.add([mine, spam])
+    q.close()
+    feedback.release(s, mine.id, "bob@example.com", env={}, by_recipient=True)
+    [record] = _read(s, "feedback", 1)
+    assert record.extra == {"feedback": feedback.USER_RELEASE_FEEDBACK, "by": "bob@example.com"}
+    with pytest.raises(feedback.FeedbackError, match="not authorized"):
+        feedback.delete(s, spam.id, "ops", "guess", env={feedback.TOKEN_ENV: "s3cret"})
+    with pytest.raises(feedback.FeedbackError, match="already released"):
+        feedback.delete(s, mine.id, "ops", env={})  # released mail is kept for the record until purged
+    feedback.delete(s, spam.id, "ops", "s3cret", env={feedback.TOKEN_ENV: "s3cret"})
+    q = Quarantine(s.paths.quarantine_db)
+    assert q.entry(spam.id) is None and q.event(spam.id) is None and q.count() == 1
+    q.close()
+    with pytest.raises(feedback.FeedbackError, match="no quarantined message"):
+        feedback.delete(s, spam.id, "ops", env={})
+    assert end_offsets(s, "ham") == 1  # a delete produces nothing
 
 
 def _release_racer(env: dict[str, str], event_ids: list[str], by: str, start: Any, results: Any) -> None:

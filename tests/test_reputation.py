@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from confluent_kafka import TopicPartition
 from pipeline import kafka
 from pipeline.core import config, events, senders
 from pipeline.core.config import ROOT, Settings
+from pipeline.node import free_port
 from pipeline.reputation import (
     AGREEMENT_REPORTERS,
     AGREEMENT_SPAN_S,
@@ -325,12 +325,6 @@ def test_tally_applies_a_count_at_once():
 
 # -- the worker on the real broker ------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Worker:
     """The reputation worker as a subprocess (restartable), and a reader of the reputation topic."""
 
@@ -338,7 +332,7 @@ class Worker:
         self.settings = settings
         self.tmp_path = tmp_path
         self.args = args
-        self.port = _free_port()
+        self.port = free_port()
         self.env = os.environ | config.environment(settings) | {
             "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers}
         self.runs = 0

@@ -11,7 +11,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from pipeline import kafka
 from pipeline.core import events
 from pipeline.core.config import Settings, SmtpSettings
 from pipeline.smtp import SmtpIngress
@@ -206,3 +208,71 @@ def test_xforward_only_from_trusted_relays_and_admission_sees_the_original_clien
     assert (forwarded.envelope.client_address, forwarded.envelope.helo) == ("192.0.2.44", "bot+helo.example")
     assert forwarded.extra == {"relay": "127.0.3.25", "relay_queue_id": "4F1A2B"}
     assert (plain.envelope.client_address, plain.extra) == ("127.0.3.25", {})
+
+
+@pytest.mark.kafka
+def test_a_relays_retry_of_one_delivery_gets_the_same_event_id(topic_settings: Settings) -> None:
+    """A 451 cannot promise the broker does not have the event (a late acknowledgement); the relay
+    then delivers again, and its retry must not become a second message: same relay, queue id,
+    envelope and bytes, same event id (the sinks keep one copy per id). Anything else differs."""
+    def queued_as(relay: smtplib.SMTP, ident: str | None, rcpt: str = "bob@example.com", raw: bytes = RAW) -> str:
+        if ident is not None:
+            assert relay.docmd(f"XFORWARD ADDR=192.0.2.44 IDENT={ident}")[0] == 250
+        relay.mail("a@sender.test")
+        relay.rcpt(rcpt)
+        code, reply = relay.data(raw)
+        assert code == 250, reply
+        return reply.decode().rsplit(" ", 1)[-1]
+
+    with ingress(topic_settings, xforward_hosts=("127.0.3.0/24",)) as port, client(port, "127.0.3.25") as relay:
+        relay.ehlo("mx.relay.test")
+        first = queued_as(relay, "4F1A2B")
+        assert queued_as(relay, "4F1A2B") == first  # the retry
+        others = {queued_as(relay, "4F1A2C"), queued_as(relay, "4F1A2B", rcpt="carol@example.com"),
+                  queued_as(relay, "4F1A2B", raw=RAW + b"more\r\n"), queued_as(relay, None), queued_as(relay, None)}
+    assert len(others) == 5 and first not in others
+
+
+def test_clients_without_history_share_a_rate_and_exceeding_it_is_stress() -> None:
+    c = Clients(limits(unknown_message_rate=2.0, unknown_message_burst=3, client_message_rate=0,
+                       stress_unknown_transactions=100))
+    c.make_known("192.0.2.1", 0.0)
+    # Three strangers, each far under every limit of its own, together past their share.
+    got = [c.mail(f"198.51.100.{i}", 0.0) for i in range(4)]
+    assert got == [None, None, None, DEFER_STRESS]
+    assert c.stressed(0.0)
+    assert c.mail("192.0.2.1", 0.0) is None  # a client with history is not in that share
+    assert c.mail("198.51.100.9", 0.5) is None  # the share refills at its rate
+
+
+def _lane_events(settings: Settings, key: str, n: int) -> list[events.MailEvent]:
+    c = kafka.consumer(settings, settings.group(f"check-{key}"))
+    topic = settings.topic(key)
+    parts = kafka.admin(settings).list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    try:
+        return [events.decode(m.value()) for m in consume_n(c, n)]
+    finally:
+        c.close()
+
+
+@pytest.mark.kafka
+def test_under_stress_strangers_mail_goes_to_the_bulk_lane_and_earns_no_history(topic_settings: Settings) -> None:
+    """Under stress a client without history has its accepted mail sent to the bulk lane, and earns
+    no history meanwhile (its second message goes there too, although one would make it known when
+    calm); a client with history keeps the priority lane."""
+    with ingress(topic_settings, max_connections=4, stress_connection_share=0.5, known_after_messages=1,
+                 known_after_s=0.0) as port:
+        with client(port, "127.0.5.1") as regular:  # history first, while the ingress is calm
+            regular.ehlo("mx.regular.test")
+            assert regular.sendmail("a@regular.test", ["bob@example.com"], RAW) == {}
+        # Two open connections of four: stress.
+        with client(port, "127.0.6.1") as stranger, client(port, "127.0.6.1") as _second:
+            stranger.ehlo("mx.stranger.test")
+            assert stranger.sendmail("x@stranger.test", ["bob@example.com"], RAW) == {}
+            assert stranger.sendmail("x@stranger.test", ["bob@example.com"], RAW) == {}
+            with client(port, "127.0.5.1") as regular:
+                regular.ehlo("mx.regular.test")
+                assert regular.sendmail("a@regular.test", ["bob@example.com"], RAW) == {}
+    assert [e.envelope.client_address for e in _lane_events(topic_settings, "inbound", 2)] == ["127.0.5.1"] * 2
+    assert [e.envelope.client_address for e in _lane_events(topic_settings, "bulk", 2)] == ["127.0.6.1"] * 2

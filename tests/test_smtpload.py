@@ -250,5 +250,25 @@ def test_the_smtp_load_command_against_an_ingress_process_it_starts(settings: Se
     assert report["ingress_exits"] == []
     phase = report["runs"]["none"]["phases"]["1-before"]
     assert phase["ham"]["sent"] == 20 and phase["ham"]["accepted"] == 20
-    assert phase["cpu_s"]["ingress"] > 0 and "broker" in phase["cpu_s"]
+    ingress = {k: v for k, v in phase["cpu_s"].items() if k.startswith("smtp")}  # front and session processes
+    assert sum(ingress.values()) > 0 and "broker" in phase["cpu_s"]
     assert phase["cpu_ms_per_message"]["generator"] > 0
+
+
+@pytest.mark.kafka
+def test_an_idle_connection_the_server_closes_is_counted_when_it_closes(topic_settings: Settings) -> None:
+    """A hogger learns of the ingress's idle timeout (421 4.4.2) when it comes, not at its next
+    NOOP: counted as an idle failure at that moment, and the hogger reconnects."""
+    s = replace(topic_settings, smtp=replace(topic_settings.smtp, idle_timeout_s=0.6))
+    ing = SmtpIngress(s, host="127.0.0.1", port=0)
+    port = ing.start()
+    try:
+        shape = Shape("idle", bots=1, conns=0, idle=1, noop_s=60.0, net=9)
+        gen = LoadGenerator("127.0.0.1", port, shape, Phases(0, 0, 3.0, 0), spam=[b"x\r\n.\r\n"])
+        run = asyncio.run(gen.run())
+    finally:
+        ing.stop()
+    closed = [f for f in run.failures if f.role == "idle" and f.step == "idle"]
+    assert closed and all(f.code == 421 and "idle too long" in f.text for f in closed)
+    assert run.connects["2-during"]["idle"] >= 2  # reconnected after each
+    assert run.idle_held_max == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pipeline.core.config import Settings
 from pipeline.core.events import Envelope, MailEvent
 from pipeline.core.service import Service
 from pipeline.kafka.loop import Loop
+from pipeline.node import free_port
 from tests.kafka_helpers import wait_for
 
 RAW = (b"From: sender@example.org\r\nTo: {rcpt}\r\nSubject: {subject}\r\nMessage-ID: <{n}@example.org>\r\n"
@@ -137,12 +137,6 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = r.read().decode()
     return {(m.name, tuple(sorted(m.labels.items()))): m.value
             for family in text_string_to_metric_families(text) for m in family.samples}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def settings_env(settings: Settings, metrics_port: int) -> dict[str, str]:

@@ -33,14 +33,12 @@ shares with the cluster (fetching, starting and watching a node) is in ``local.p
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import local  # infra/kafka/local.py, beside this file
@@ -94,7 +92,7 @@ def configure() -> None:
 def format_storage() -> None:
     if (STATE / "data" / "meta.properties").exists():
         return
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = local.random_id()
     log(f"formatting KRaft storage (cluster id {cluster_id})")
     subprocess.run(
         java("kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,

@@ -13,14 +13,12 @@ Standard library only, like ``broker.py``; what the two share is in ``local.py``
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +48,12 @@ num.partitions=1
 group.initial.rebalance.delay.ms=0
 offsets.topic.num.partitions=8
 transaction.state.log.num.partitions=8
+# A killed node keeps leading its partitions, and coordinating its groups and transactions,
+# until the controller fences it: broker.session.timeout.ms after its last heartbeat (9 s by
+# default). Ham stalls that long before anything can move (issue 18: 15-18 s from a kill to ham
+# flowing again with the defaults).
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=4000
 # Small machine, three JVMs: fewer threads than the defaults (3 network, 8 I/O).
 num.network.threads=2
 num.io.threads=4
@@ -99,10 +103,6 @@ class Cluster:
         return min(self.nodes, 3), min(self.nodes, 2)
 
 
-def _dir_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-
-
 def _layout(c: Cluster) -> dict:
     """The cluster's identity (cluster id, each node's directory id), made once and kept."""
     path = c.state / "cluster.json"
@@ -112,8 +112,8 @@ def _layout(c: Cluster) -> dict:
             sys.exit(f"[kafka] {c.state} holds a {layout['nodes']}-node cluster on port {layout['port']};"
                      f" run `down` and remove it to change the layout")
         return layout
-    layout = {"nodes": c.nodes, "port": c.port, "cluster_id": _dir_id(),
-              "directories": {str(n.id): _dir_id() for n in c.all()}}
+    layout = {"nodes": c.nodes, "port": c.port, "cluster_id": local.random_id(),
+              "directories": {str(n.id): local.random_id() for n in c.all()}}
     c.state.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(layout, indent=1) + "\n")
     return layout

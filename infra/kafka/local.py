@@ -10,12 +10,14 @@ Standard library only, so that it runs before the project's virtual environment 
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 KAFKA_VERSION = os.environ.get("FLOODGATE_KAFKA_VERSION", "4.1.2")
@@ -83,6 +85,16 @@ log.dirs={data}
 
 def log(msg: str) -> None:
     print(f"[kafka] {msg}", flush=True)
+
+
+def random_id() -> str:
+    """A Kafka id (cluster or directory): 16 random bytes as unpadded base64url, as
+    ``kafka-storage.sh random-uuid`` makes them. Like Kafka's own, never one that starts with a
+    dash: StorageTool would read ``-t -x…`` as an option (a format failure, one run in 32)."""
+    while True:
+        found = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not found.startswith("-"):
+            return found
 
 
 def external() -> str | None:

@@ -268,5 +268,16 @@ class Admission:
         self._admitted[lane].inc()
         return self.bulk if lane == "bulk" else self.inbound
 
+    def divert(self, ev: events.MailEvent, now: float | None = None) -> str:
+        """The bulk lane's topic for a message the ingress sends there on its own account (a client
+        without history while the ingress is under stress); its sources are counted as usual, so
+        their rates stay true. A known-good sender still goes to the priority lane."""
+        if self.lane(ev, now) == "priority" and self.good.is_good(
+                senders.keys(ev.envelope.mail_from, ev.envelope.client_address)):
+            self._admitted["priority"].inc()
+            return self.inbound
+        self._admitted["bulk"].inc()
+        return self.bulk
+
     def close(self) -> None:
         self.good.stop()

@@ -1,4 +1,5 @@
-"""``python -m pipeline.bench``: the harness's commands (``make demo``, ``make bench-*``, ``make chaos``).
+"""``python -m pipeline.bench``: the harness's commands (``make demo``, ``make demo-mailsystem``, ``make bench-*``,
+``make chaos``).
 
 The harness drives and measures the product; the product never imports it, so its commands live
 here rather than in ``floodgate``.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from pipeline.bench.frontdoor import SHAPES
 from pipeline.cli import start_service
 from pipeline.core import config
 
@@ -21,19 +23,95 @@ def bench_flood(
     pre: float = typer.Option(20.0, help="seconds of steady mail before the flood"),
     flood: float = typer.Option(20.0, help="seconds of flood"),
     post: float = typer.Option(20.0, help="seconds of steady mail after it"),
-    capacity: float = typer.Option(0.0, help="pipeline capacity in msg/s; 0 measures it first"),
+    capacity: float = typer.Option(0.0, help="lanes: pipeline capacity in msg/s; 0 measures it first"),
     naive: bool = typer.Option(True, help="also run the naive single-lane configuration"),
     keep: bool = typer.Option(False, help="keep the work directory (worker logs, Maildirs, quarantine)"),
+    front_door: bool = typer.Option(True, help="the flood over SMTP at the ingress (reports/frontdoor.*)"),
+    lanes: bool = typer.Option(True, help="the flood produced straight into the lanes, the generator playing "
+                               "the ingress (reports/flood.*)"),
+    shapes: str = typer.Option(",".join(SHAPES), help="front door: flood shapes, one after the other"),
+    warmup: float = typer.Option(-1.0, help="front door: seconds of ham before the first shape's measured "
+                                 "phases; -1: smtp.known_after_s + 10, so that the ham senders are known"),
 ) -> None:
-    """A spam flood at 5x capacity: ham latency before, during and after, beside the naive design."""
+    """A spam flood: over SMTP at the front door (ham timed connect -> Maildir, every 4xx), and at
+    5x capacity straight into the lanes; each beside the naive design."""
+    import sys
+
     from pipeline.bench import flood as bench
+    from pipeline.bench import frontdoor
 
     settings = config.load()
-    scenario = bench.Scenario(pre_s=pre, flood_s=flood, post_s=post, capacity=capacity or None)
-    report = bench.run(settings, scenario, ("floodgate", "naive") if naive else ("floodgate",), keep=keep)
-    typer.echo(bench.summary(report))
-    typer.echo("wrote reports/flood.json and reports/flood.png"
-               + (f"; kept {report['workdir']}" if keep else ""))
+    configs = ("floodgate", "naive") if naive else ("floodgate",)
+    command = " ".join([COMMAND, *sys.argv[1:]])
+    typer.echo(f"command: {command}", err=True)
+    if front_door:
+        scenario = frontdoor.FrontDoorScenario(warmup_s=None if warmup < 0 else warmup, pre_s=pre, flood_s=flood,
+                                               post_s=post, shapes=tuple(s for s in shapes.split(",") if s))
+        report = frontdoor.run(settings, scenario, configs, keep=keep, command=command,
+                               log=lambda line: typer.echo(line, err=True))
+        typer.echo(frontdoor.summary(report))
+        typer.echo("wrote reports/frontdoor.json and reports/frontdoor.png"
+                   + (f"; kept {report['workdir']}" if keep else ""))
+    if lanes:
+        scenario = bench.Scenario(pre_s=pre, flood_s=flood, post_s=post, capacity=capacity or None)
+        report = bench.run(settings, scenario, configs, keep=keep)
+        typer.echo(bench.summary(report))
+        typer.echo("wrote reports/flood.json and reports/flood.png"
+                   + (f"; kept {report['workdir']}" if keep else ""))
+
+
+@app.command("ingress")
+def bench_ingress(
+    conns: str = typer.Option("1,5", help="connections each of the 20 clients keeps busy: each run once per value"),
+    only: str = typer.Option("", help="only the runs whose name contains this (persistent, per-message, "
+                             "product limits, end to end)"),
+) -> None:
+    """Messages a second the SMTP ingress accepts from 20 clients (1 and 2 processes, persistent and
+    one message per connection), CPU per process; and the rate the whole node sustains end to end.
+    Writes reports/ingress.json and the ingress section of BENCHMARKS.md."""
+    import sys
+
+    from pipeline.bench import ingress as bench
+
+    command = "make bench-ingress" if len(sys.argv) == 2 else " ".join([COMMAND, *sys.argv[1:]])
+    typer.echo(f"command: {command}", err=True)
+    report = bench.run(config.load(), tuple(int(c) for c in conns.split(",")), only,
+                       log=lambda line: typer.echo(line, err=True))
+    bench.write(report, command)
+    typer.echo("wrote reports/ingress.json and the ingress section of BENCHMARKS.md")
+
+
+@app.command("web")
+def bench_web(
+    messages: int = typer.Option(100_000, help="messages in the quarantine"),
+    rounds: int = typer.Option(20, help="requests timed per kind of list request"),
+    quarantine: str = typer.Option("", help="a quarantine file filled by an earlier run: used again (filled "
+                                   "and kept there if missing)"),
+) -> None:
+    """The web worker's list view with a full quarantine: p50/p95 per kind of request -> BENCHMARKS.md."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import orjson
+
+    from models.bench import write_section
+    from pipeline.bench import web as bench
+
+    with tempfile.TemporaryDirectory(prefix="floodgate-webbench-") as tmp:
+        result = bench.run(config.load(), messages, Path(tmp), rounds, Path(quarantine) if quarantine else None)
+    command = ("make bench-web" if (messages, rounds, quarantine) == (100_000, 20, "")
+               else COMMAND + " " + " ".join(sys.argv[1:]))
+    reports = config.ROOT / "reports"
+    reports.mkdir(exist_ok=True)
+    (reports / "bench-web.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    write_section(config.ROOT / "BENCHMARKS.md", bench.section(result, command))
+    for label, p in result["passes"].items():
+        lv = p["list_view"]
+        typer.echo(f"list view over {result['filled']['messages']:,} messages at {label}: p50 {lv['p50_ms']} ms, "
+                   f"p95 {lv['p95_ms']} ms, max {lv['max_ms']} ms ({lv['n']} requests; worker CPU p50 "
+                   f"{lv['cpu_p50_ms']} ms)")
+    typer.echo("wrote reports/bench-web.json and BENCHMARKS.md")
 
 
 @app.command("reputation")
@@ -88,17 +166,33 @@ def chaos(
 def demo(
     seconds: float = typer.Option(10.0, help="length of each phase: before, during and after the flood"),
     naive: bool = typer.Option(False, help="also run the naive single-lane design on the same traffic"),
+    shape: str = typer.Option("hog", help="the flood at the front door: fast, hog (bots that also hold idle "
+                              "connections: every limit of the front door at work) or concentrated"),
+    front_door: bool = typer.Option(True, help="after the flood into the lanes, a flood over SMTP at the front door"),
 ) -> None:
-    """The whole story on this machine: workers as processes, real mail, a spam flood, the result."""
+    """The whole story on this machine: workers as processes, real mail, a spam flood into the lanes,
+    then one over SMTP at the front door, and the result."""
     from pipeline.bench import flood as bench
+    from pipeline.bench import frontdoor
 
     settings = config.load()
+    configs = ("floodgate", "naive") if naive else ("floodgate",)
     typer.echo("Floodgate demo: measuring this machine's capacity, then steady mail, a spam flood at 5x capacity,"
                " and recovery.\nWorkers run as separate processes; the live table is consumer lag per group.")
     scenario = bench.Scenario(pre_s=seconds, flood_s=seconds, post_s=seconds)
-    report = bench.run(settings, scenario, ("floodgate", "naive") if naive else ("floodgate",), live=True)
+    report = bench.run(settings, scenario, configs, live=True)
     typer.echo(bench.summary(report))
     typer.echo("wrote reports/flood.json and reports/flood.png")
+    if not front_door:
+        return
+    door = frontdoor.FrontDoorScenario(pre_s=seconds, flood_s=seconds, post_s=seconds, shapes=(shape,))
+    typer.echo(f"\nNow at the front door: floodgate smtp and the workers, ham senders and a {shape} flood of bots, "
+               "all over real SMTP connections from their own addresses. The ham senders first send for "
+               f"{settings.smtp.known_after_s + frontdoor.KNOWN_MARGIN_S:.0f} s, so that the ingress knows them, "
+               "as it knows a provider's regular senders.")
+    report = frontdoor.run(settings, door, configs, live=True, log=lambda line: typer.echo(line, err=True))
+    typer.echo(frontdoor.summary(report))
+    typer.echo("wrote reports/frontdoor.json and reports/frontdoor.png")
 
 
 @app.command("smtp-load")
@@ -193,8 +287,8 @@ def smtp_load(
                 processes=processes if processes >= 0 else None))
             lanes = pipeline
             host, port = pipeline.smtp.host, str(pipeline.smtp.port)
-            watched["ingress"] = node.workers["smtp"].proc.pid  # type: ignore[union-attr]
-            broker = smtpload.listening_pid(int(pipeline.kafka.bootstrap_servers.split(",")[0].rpartition(":")[2]))
+            watched |= smtpload.ingress_processes(node.workers["smtp"].proc.pid)  # type: ignore[union-attr]
+            broker = smtpload.broker_pid(pipeline)
             if broker is not None:
                 watched.setdefault("broker", broker)
             if not workers:
@@ -254,6 +348,15 @@ def auth_verify(
     cfg = {"helo": helo, "dns_backend": dns_backend} | ({} if spf_memo else {"spf_result_entries": 0}) \
         | ({} if dkim_memo else {"dkim_result_entries": 0}) | {"signed_fields_only": signed_fields}
     typer.echo(orjson.dumps(authbench.run(domains, profile=profile, **cfg)).decode())
+
+
+@app.command()
+def mailsystem() -> None:
+    """Postfix in front, Dovecot behind (private instances on loopback, as root): mail from swaks, a Junk
+    move reported back, a release from the quarantine, the mailboxes over IMAP."""
+    from pipeline.bench import mailsystem as bench
+
+    bench.demo(config.load(), log=typer.echo)
 
 
 @app.command()

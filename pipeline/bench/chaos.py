@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
-from pipeline import kafka
+from pipeline import kafka, lag
 from pipeline.admission import Admission
 from pipeline.bench import accounting, traffic
 from pipeline.bench.flood import load_mail
@@ -65,11 +65,10 @@ CLUSTERS = {1: ("chaos1", 19192), 3: ("chaos", 19092)}
 # their groups' input topics (topic keys). The classifiers write their outputs in transactions.
 INPUTS = {w: keys for w, keys in GROUP_INPUTS.items() if w in STANDARD and w != "reputation"}
 TRANSACTIONAL = {"ham", "bulk_ham", "spam"}
-# Worker metrics ports, away from the demo's (9400), the naive run's (9500) and the tests' (9600).
-BASE_PORT = 9810
 POLL_S = 0.5  # polling interval of the deadline-bounded waits below
 DRAIN_TIMEOUT_S = 600.0
 ADMIN_TIMEOUT_S = 5.0
+OFFSET_BEGINNING = -2  # librdkafka's logical offset: the partition's first record
 RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths atomically (Linux 3.15+, glibc 2.28+)
 AT_FDCWD = -100
 
@@ -203,6 +202,7 @@ class Progress:
         self.transactional = {settings.topic(k) for k in TRANSACTIONAL}
         self._parts: dict[str, list[int]] = {}
         self._probes: dict[str, Consumer] = {}
+        self._reader: Consumer | None = None
         self.behind: list[str] = []
 
     def _partitions(self, topic: str) -> list[int]:
@@ -240,6 +240,8 @@ class Progress:
     def close(self) -> None:
         for c in self._probes.values():
             c.close()
+        if self._reader is not None:
+            self._reader.close()
 
     def caught_up(self, worker: str, target: dict[tuple[str, int], int]) -> bool:
         try:
@@ -249,13 +251,42 @@ class Progress:
             if probe is not None:
                 probe.close()
             return False
+        short: dict[tuple[str, int], int] = {}
         for (topic, part), end in target.items():
             if topic not in self.inputs[worker]:
                 continue
             slack = 1 if topic in self.transactional else 0  # a commit marker may hold the last offset
             if end > 0 and committed.get((topic, part), -1) < end - slack:
-                return False
-        return True
+                if topic not in self.transactional:
+                    return False
+                short[(topic, part)] = committed.get((topic, part), OFFSET_BEGINNING)
+        # On a transactional topic a group cannot commit past records it is never given: a
+        # transaction aborted by a broker fault leaves aborted records and a second marker at the
+        # end of a partition (or is all a partition ever got: then the group never commits it),
+        # and with no mail after them the group's commit stays two or more short of the end for
+        # good. Caught up, then, means nothing readable is left from the committed offset on (as
+        # `floodgate lag` counts it).
+        return not short or self._nothing_readable(short, target)
+
+    def _nothing_readable(self, starts: dict[tuple[str, int], int], ends: dict[tuple[str, int], int]) -> bool:
+        """Whether a read_committed reader finds no record from each start up to its end."""
+        if self._reader is None:
+            self._reader = kafka.consumer(self.settings, self.settings.group("chaos-reader"), **lag.PROBE)
+        self._reader.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
+        pending = set(starts)
+        deadline = time.monotonic() + ADMIN_TIMEOUT_S
+        try:
+            while pending and time.monotonic() < deadline:
+                for msg in self._reader.consume(len(starts), timeout=0.1):
+                    key = (msg.topic(), msg.partition())
+                    err = msg.error()
+                    if err is None and msg.offset() < ends[key]:
+                        return False  # a record the group has not committed yet
+                    if err is None or err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(key)
+        finally:
+            self._reader.unassign()
+        return not pending
 
     def wait(self, workers: list[str], target: dict[tuple[str, int], int] | None, timeout: float,
              tick: Callable[[], None] = lambda: None) -> float | None:
@@ -388,7 +419,7 @@ def run_one(base: Settings, plan: Plan, workdir: Path, log=print,  # type: ignor
     stack = contextlib.ExitStack()
     stack.enter_context(replication(plan.brokers))
     topics.apply(settings, admin)
-    workers = Node(settings, workdir / "logs", base_port=base_port or BASE_PORT + 10 * plan.brokers)
+    workers = Node(settings, workdir / "logs", base_port=base_port)
     admission: Admission | None = None
     rng = random.Random(plan.seed)
     chaos: Chaos | None = None

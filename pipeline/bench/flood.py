@@ -27,6 +27,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -219,47 +220,96 @@ def stats(values: list[float]) -> dict[str, Any]:
             "mean": statistics.fmean(values) if values else None}
 
 
-def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic.Planned], workdir: Path,
-               start_workers, admit: bool, live: bool = False) -> ConfigResult:  # type: ignore[no-untyped-def]
-    settings = config.private(base, f"{name}-", workdir / name)
-    admin = kafka.admin(settings)
-    topics.apply(settings, admin)
-    workers = Node(settings, workdir / name / "logs", base_port=9500 if name == "naive" else 9400)
-    admission: Admission | None = None
+# Starts a configuration's workers on a node; returns the consumer groups whose lag is sampled.
+Starter = Callable[[Node, Settings], list[str]]
+
+
+class Bed:
+    """One configuration on private topics, Maildirs and a quarantine: its workers as processes
+    (a :class:`Node`), and, once :meth:`measure` is called, consumer lag and the disk probe
+    sampled from a clean page cache on. Made by :func:`testbed`."""
+
+    def __init__(self, name: str, settings: Settings, workers: Node, workdir: Path) -> None:
+        self.name, self.settings, self.workers, self.workdir = name, settings, workers, workdir
+        self.groups: list[str] = []
+        self.t0 = 0.0  # wall time of t = 0 of the lag samples
+        self.sampler: LagSampler | None = None
+        self.probe: DiskProbe | None = None
+        self.lag: list[tuple[float, str, int]] = []  # (t, group, lag)
+        self.disk: list[tuple[float, float]] = []  # (wall time, seconds one durable write took)
+
+    def measure(self) -> None:
+        """Start sampling. What an earlier configuration (or calibration, or run) left dirty in the
+        page cache would be written back 30 s later, inside this one's measurement, and
+        delivery's fsyncs would wait behind it: start from a clean page cache. This
+        configuration's own writes are part of what is measured."""
+        os.sync()
+        freeze_start_up()  # the plan and the corpus: a full collection would walk them mid-flood
+        self.t0 = time.time()
+        self.sampler = LagSampler(self.settings, self.groups, self.t0)
+        self.sampler.start()
+        self.probe = DiskProbe(self.workdir / "disk-probe")  # beside the Maildirs: the same filesystem
+        self.probe.start()
+
+    def live(self, on: bool) -> contextlib.AbstractContextManager[Any]:
+        """The live per-group lag table on the terminal while the body runs, when ``on``."""
+        if not on or self.sampler is None:
+            return contextlib.nullcontext()
+        from rich.live import Live
+
+        return Live(get_renderable=self.sampler.view, refresh_per_second=2)
+
+    def stop(self) -> None:
+        """Stop sampling and the workers (idempotent); the sinks are then still there to scan."""
+        if self.sampler is not None:
+            self.lag = self.sampler.finish()
+            self.sampler = None
+        if self.probe is not None:
+            self.disk = self.probe.finish()
+            self.probe = None
+        self.workers.stop_all()
+
+
+@contextlib.contextmanager
+def testbed(name: str, base: Settings, workdir: Path, start_workers: Starter,
+            settings: Callable[[Settings], Settings] | None = None) -> Iterator[Bed]:
+    """A :class:`Bed` for configuration ``name`` under ``workdir/name``, its workers started by
+    ``start_workers``; ``settings`` adjusts its settings first. Afterwards its topics are deleted."""
+    own = config.private(base, f"{name}-", workdir / name)
+    if settings is not None:
+        own = settings(own)
+    admin = kafka.admin(own)
+    topics.apply(own, admin)
+    bed = Bed(name, own, Node(own, workdir / name / "logs"), workdir / name)
     try:
-        groups = start_workers(workers, settings)
+        bed.groups = start_workers(bed.workers, own)
+        yield bed
+    finally:
+        bed.stop()
+        topics.delete(own, admin)
+
+
+def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic.Planned], workdir: Path,
+               start_workers: Starter, admit: bool, live: bool = False) -> ConfigResult:
+    with testbed(name, base, workdir, start_workers) as bed:
+        settings = bed.settings
         # The generator plays the ingress: Floodgate admits each message to its lane; the naive
         # design has one queue for everything.
         admission = Admission(settings) if admit else None
-        inbound = settings.topic("inbound")
-        route = admission.topic if admission else (lambda ev: inbound)
-
-        take_priority(INGRESS_NICE)  # the generator is the ingress here
-        # What the previous configuration (or calibration, or run) left dirty in the page cache
-        # would be written back 30 s later, inside this one's measurement, and delivery's fsyncs
-        # would wait behind it: start from a clean page cache. This configuration's own writes
-        # are part of what is measured.
-        os.sync()
-        freeze_start_up()  # the plan and the corpus: a full collection would walk them mid-flood
-        t0 = time.time()
-        sampler = LagSampler(settings, groups, t0)
-        sampler.start()
-        probe = DiskProbe(workdir / name / "disk-probe")  # beside the Maildirs: the same filesystem
-        probe.start()
-        with contextlib.ExitStack() as stack:
-            if live:
-                from rich.live import Live
-
-                stack.enter_context(Live(get_renderable=sampler.view, refresh_per_second=2))
-            sent = traffic.send(kafka.lane_producer(settings), route, plan)
-            accounting.wait_accounted(settings, set(sent.acked), DRAIN_TIMEOUT_S)
-        lag = sampler.finish()
-        disk = probe.finish()
-    finally:
-        workers.stop_all()
-        if admission:
-            admission.close()
-    found = accounting.scan(settings)
+        try:
+            inbound = settings.topic("inbound")
+            route = admission.topic if admission else (lambda ev: inbound)
+            take_priority(INGRESS_NICE)  # the generator is the ingress here
+            bed.measure()
+            with bed.live(live):
+                sent = traffic.send(kafka.lane_producer(settings), route, plan)
+                accounting.wait_accounted(settings, set(sent.acked), DRAIN_TIMEOUT_S)
+        finally:
+            bed.stop()
+            if admission:
+                admission.close()
+        t0, lag, disk = bed.t0, bed.lag, bed.disk
+        found = accounting.scan(settings)
     ledger = accounting.reconcile(sent.acked, found)
     classified = classified_times(settings.paths.maildir_root)
     phase_of = _phases(scenario)
@@ -300,7 +350,6 @@ def run_config(name: str, base: Settings, scenario: Scenario, plan: list[traffic
     for when, seconds in disk:
         buckets.setdefault(phase_of(when - sent.start), {}).setdefault("disk", []).append(seconds)
     flood_end = sent.start + scenario.warmup_s + scenario.pre_s + scenario.flood_s
-    topics.delete(settings, admin)
     return ConfigResult(
         name=name, ledger=ledger.summary(), ok=ledger.ok, lost=len(ledger.lost), duplicated=len(ledger.duplicated),
         phases={ph: {path: stats(v) for path, v in paths.items()} for ph, paths in sorted(buckets.items())},
@@ -424,25 +473,40 @@ def plot(results: dict[str, ConfigResult], s: Scenario, path: Path) -> None:
             pts = [(t, lat) for t, p, lat in r.series if p == verdict]
             if pts:
                 ax.scatter([t for t, _ in pts], [lat for _, lat in pts], s=2, c=color, label=verdict, alpha=0.5)
-        if r.disk:
-            ax.scatter([t for t, _ in r.disk], [sec for _, sec in r.disk], s=4, c="black", marker="x",
-                       label="one fsynced write (disk probe)", alpha=0.5)
+        scatter_disk(ax, r.disk)
         ax.set_yscale("log")
         ax.set_ylabel("end-to-end latency (s)")
         ax.set_title(f"{name}: latency by acceptance time")
-        ax.axvspan(s.warmup_s + s.pre_s, s.warmup_s + s.pre_s + s.flood_s, color="orange", alpha=0.15, label="flood")
+        shade_flood(ax, s.warmup_s + s.pre_s, s.warmup_s + s.pre_s + s.flood_s, label="flood")
         ax.legend(loc="upper left")
         ax = axes[1][col]
         for group in sorted({g for _, g, _ in r.lag}):
             pts = [(t, lag) for t, g, lag in r.lag if g == group]
             ax.plot([t for t, _ in pts], [lag for _, lag in pts], label=group.split(".", 1)[-1])
-        ax.axvspan(s.warmup_s + s.pre_s, s.warmup_s + s.pre_s + s.flood_s, color="orange", alpha=0.15)
+        shade_flood(ax, s.warmup_s + s.pre_s, s.warmup_s + s.pre_s + s.flood_s)
         ax.set_xlabel("seconds since start")
         ax.set_ylabel("consumer lag (messages)")
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def shade_flood(ax: Any, start: float, end: float, label: str | None = None) -> None:
+    """The flood window on a plot over time."""
+    ax.axvspan(start, end, color="orange", alpha=0.15, label=label)
+
+
+def scatter_disk(ax: Any, disk: list[tuple[float, float]]) -> None:
+    """The disk probe's writes (t, seconds) on a latency plot: what any durable write waited."""
+    if disk:
+        ax.scatter([t for t, _ in disk], [sec for _, sec in disk], s=4, c="black", marker="x",
+                   label="one fsynced write (disk probe)", alpha=0.5)
+
+
+def fmt(v: float | None) -> str:
+    """Seconds in a summary table."""
+    return "-" if v is None else f"{v:.3f}"
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -464,9 +528,7 @@ def summary(report: dict[str, Any]) -> str:
             h, sp, q = paths.get("legit_ham", {}), paths.get("spam", {}), paths.get("legit_ham_queued", {})
             ing, dlv = paths.get("legit_ham_ingress", {}), paths.get("legit_ham_delivering", {})
             disk, clear = paths.get("disk", {}), paths.get("legit_ham_clear", {})
-
-            def f(v: float | None) -> str:
-                return "-" if v is None else f"{v:.3f}"
+            f = fmt
             lines.append(f"{name:10} {phase[2:]:9} {f(h.get('p50')):>9} {f(h.get('p99')):>9} {f(h.get('max')):>9} "
                          f"{f(clear.get('p99')):>9} {f(ing.get('p99')):>11} {f(q.get('p99')):>10} "
                          f"{f(dlv.get('p99')):>14} {f(sp.get('p50')):>9} "

@@ -13,9 +13,9 @@ appended to the reputation section of BENCHMARKS.md, with the commit, command an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-import socket
 import subprocess
 import time
 import urllib.request
@@ -76,10 +76,16 @@ def produce(settings: Settings, evs: list[events.MailEvent]) -> None:
         raise RuntimeError("the backlog was not acknowledged within 120 s")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux ``/proc``)."""
+def cpu_seconds(pid: int, tree: bool = False) -> float:
+    """User + system CPU time of a process (Linux ``/proc``); with ``tree``, and of its living
+    descendants (the SMTP ingress's session processes behind its front)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if tree:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(int(child), tree=True)
+    return total
 
 
 def stats(port: int) -> dict[str, Any] | None:
@@ -106,12 +112,6 @@ def internal_records(settings: Settings) -> dict[str, int]:
         probe.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
     settings = config.private(base, "repbench-", workdir / "repbench")
     evs = backlog(settings.paths.data, n)
@@ -121,7 +121,7 @@ def run(base: Settings, n: int, workdir: Path) -> dict[str, Any]:
     distinct = ", ".join(f"{n:,} {kind}" for kind, n in sorted(kinds.items()))
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
-    workers = Node(settings, workdir / "logs", base_port=free_port())
+    workers = Node(settings, workdir / "logs")
     try:
         produce(settings, evs)
         # Named apart from NICE's "reputation": it runs at nice 0.

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import multiprocessing
 import os
 import random
 import socket
@@ -51,6 +52,7 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,7 @@ from pipeline.bench.reputation import cpu_seconds
 from pipeline.core import config, senders
 from pipeline.core.config import Settings
 from pipeline.kafka import topics
-from pipeline.node import STANDARD, Node
+from pipeline.node import STANDARD, Node, free_port
 from pipeline.replay import TokenBucket
 
 # Steps of one message, in order. ``connect`` is the TCP handshake, ``banner`` the server's
@@ -147,8 +149,14 @@ def spam_payloads(spam: Sequence[Message]) -> list[bytes]:
 
 
 def source(net: int, i: int) -> str:
-    """The ``i``-th client address of a role's network on 127/8 (never .0 or .255)."""
-    return f"127.{net}.{i // 250}.{i % 250 + 1}"
+    """The ``i``-th client address of a role's network on 127/8, each in a /24 of its own
+    (127.<net>.<i % 250 + 1>.<i // 250 + 1>; never .0 or .255).
+
+    Clients on the internet are spread over networks, and the ingress counts connections per /24
+    and hands each /24 to one session process (``pipeline/smtp/front.py``). Packed into one /24, a
+    shape's 60 bots were held to 50 connections by the per-network limit, and every bot of a shape
+    landed in one session process, the ham senders' or the other one as the hash fell."""
+    return f"127.{net}.{i % 250 + 1}.{i // 250 + 1}"
 
 
 # -- what is measured ----------------------------------------------------------------------
@@ -181,6 +189,7 @@ class Failure:
     code: int  # 4xx/5xx; 0 for a connection failure
     text: str  # the reply's text, or refused | reset | timeout | the OS error
     at: float  # wall time
+    waited: float = math.nan  # seconds from the connection's start (a later message's: its MAIL) to this reply
 
 
 class Rejected(Exception):
@@ -204,6 +213,11 @@ def _pending(at: list[float], first: int = CONNECT) -> str:
     return next((STEPS[i] for i in range(first, len(at)) if math.isnan(at[i])), "quit")
 
 
+def _waited(at: list[float], step: str) -> float:
+    """Seconds from the start to the reply of ``step`` (nan when it has none: a NOOP's, say)."""
+    return at[STEPS.index(step)] if step in STEPS else math.nan
+
+
 def _connection_error(e: BaseException) -> str:
     if isinstance(e, ConnectionRefusedError):
         return "refused"
@@ -214,6 +228,16 @@ def _connection_error(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno is not None:
         return os.strerror(e.errno)
     return type(e).__name__
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    """Until one of two events is set."""
+    waits = {asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 # -- the client ----------------------------------------------------------------------------
@@ -231,7 +255,8 @@ class _Client(asyncio.Protocol):
     ingress does not get). The future's result is the last reply; a bad reply fails it with
     :class:`Rejected`, a lost connection with the connection's error."""
 
-    __slots__ = ("at", "buf", "closed", "done", "i", "loop", "quitting", "replies", "script", "t0", "transport")
+    __slots__ = ("at", "buf", "closed", "done", "i", "loop", "quitting", "replies", "script", "t0", "transport",
+                 "woken")
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -245,6 +270,9 @@ class _Client(asyncio.Protocol):
         self.at: list[float] = []
         self.t0 = 0.0
         self.done: asyncio.Future[bytes] | None = None
+        # Set when the server speaks unasked (an idle session's 421) or hangs up: an idle client
+        # learns of it then, not at its next command.
+        self.woken = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -265,6 +293,7 @@ class _Client(asyncio.Protocol):
                 self.close()
             else:
                 self.replies.append(line)
+                self.woken.set()
             return
         step, _, ok = self.script[self.i]
         self.at[step] = time.monotonic() - self.t0
@@ -284,6 +313,7 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = exc or ConnectionResetError("connection closed by the server")
+        self.woken.set()
         if self.done is not None and not self.done.done():
             self.done.set_exception(self.closed)
 
@@ -524,7 +554,7 @@ class LoadGenerator:
             tx.code, tx.event_id, tx.done = 250, event_id(line), time.time()
         except Rejected as r:
             tx.code, tx.done = r.code, time.time()
-            self._fail(tx.role, tx.client, r.step, r.code, r.line)
+            self._fail(tx.role, tx.client, r.step, r.code, r.line, _waited(tx.at, r.step))
         except (OSError, TimeoutError, EOFError) as e:
             tx.code, tx.done = 0, time.time()
             self._fail(tx.role, tx.client, _pending(tx.at), 0, _connection_error(e))
@@ -533,10 +563,11 @@ class LoadGenerator:
                 session.quit()
         return tx.code
 
-    def _fail(self, role: str, client: str, step: str, code: int, text: bytes | str) -> None:
+    def _fail(self, role: str, client: str, step: str, code: int, text: bytes | str,
+              waited: float = math.nan) -> None:
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
-        self.run_.failures.append(Failure(role, client, step, code, text, time.time()))
+        self.run_.failures.append(Failure(role, client, step, code, text, time.time(), waited))
 
     async def _ham_schedule(self, t0: float, end: float) -> None:
         spec = self.ham_spec
@@ -600,7 +631,7 @@ class LoadGenerator:
             except Rejected as r:
                 tx.code, tx.done = r.code, time.time()
                 self.run_.transactions.append(tx)
-                self._fail("bot", src, r.step, r.code, r.line)
+                self._fail("bot", src, r.step, r.code, r.line, _waited(tx.at, r.step))
                 backoff = True
             except (OSError, TimeoutError, EOFError) as e:
                 self._fail("bot", src, _pending(tx.at, first), 0, _connection_error(e))
@@ -624,12 +655,18 @@ class LoadGenerator:
                 self._idle_held += 1
                 self.run_.idle_held_max = max(self.run_.idle_held_max, self._idle_held)
                 try:
+                    client = session.client
+                    client.woken.clear()  # by the banner, which came before anyone asked
                     while not over.is_set():
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(self.shape.noop_s):
-                                await over.wait()
+                                await _either(over, client.woken)
                         if over.is_set():
                             break
+                        if client.woken.is_set():  # the server closed it first (idle too long) or spoke
+                            if client.replies:
+                                raise Rejected("idle", client.replies.popleft())
+                            raise client.closed or ConnectionResetError("connection closed by the server")
                         try:
                             async with asyncio.timeout(self.reply_timeout_s):
                                 await session.noop(at)
@@ -639,7 +676,7 @@ class LoadGenerator:
                     self._idle_held -= 1
                 backoff = False
             except Rejected as r:
-                self._fail("idle", src, r.step, r.code, r.line)
+                self._fail("idle", src, r.step, r.code, r.line, _waited(at, r.step))
                 backoff = True
             except (OSError, TimeoutError, EOFError) as e:
                 self._fail("idle", src, _pending(at, CONNECT) if math.isnan(at[EHLO]) else "noop", 0,
@@ -668,13 +705,16 @@ class LoadGenerator:
         sample = {"generator": time.thread_time(), "generator_process": cpu_seconds(os.getpid())}
         for name, pid in self.watch.items():
             with contextlib.suppress(OSError):
-                # The ingress with its session processes and verifier worker; others alone.
-                sample[name] = tree_cpu_seconds(pid) if name == "ingress" else cpu_seconds(pid)
+                sample[name] = cpu_seconds(pid, tree=True)  # an ingress's session processes too
         return sample
 
-    async def run(self) -> Run:
+    async def run(self, start_at: float | None = None) -> Run:
+        """The phases, from now or from the wall time ``start_at`` (when a generator in another
+        process plays the other roles: :func:`run_split`)."""
         ph = self.phases
         self._flood_over = asyncio.Event()
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
         t0 = time.monotonic()
         self.run_.start = time.time()
         ham = asyncio.create_task(self._ham_schedule(t0, ph.total_s)) if self.ham_spec else None
@@ -699,6 +739,73 @@ class LoadGenerator:
             for task in pending:
                 task.cancel()
         return self.run_
+
+
+# -- ham and bots in two processes ---------------------------------------------------------
+# Step times are taken by the generator's event loop: with the bots on the same loop, a ham
+# reply waits there behind the flood's replies and refusals (thousands a second) and the wait
+# counts against the ingress. So in :func:`run_split` the bots and hoggers run in a process of
+# their own, as they would on other hosts, and the ham senders' loop stays nearly idle.
+CHILD_READY_S = 120.0  # the bots' process imports the product and takes the corpus first (a loaded host)
+START_AFTER_S = 1.0  # both processes start their phases this long after the bots' process is ready
+
+
+def _bots_process(conn: Connection, host: str, port: int, shape: Shape, phases: Phases, spam: list[bytes],
+                  seed: int, bot_mail: list[tuple[str, bytes]]) -> None:
+    """The bots' process (:func:`run_split`): ready, then the phases from the start time given."""
+    gen = LoadGenerator(host, port, shape, phases, spam=spam, seed=seed, bot_mail=bot_mail)
+    conn.send(True)
+    start_at = conn.recv()
+    conn.send(asyncio.run(gen.run(start_at)))
+    conn.close()
+
+
+def run_split(host: str, port: int, shape: Shape, phases: Phases, *, ham: Sequence[tuple[bytes, Outgoing]],
+              spam: Sequence[bytes], ham_spec: HamSpec | None, watch: dict[str, int] | None = None,
+              seed: int = 7, bot_mail: Sequence[tuple[str, bytes]] = ()) -> Run:
+    """One run with the bots and hoggers in a child process and the ham senders here, started
+    at the same wall time; one :class:`Run` of both. The child's CPU is ``generator-bots``."""
+    if not shape.bots:
+        gen = LoadGenerator(host, port, shape, phases, ham=ham, ham_spec=ham_spec, watch=watch, seed=seed,
+                            bot_mail=bot_mail)
+        return asyncio.run(gen.run())
+    ctx = multiprocessing.get_context("spawn")  # this process has threads (samplers, Kafka clients): no fork
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_bots_process, name="smtpload-bots", daemon=True,
+                        args=(theirs, host, port, shape, phases, list(spam), seed, list(bot_mail)))
+    child.start()
+    theirs.close()
+    try:
+        if not ours.poll(CHILD_READY_S):
+            raise RuntimeError(f"the bots' process was not ready within {CHILD_READY_S:.0f} s")
+        ours.recv()
+        start_at = time.time() + START_AFTER_S
+        ours.send(start_at)
+        gen = LoadGenerator(host, port, replace(shape, bots=0), phases, ham=ham, ham_spec=ham_spec,
+                            watch={**(watch or {}), "generator-bots": child.pid}, seed=seed)  # type: ignore[dict-item]
+        run = asyncio.run(gen.run(start_at))
+        if not ours.poll(REPLY_TIMEOUT_S + DRAIN_S):
+            raise RuntimeError("the bots' process did not report its run")
+        bots: Run = ours.recv()
+    finally:
+        ours.close()
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    return _merge(run, bots, shape)
+
+
+def _merge(ham: Run, bots: Run, shape: Shape) -> Run:
+    ham.shape = shape
+    ham.transactions += bots.transactions
+    ham.failures += bots.failures
+    for phase, counts in bots.connects.items():
+        mine = ham.connects.setdefault(phase, {})
+        for role, n in counts.items():
+            mine[role] = mine.get(role, 0) + n
+    ham.idle_held_max = bots.idle_held_max
+    return ham
 
 
 # -- end to end ----------------------------------------------------------------------------
@@ -737,8 +844,15 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats(values).items()}
 
 
+# The ingress answers a refusal or a deferral at once (milliseconds) unless it holds it first (a
+# tarpit of smtp.error_sleep_s, 1 s: under stress, for clients without history): a 4xx that came
+# this long after its connection (or its MAIL) began was held. A sign of stress seen from outside.
+HELD_S = 0.5
+
+
 def _failure_counts(failures: list[Failure]) -> dict[str, int]:
     return {
+        "held_4xx": sum(1 for f in failures if 400 <= f.code < 500 and f.waited >= HELD_S),
         "replies_4xx": sum(1 for f in failures if 400 <= f.code < 500),
         "replies_421": sum(1 for f in failures if f.code == 421),
         "replies_451": sum(1 for f in failures if f.code == 451),
@@ -783,6 +897,9 @@ def summarize(run: Run) -> dict[str, Any]:
             },
             "bot": {
                 "accepted": accepted["bot"],
+                # messages the bots began (a MAIL sent, or a connection opened for one), taken or not
+                "attempted": (sum(1 for t in run.transactions if t.role == "bot" and within(t.started))
+                              + sum(1 for f in failures if f.role == "bot" and f.code == 0)),
                 # from the connect for a connection's first message, from MAIL for the others
                 "start_to_250": _stats([t.done - t.started for t in run.transactions
                                           if t.role == "bot" and t.accepted and within(t.started)]),
@@ -794,9 +911,9 @@ def summarize(run: Run) -> dict[str, Any]:
             "connects_per_s": {role: round(n / seconds, 1) for role, n in run.connects.get(name, {}).items()},
             "cpu_s": cpu,
             "cpu_ms_per_message": {proc: round(1000 * s / total, 3) for proc, s in cpu.items()} if total else {},
-            "generator_cpu_ms_per_connect": (round(1000 * cpu["generator"] / sum(run.connects[name].values()), 3)
-                                             if "generator" in cpu and sum(run.connects.get(name, {}).values())
-                                             else None),
+            "generator_cpu_ms_per_connect": (
+                round(1000 * (cpu["generator"] + cpu.get("generator-bots", 0.0)) / sum(run.connects[name].values()), 3)
+                if "generator" in cpu and sum(run.connects.get(name, {}).values()) else None),
         }
         phases[name] = phase
     errors = Counter((f.role, f.step, f.code, f.text[:80]) for f in run.failures)
@@ -858,9 +975,8 @@ def run_shape(host: str, port: int, shape: Shape, phases: Phases, *, ham: Sequen
     the accepted ham in its Maildirs (or quarantine, or dead-letter topic) and time connect ->
     Maildir; the load average is noted before and after."""
     load_before = os.getloadavg()
-    gen = LoadGenerator(host, port, shape, phases, ham=ham, ham_spec=ham_spec, spam=spam, watch=watch, seed=seed,
-                        bot_mail=bot_mail)
-    run = asyncio.run(gen.run())
+    run = run_split(host, port, shape, phases, ham=ham, spam=spam, ham_spec=ham_spec, watch=watch, seed=seed,
+                    bot_mail=bot_mail)
     load_after = os.getloadavg()
     extra: dict[str, Any] = {}
     if lanes is not None:  # which lane each accepted message went to, from the private topics
@@ -896,32 +1012,9 @@ def lane_report(run: Run, settings: Settings, timeout_s: float = 60.0) -> dict[s
 
 
 # -- the processes under test --------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> int:
-    """The first of ``n`` consecutive ports free now (a node numbers its workers' metrics ports
-    from a base): a fixed base collides with another run's node on the same host, whose
-    ``/readyz`` then answers for a worker that could not bind its port."""
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(20_000, 60_000 - n)
-        try:
-            with contextlib.ExitStack() as held:
-                for port in range(base, base + n):
-                    sock = held.enter_context(socket.socket())
-                    sock.bind((host, port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no {n} consecutive free ports found")
-
-
 # The workers a message's way from the ingress to a Maildir or the quarantine needs: the standard
-# node less reputation (advisory counts, and the SMTP ingress does not follow it).
+# node less reputation (advisory: it only makes senders known-good, which a short load run does
+# not reach, and on a loaded host it was not ready within the node's 120 s).
 MAIL_PATH = [w for w in STANDARD if w != "reputation"]
 
 
@@ -943,7 +1036,7 @@ def ingress_process(base: Settings, workdir: Path, *, workers: bool = False, aut
     topics.apply(settings, admin)
     if good:
         publish_good(settings, good)
-    node = Node(settings, workdir / "logs", base_port=free_ports(1 + len(STANDARD)))
+    node = Node(settings, workdir / "logs")  # a free port per worker
     try:
         node.start("smtp", ["smtp"])
         if workers:
@@ -965,29 +1058,6 @@ def publish_good(settings: Settings, keys: Sequence[str]) -> None:
         raise RuntimeError("the known-good standings were not acknowledged")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of a process and every live descendant (the front's session processes, the verifier's
-    worker), plus what its reaped children used (Linux ``/proc``)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    tree, todo = {pid}, [pid]
-    while todo:
-        p = todo.pop()
-        for child, parent in parents.items():
-            if parent == p and child not in tree:
-                tree.add(child)
-                todo.append(child)
-    total = 0.0
-    for p in tree:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def listening_pid(port: int) -> int | None:
     """The process listening on TCP ``port`` on this host (Linux ``/proc``), e.g. the broker."""
     inodes = set()
@@ -1006,3 +1076,28 @@ def listening_pid(port: int) -> int | None:
                     if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
                         return pid
     return None
+
+
+def broker_pid(settings: Settings) -> int | None:
+    """The process of the first bootstrap broker, when it runs on this host (its CPU is read too)."""
+    return listening_pid(int(settings.kafka.bootstrap_servers.split(",")[0].rpartition(":")[2]))
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid``, oldest first (Linux ``/proc``)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(c) for c in (task / "children").read_text().split()]
+    return sorted(out)
+
+
+def ingress_processes(pid: int) -> dict[str, int]:
+    """The processes of ``floodgate smtp`` started as ``pid``, by name: ``smtp-front`` and its
+    session processes ``smtp-session-<i>``, or ``smtp`` when it is a single process."""
+    sessions = children(pid)
+    if not sessions:
+        return {"smtp": pid}
+    return {"smtp-front": pid, **{f"smtp-session-{i}": c for i, c in enumerate(sessions)}}
+

@@ -219,6 +219,51 @@ def cleanup() -> None:
     stage.serve(service)
 
 
+@app.command("report-drain")
+def report_drain() -> None:
+    """Publish users' spooled Junk moves (floodgate-report) to the feedback topic, each once acknowledged."""
+    from pipeline.reports import drain
+
+    _, service = start_service("report-drain")
+    drain.serve(service)
+
+
+@app.command()
+def web() -> None:
+    """The quarantine in a browser: operators search and release; recipients see their own held mail."""
+    from pipeline import web as worker
+
+    _, service = start_service("web")
+    worker.serve(service)
+
+
+@app.command()
+def digest(
+    period: str = typer.Option("", help="hour, day or week; default web.digest_period (day)"),
+    to: Annotated[list[str] | None, typer.Option("--to", help="only this recipient (repeat)")] = None,
+    link: str = typer.Option("", "--link", help="print a recipient's link to their held mail; send nothing"),
+) -> None:
+    """Mail each recipient with held messages a summary since their last digest, with signed links (once a period)."""
+    from pipeline import digest as digests
+    from pipeline.cli.output import fail
+
+    settings = config.load()
+    if link:
+        from pipeline.web.security import Signer
+
+        if not settings.web.secret_key:
+            raise fail("web.secret_key is not set (FLOODGATE_WEB_SECRET_KEY)")
+        token = Signer(settings.web, settings.web.secret_key).link([link])
+        typer.echo(f"{settings.web.public_url.rstrip('/')}/u/{token}")
+        return
+    try:
+        result = digests.run(settings, period_kind=period or None, recipients=to)
+    except digests.DigestError as e:
+        raise fail(str(e)) from None
+    typer.echo(f"digest {result.period}: {result.sent} sent ({result.messages} messages listed), "
+               f"{result.already} already sent this period")
+
+
 @app.command("run")
 def run_node(
     worker: Annotated[list[str] | None,
@@ -234,9 +279,10 @@ def run_node(
     from pipeline.core import log
 
     names = list(worker or node.NODE)
-    unknown = sorted((set(names) | set(without or ())) - set(node.NODE))
+    known = node.NODE | node.OPTIONAL
+    unknown = sorted((set(names) | set(without or ())) - set(known))
     if unknown:
-        raise typer.BadParameter(f"unknown worker(s) {unknown}; known: {', '.join(node.NODE)}")
+        raise typer.BadParameter(f"unknown worker(s) {unknown}; known: {', '.join(known)}")
     log.setup()
     names = [n for n in names if n not in set(without or ())]
     raise typer.Exit(node.run(config.load(), names, base_port, Path(log_dir) if log_dir else None))

@@ -19,22 +19,11 @@ if TYPE_CHECKING:
     from pipeline.sinks.quarantine import Quarantine
 
 app = typer.Typer(no_args_is_help=True, help="The spam quarantine: list, show, release, purge.")
-# ``show`` prints at most this much of the header block; the body only with --raw.
-SHOW_HEADER_MAX = 64 * 1024
 
 
 class Label(enum.StrEnum):
     spam = "spam"
     ham = "ham"
-
-
-def _releasing(claimed_at: float | None) -> bool:
-    """Whether a release holds a message's claim now (it has not run out)."""
-    import time
-
-    from pipeline.feedback import RELEASE_LEASE_S
-
-    return claimed_at is not None and time.time() - claimed_at < RELEASE_LEASE_S
 
 
 def _store() -> Quarantine:
@@ -53,6 +42,7 @@ def list_entries(limit: int = typer.Option(50, min=1, help="at most this many, n
     """Quarantined messages, newest first."""
     import orjson
 
+    from pipeline.feedback import RELEASE_LEASE_S
     from pipeline.sinks import iso
 
     store = _store()
@@ -65,7 +55,7 @@ def list_entries(limit: int = typer.Option(50, min=1, help="at most this many, n
             typer.echo(orjson.dumps(e.as_dict()).decode())
             continue
         score = "-" if e.score is None else f"{e.score:.3f}"
-        state = "released" if e.released_at else "releasing" if _releasing(e.claimed_at) else "held"
+        state = "released" if e.released_at else "releasing" if e.releasing(RELEASE_LEASE_S) else "held"
         rcpt = ",".join(e.rcpt_to)[:40]
         typer.echo(_printable(f"{e.event_id}  {iso(e.quarantined_at)}  {score:>5}  {state:8}  {e.mail_from[:40]:40}  "
                               f"{rcpt:40}  {e.subject[:60]}"))
@@ -76,7 +66,9 @@ def list_entries(limit: int = typer.Option(50, min=1, help="at most this many, n
 @app.command()
 def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the whole message to stdout")) -> None:
     """One quarantined message: a summary and its headers (the body only with --raw)."""
+    from pipeline.feedback import RELEASE_LEASE_S
     from pipeline.sinks import iso
+    from pipeline.sinks.quarantine import header_block
 
     store = _store()
     try:
@@ -87,7 +79,7 @@ def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the
     if entry is None or event is None:
         raise _fail(f"no quarantined message with event id {event_id!r}")
     released = f"{iso(entry.released_at)} by {entry.released_by}" if entry.released_at else "no"
-    if not entry.released_at and _releasing(entry.claimed_at):
+    if entry.releasing(RELEASE_LEASE_S):
         released = f"being released by {entry.claimed_by} since {iso(entry.claimed_at)}"
     if raw:
         sys.stdout.buffer.write(event.raw)
@@ -100,11 +92,7 @@ def show(event_id: str, raw: bool = typer.Option(False, "--raw", help="write the
                         ("size", f"{entry.size} bytes"), ("subject", entry.subject),
                         ("released", released)):
         typer.echo(_printable(f"{name + ':':13} {value}"))
-    head = event.raw[:SHOW_HEADER_MAX]
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        if sep in head:
-            head = head.split(sep, 1)[0]
-            break
+    head = header_block(event.raw)
     typer.echo("")
     typer.echo(_printable(head.decode("utf-8", errors="replace")))
     typer.echo(f"\n[body not shown: {entry.size} bytes in all; --raw writes the whole message]")

@@ -77,6 +77,12 @@ class SmtpSettings:
     stress_unknown_share: float = 0.5
     stress_unknown_connections_per_client: int = 2
     stress_unknown_transactions: int = 4
+    # Mail from clients without history, together, per session process: a flood spread over many
+    # sources, each under every per-source limit, still shows here. Past the rate (and its burst)
+    # a MAIL FROM from such a client gets 450 and the ingress is under stress; a new legitimate
+    # sender's MTA retries in minutes, a spam run's bots are slowed down before any DATA.
+    unknown_message_rate: float = 20.0
+    unknown_message_burst: int = 40
     # A client is known after this many accepted messages over at least this long.
     known_after_messages: int = 5
     known_after_s: float = 30.0
@@ -98,6 +104,9 @@ class PathSettings:
     data: Path = ROOT / "data"
     maildir_root: Path = ROOT / ".run" / "maildirs"
     quarantine_db: Path = ROOT / ".run" / "quarantine.sqlite3"
+    # Users' Junk moves waiting for ``floodgate report-drain`` (pipeline/reports/): written by the
+    # IMAPSieve pipe program as the mail user, on the mail store's host.
+    report_spool: Path = ROOT / ".run" / "report-spool"
     registry: Path = ROOT / "models" / "registry"
 
 
@@ -164,6 +173,28 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """``floodgate web`` (pipeline/web/) and the digests' links (``floodgate digest``)."""
+
+    host: str = "127.0.0.1"  # loopback by default: put a TLS-terminating proxy in front
+    port: int = 8025
+    # Where people reach the web worker, as the links in digests must name it (no trailing /).
+    public_url: str = "http://127.0.0.1:8025"
+    # Signs operators' sessions and recipients' links (itsdangerous, HMAC-SHA1 over a key derived
+    # per purpose). Empty: the web worker makes one at start (sessions and links then die with the
+    # process) and ``floodgate digest`` refuses to run. Set it (FLOODGATE_WEB_SECRET_KEY) from a
+    # secret store, at least 32 random bytes.
+    secret_key: str = ""
+    # A recipient's link is good for this long: long enough to act on a digest after a weekend.
+    link_max_age_days: float = 7.0
+    # An operator's session ends after this long, used or not (a working day and a bit).
+    session_max_age_s: float = 10 * 3600.0
+    # Digests: a period's name and length ("day": one digest per recipient and UTC day).
+    digest_period: str = "day"
+    digest_from: str = "quarantine@floodgate.localdomain"  # the digest's From: header
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -172,6 +203,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
     def topic(self, key: str) -> str:
         """The real name of a topic from infra/topics.toml, by its key (``inbound``, ``ham``, ...)."""
@@ -241,6 +273,7 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> Setting
         delivery=_section(DeliverySettings, toml.get("delivery", {}), "delivery", env),
         admission=_section(AdmissionSettings, toml.get("admission", {}), "admission", env),
         auth=_section(AuthSettings, toml.get("auth", {}), "auth", env),
+        web=_section(WebSettings, toml.get("web", {}), "web", env),
     )
 
 

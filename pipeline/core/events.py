@@ -14,7 +14,7 @@ Metadata fields:
 ``v``                     schema version (int); readers refuse versions they do not know
 ``id``                    event id (32 hex chars, uuid4): the idempotency key of every sink
 ``accepted_at``           unix time (float seconds) when ingress had the broker's ack
-``source``                ``smtp`` | ``replay`` | ``release`` (re-injected from quarantine)
+``source``                ``smtp`` | ``replay`` | ``release`` (re-injected from quarantine) | ``digest``
 ``envelope``              ``mail_from``, ``rcpt_to`` (list), ``client_address``, ``helo``
 ``label``                 optional ground truth (``ham``/``spam``) for replayed corpora
 ``lane``                  ``priority`` | ``bulk``: the lane admission chose (set by classify)
@@ -83,8 +83,10 @@ class MailEvent:
 
 
 def new_event(envelope: Envelope, raw: bytes, source: str = "smtp", label: str | None = None,
-              accepted_at: float | None = None, extra: dict[str, Any] | None = None) -> MailEvent:
-    return MailEvent(id=uuid.uuid4().hex, accepted_at=time.time() if accepted_at is None else accepted_at,
+              accepted_at: float | None = None, extra: dict[str, Any] | None = None,
+              event_id: str | None = None) -> MailEvent:
+    """A new event; its id random (uuid4) unless the caller derives one (``event_id``)."""
+    return MailEvent(id=event_id or uuid.uuid4().hex, accepted_at=time.time() if accepted_at is None else accepted_at,
                      envelope=envelope, raw=raw, source=source, label=label, extra=extra or {})
 
 

@@ -57,3 +57,12 @@ AUTH_RESULTS = Counter("floodgate_auth_results_total", "Sender authentication re
                        ["method", "result"])
 AUTH_SECONDS = Histogram("floodgate_auth_seconds", "Time sender authentication added to a message",
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5))
+
+# The web worker (pipeline/web/): requests by view (a route's name, a fixed set) and status class,
+# their time (the list view's objective is 300 ms at p95), and the actions people take.
+WEB_REQUESTS = Counter("floodgate_web_requests_total", "Web requests by view and status class (2xx, 4xx...)",
+                       ["view", "code"])
+WEB_SECONDS = Histogram("floodgate_web_request_seconds", "Web request time by view", ["view"],
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2.5, 5))
+WEB_ACTIONS = Counter("floodgate_web_actions_total", "Quarantine actions taken in the web worker, by action, "
+                      "role (operator, recipient) and outcome (done, refused)", ["action", "role", "outcome"])

@@ -26,12 +26,31 @@ DURABLE_PRODUCER = {
 }
 
 
+# How every client rides out a broker outage (a restart, a node lost). Measured on a single
+# broker SIGKILLed for 40 s (issue 18):
+RECOVERY = {
+    # The reconnect backoff doubles per failed attempt up to this; at librdkafka's 10 s a client
+    # could sleep up to 10 s after the broker came back before it even tried to reconnect.
+    "reconnect.backoff.max.ms": 1000,
+    # With every known broker unreachable, librdkafka (2.10+) re-bootstraps by default: it
+    # decommissions each broker it knew, the group coordinator included, and starts over from
+    # bootstrap.servers, 20 times a second while the outage lasts. A coordinator request parked
+    # on the decommissioned coordinator is then never woken (librdkafka#5511, unfixed in 2.16):
+    # send_offsets_to_transaction hung for good after 1 of 3 restarts, whereas without
+    # re-bootstrap the client keeps its brokers and reconnects to them, which is what a restart
+    # brings back. The cost: a client whose brokers ALL move to new addresses at once has to be
+    # restarted (their names are still re-resolved at every connection attempt).
+    "metadata.recovery.strategy": "none",
+}
+
+
 def client_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """The connection part shared by producers, consumers and admin clients."""
     k = settings.kafka
     conf: dict[str, Any] = {
         "bootstrap.servers": k.bootstrap_servers,
         "security.protocol": k.security_protocol,
+        **RECOVERY,
     }
     if k.sasl_mechanism:
         conf |= {"sasl.mechanism": k.sasl_mechanism, "sasl.username": k.sasl_username,
@@ -138,10 +157,14 @@ def consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
             "partition.assignment.strategy": "cooperative-sticky",
             # A SIGKILLed worker keeps its partitions until the broker gives up on it, and the
             # restarted worker's join waits for that: with librdkafka's 45 s default a killed
-            # classifier stalled its lane for ~50 s (make chaos). 10 s stays above the brokers'
-            # minimum (group.min.session.timeout.ms, 6 s); heartbeats come from librdkafka's own
-            # thread, so slow batches do not count against it.
-            "session.timeout.ms": 10_000,
+            # classifier stalled its lane for ~50 s (make chaos). A broker restart costs the
+            # same wait: after an outage longer than this the consumer has dropped its member
+            # id, the restarted coordinator reloads the group with the old member in it, and
+            # every rejoin waits until that member's session expires (issue 18: 10 s of the
+            # 12-14 s from broker answering to ham delivered). 6 s is the brokers' minimum
+            # (group.min.session.timeout.ms); heartbeats come from librdkafka's own thread every
+            # 2 s, so slow batches do not count against it, only a process frozen for 6 s.
+            "session.timeout.ms": 6_000,
             "heartbeat.interval.ms": 2_000,
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": 16 * 1024 * 1024,

@@ -23,7 +23,12 @@ Failure policy:
 * the broker side fails (a broker restart, a moving group coordinator): a failed offset commit,
   or a transaction that cannot be completed, is aborted where needed and retried like a
   transient error; a transactional producer that failed fatally (its transaction expired at the
-  coordinator during the outage) is replaced by a new one with the same transactional id.
+  coordinator during the outage) is replaced by a new one with the same transactional id;
+* a transactional call that blocks past its own timeout (librdkafka#5456/#5511: after a broker
+  restart ``send_offsets_to_transaction`` can wait forever for a group coordinator it will never
+  reach) is abandoned after :data:`TXN_CALL_DEADLINE_S`, its producer with it: a new producer with
+  the same transactional id fences the stuck one, and the batch resumes from the group's committed
+  offsets (see :meth:`Loop._replace_producer`).
 """
 
 from __future__ import annotations
@@ -53,9 +58,19 @@ MAX_BACKOFF_S = 10.0
 # A librdkafka call still blocked 15 s after its own 30 s timeout is stuck (see Watchdog).
 BLOCKED_CALL_DEADLINE_S = 45.0
 EXIT_BLOCKED = 75  # EX_TEMPFAIL: restart me
-# Fatal producer errors survived in-process before the worker gives up and exits.
+# Fatal producer errors, or producers abandoned stuck in a call, survived in-process before the
+# worker gives up and exits (EXIT_BLOCKED) for a restart.
 MAX_RENEWALS = 5
 RENEWAL_WINDOW_S = 300.0
+# The transactional producer's blocking calls (init, send offsets, commit, abort) are given this
+# timeout, and run on a helper thread that is abandoned if the call has not returned
+# TXN_CALL_GRACE_S later: librdkafka ignores the timeout of send_offsets_to_transaction while the
+# group coordinator it cached is down or was decommissioned (confluentinc/librdkafka#5456, #5511;
+# no release fixes them yet). After a broker restart that call blocked for good in 1 of 3 tries.
+# A healthy call takes milliseconds; a timed-out one is retried or aborted as before.
+TXN_CALL_TIMEOUT_S = 5.0
+TXN_CALL_GRACE_S = 2.0
+TXN_CALL_DEADLINE_S = TXN_CALL_TIMEOUT_S + TXN_CALL_GRACE_S
 DEAD_LETTER_REASON_MAX = 1000
 DEAD_LETTER_KEY_MAX = 1024  # event ids are 32 characters; a longer key is kept only as its length
 # The largest record a worker produces: the producers' message.max.bytes less room for the
@@ -67,6 +82,46 @@ RECORD_MAX = int(kafka.DURABLE_PRODUCER["message.max.bytes"]) - 4096
 
 class TransientError(Exception):
     """A sink or peer is unavailable: retry the whole batch later, dead-letter nothing."""
+
+
+class ProducerStuck(Exception):
+    """A transactional call did not return within :data:`TXN_CALL_DEADLINE_S`."""
+
+
+def call_with_deadline(what: str, call: Callable[[float], object], timeout: float = TXN_CALL_TIMEOUT_S,
+                       grace: float = TXN_CALL_GRACE_S) -> object:
+    """``call(timeout)`` on a daemon thread; its result or exception, or :class:`ProducerStuck`
+    when it has not returned ``grace`` seconds after its own timeout. Nothing can cancel a call
+    inside librdkafka: a stuck one keeps its thread (and its client) until it returns, if ever."""
+    box: list[tuple[bool, object]] = []
+    done = threading.Event()
+    lock = threading.Lock()
+    state = {"abandoned": False}
+    start = time.monotonic()
+
+    def run() -> None:
+        try:
+            box.append((True, call(timeout)))
+        except BaseException as e:  # handed to the caller
+            box.append((False, e))
+        with lock:
+            done.set()
+            late = state["abandoned"]
+        if late:  # worth knowing: how long a stuck call really stays stuck
+            log.warning("an abandoned Kafka call returned", extra={
+                "call": what, "after_s": round(time.monotonic() - start, 1),
+                "outcome": "success" if box[0][0] else str(box[0][1])[:200]})
+
+    threading.Thread(target=run, name=f"kafka-{what}", daemon=True).start()
+    done.wait(timeout + grace)
+    with lock:
+        if not done.is_set():
+            state["abandoned"] = True
+            raise ProducerStuck(f"{what} still blocked {timeout + grace:.0f} s after it was called")
+    ok, value = box[0]
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value
 
 
 class RecordTooLarge(Exception):
@@ -166,7 +221,9 @@ class Watchdog:
 
     ``send_offsets_to_transaction`` ignores its timeout when the group coordinator went away
     (confluentinc/librdkafka#5456, #5511): after a broker restart it can block forever, and the
-    worker with it — seen in ``make chaos``: both classifiers stuck, their lanes stalled. Nothing
+    worker with it — seen in ``make chaos``: both classifiers stuck, their lanes stalled. The
+    transactional calls now run under :func:`call_with_deadline` and a stuck producer is replaced
+    in-process; this is the last resort for the consumer calls that recovery itself makes. Nothing
     can cancel the call, so past ``BLOCKED_CALL_DEADLINE_S`` the worker exits (code
     ``EXIT_BLOCKED``) for its supervisor to restart it; the new instance fences the stuck
     transaction, which is aborted, and its batch is consumed again: nothing lost or duplicated.
@@ -221,13 +278,16 @@ class BatchTimer:
 class Loop:
     def __init__(self, service: Service, stage: str, group: str, topics: list[str], handler: Handler,
                  *, transactional: bool, batch_size: int | None = None, batch_timeout_s: float | None = None,
-                 consumer_overrides: dict | None = None) -> None:
+                 consumer_overrides: dict | None = None, on_idle: Callable[[], object] | None = None) -> None:
+        """``on_idle``: called when a poll brought nothing (e.g. the classifier looking for a newly
+        promoted model, so that an idle worker serves the champion, not its predecessor)."""
         s = service.settings
         self.service = service
         self.stage = stage
         self.group = group
         self.topics = topics
         self.handler = handler
+        self.on_idle = on_idle
         self.transactional = transactional
         self.batch_size = batch_size or s.worker.batch_size
         self.batch_timeout_s = batch_timeout_s if batch_timeout_s is not None else s.worker.batch_timeout_s
@@ -252,10 +312,11 @@ class Loop:
 
     def _retrying(self, call: Callable[[float], None], what: str) -> None:
         """``call(timeout)`` on the producer until it is acknowledged; a retriable error is
-        retried unless the worker is stopping, anything else raised."""
+        retried unless the worker is stopping, anything else raised (:class:`ProducerStuck`
+        when the call outlives its deadline)."""
         while True:
             try:
-                call(30)
+                call_with_deadline(what, call)
                 return
             except KafkaException as e:
                 if not e.args[0].retriable() or self.service.stopping.is_set():
@@ -265,21 +326,64 @@ class Loop:
     def _init_transactions(self) -> None:
         self._retrying(self.producer.init_transactions, "init_transactions")
 
-    def _renew_producer(self, err: KafkaError) -> None:
-        """Replace a transactional producer that failed fatally. A broker outage longer than the
-        transaction timeout makes the coordinator abort the open transaction and bump the
-        producer epoch; the producer's next call then fails fatally (INVALID_TXN_STATE,
-        PRODUCER_FENCED). Exiting would stall the lane for a session timeout before a restarted
-        worker got its partitions; a new producer with the same transactional id carries on at
-        once. Too many renewals in a row mean something else (a twin with our id): exit then."""
-        now = time.monotonic()
-        self._renewals = [t for t in self._renewals if now - t < RENEWAL_WINDOW_S] + [now]
-        if len(self._renewals) > MAX_RENEWALS:
-            raise KafkaException(err)
-        metrics.ERRORS.labels(self.stage, "producer-renewed").inc()
-        self.log.error("transactional producer failed fatally; replacing it", extra={"error": str(err)})
-        self.producer = self._new_producer()
-        self._init_transactions()
+    def _replace_producer(self, reason: str, msgs: Sequence[Message]) -> None:
+        """Replace the transactional producer with a new one with the same transactional id, and
+        take the batch up again from the group's committed offsets.
+
+        Two causes. The producer failed fatally: a broker outage longer than the transaction
+        timeout makes the coordinator abort the open transaction and bump the producer epoch, and
+        the producer's next call fails (INVALID_TXN_STATE, PRODUCER_FENCED). Or it is stuck in a
+        call (:class:`ProducerStuck`), abandoned with the thread blocked in it. Exiting would
+        stall the lane until something restarted the worker; a new producer carries on at once.
+
+        The new producer's ``init_transactions`` fences the old one (its epoch is bumped: anything
+        it still sends is refused) and completes whatever transaction it left: an open one is
+        aborted, a commit already under way at the coordinator is finished. Only then are the
+        committed offsets the truth, so the batch restarts from them, not from its first records:
+        after a commit whose outcome was unknown, rewinding would route the batch twice. Too many
+        replacements in a row mean something else (a twin with our id): exit for a restart then."""
+        while True:
+            now = time.monotonic()
+            self._renewals = [t for t in self._renewals if now - t < RENEWAL_WINDOW_S] + [now]
+            if len(self._renewals) > MAX_RENEWALS:
+                self.log.error("transactional producer replaced too often; exiting for a restart",
+                               extra={"reason": reason, "replacements": len(self._renewals)})
+                os._exit(EXIT_BLOCKED)  # a normal exit could wait on the stuck clients' threads
+            metrics.ERRORS.labels(self.stage, "producer-renewed").inc()
+            self.log.error("replacing the transactional producer", extra={"reason": reason})
+            self.producer = self._new_producer()
+            try:
+                self._init_transactions()
+                break
+            except ProducerStuck as e:
+                reason = str(e)
+        self._resume_from_committed(msgs)
+
+    def _resume_from_committed(self, msgs: Sequence[Message]) -> None:
+        """Seek the batch's partitions (those still assigned) to the group's committed offsets;
+        where the group never committed one, to the batch's first record."""
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        first = {(tp.topic, tp.partition): tp.offset for tp in _first_offsets(msgs)
+                 if (tp.topic, tp.partition) in assigned}
+        if not first:
+            return
+        while True:
+            try:
+                # A read_committed consumer asks for stable offsets: none pending in a transaction.
+                with self._watchdog.guard("committed"):
+                    committed = self.consumer.committed([TopicPartition(t, p) for t, p in first],
+                                                        timeout=TXN_CALL_TIMEOUT_S)
+                for tp in committed:
+                    if tp.error is not None:
+                        raise KafkaException(tp.error)
+                break
+            except KafkaException as e:
+                if self.service.stopping.is_set():
+                    raise
+                self.log.warning("committed offsets not read; retrying", extra={"error": str(e.args[0])})
+        for tp in committed:
+            offset = tp.offset if tp.offset >= 0 else first[(tp.topic, tp.partition)]
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 
     def run(self) -> None:
         if self.transactional:
@@ -294,6 +398,8 @@ class Loop:
                 msgs = self.consumer.consume(self.batch_size, self.batch_timeout_s)
                 msgs = [m for m in msgs if self._usable(m)]
                 if not msgs:
+                    if self.on_idle is not None:
+                        self.on_idle()
                     continue
                 metrics.BATCH_SIZE.labels(self.stage).observe(len(msgs))
                 timer = BatchTimer()
@@ -310,8 +416,14 @@ class Loop:
                 except KafkaException as e:
                     if not (self.transactional and e.args[0].fatal()) or self.service.stopping.is_set():
                         raise
-                    self._rewind(msgs)  # the transaction was not committed: its batch comes again
-                    self._renew_producer(e.args[0])
+                    self._replace_producer(f"failed fatally: {e.args[0]}", msgs)
+                except ProducerStuck as e:
+                    metrics.ERRORS.labels(self.stage, "producer-stuck").inc()
+                    if self.service.stopping.is_set():
+                        # Nothing was committed; the next instance fences the stuck transaction.
+                        self.log.warning("stopping with a transactional call stuck", extra={"error": str(e)})
+                        break
+                    self._replace_producer(str(e), msgs)
         finally:
             self.close()
 
@@ -325,6 +437,10 @@ class Loop:
         err = m.error()
         if err is None:
             return True
+        if err.code() == KafkaError._FATAL:
+            # The consumer is unusable for good (e.g. fenced); every later consume returns the
+            # same error. Exit, for a restart, instead of logging it forever with the lane stalled.
+            raise KafkaException(err)
         if err.code() != KafkaError._PARTITION_EOF:
             metrics.ERRORS.labels(self.stage, "consume").inc()
             self.log.warning("consume error", extra={"error": str(err)})
@@ -396,12 +512,13 @@ class Loop:
         self.producer.poll(0)
 
     def _commit_transaction(self, msgs: Sequence[Message], outputs: list[Output]) -> None:
-        self.producer.begin_transaction()
+        producer = self.producer
+        producer.begin_transaction()
         try:
             self._produce(outputs)
-            with self._watchdog.guard("send_offsets_to_transaction"):
-                self.producer.send_offsets_to_transaction(
-                    _next_offsets(msgs), self.consumer.consumer_group_metadata(), 30)
+            offsets, group = _next_offsets(msgs), self.consumer.consumer_group_metadata()
+            call_with_deadline("send_offsets_to_transaction",
+                               lambda timeout: producer.send_offsets_to_transaction(offsets, group, timeout))
             self._commit_with_retry()
         except KafkaException as e:
             err = e.args[0]
@@ -417,7 +534,7 @@ class Loop:
         """A commit whose outcome is unknown (timed out) may only be retried, never aborted."""
         while True:
             try:
-                self.producer.commit_transaction(30)
+                call_with_deadline("commit_transaction", self.producer.commit_transaction)
                 return
             except KafkaException as e:
                 err = e.args[0]

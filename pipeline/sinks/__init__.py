@@ -74,6 +74,35 @@ def unstamp(data: bytes) -> tuple[dict[str, str], bytes]:
     return found, rest
 
 
+# Header fields a mail store puts above the message it was handed on delivery: Dovecot's LMTP
+# adds Return-Path (always), Delivered-To and Received; Postfix's local delivery X-Original-To.
+DELIVERY_HEADERS = (b"return-path", b"delivered-to", b"received", b"x-original-to")
+
+
+def unstamp_delivered(data: bytes) -> tuple[dict[str, str], bytes]:
+    """Like :func:`unstamp`, for a copy read back from a mail store (an IMAPSieve pipe, an IMAP
+    FETCH): the fields the store added on top (:data:`DELIVERY_HEADERS`, folded lines included)
+    are skipped, then our two headers are taken off. Only when our headers follow them directly:
+    a message Floodgate never stamped comes back whole, its own Received lines and all, and a
+    sender's ``X-Floodgate-*`` further down is never taken for ours."""
+    pos = 0
+    while True:
+        end = data.find(b"\n", pos)
+        if end < 0:
+            return {}, data
+        name = data[pos:end].split(b":", 1)[0].strip().lower()
+        if name not in DELIVERY_HEADERS:
+            break
+        pos = end + 1
+        while data[pos:pos + 1] in (b" ", b"\t"):  # a folded continuation of the same field
+            end = data.find(b"\n", pos)
+            if end < 0:
+                return {}, data
+            pos = end + 1
+    found, rest = unstamp(data[pos:])
+    return (found, rest) if found else ({}, data)
+
+
 def parse_trace(value: str) -> dict[str, str]:
     """``event=…; lane=…; accepted=…`` → a dict."""
     out: dict[str, str] = {}

@@ -10,13 +10,17 @@ Decisions are made as early as they can be, before a session costs anything:
   share left to clients without history. A refused transaction gets ``450 4.7.1`` before its
   body is read; the client's MTA tries again later.
 
-Clients are **known** once they have history: messages accepted over a while, or a client
-address the reputation topic calls good. Under **stress** (a flood: admission diverting a
-source, the connection table filling up, or the event loop falling behind) a client without
-history may hold only a couple of connections, clients without history together only a share
-of the slots and only a few transactions at once, and idle and error limits shrink. So a flood
-from many sources, each under its own limits, still cannot take the share that clients with
-history keep: mail from them is never refused while they stay within their own limits.
+Clients are **known** once they have history: messages accepted into the priority lane over a
+while, and only while the ingress is calm (so a flood's bots never earn it however long it
+lasts), or a client address the reputation topic calls good. Clients without history share a
+rate of their own (``unknown_message_rate``, per session process): a flood spread over many
+sources, each under every per-source limit, still shows there. Under **stress** (that rate
+exceeded, admission diverting a source, the connection table half full, or the event loop
+falling behind) a client without history may hold only a couple of connections, clients without
+history together only a share of the slots and only a few transactions at once, their accepted
+mail goes to the bulk lane, and idle and error limits shrink. So a flood from many sources,
+each under its own limits, cannot take the share that clients with history keep: mail from them
+is never refused while they stay within their own limits.
 
 Rates are GCRA (a leaky bucket as a theoretical arrival time: O(1) per event, no timers);
 memory is bounded by recent traffic (idle clients are forgotten).
@@ -93,6 +97,7 @@ class Clients:
         self.total = 0
         self.unknown_connections = 0
         self.unknown_inflight = 0
+        self._unknown_tat = 0.0  # GCRA of the mail of all clients without history together
         self._stress_at = -math.inf
         self._pruned = 0.0
 
@@ -134,7 +139,8 @@ class Clients:
             self.unknown_inflight = max(0, self.unknown_inflight - c.inflight)
 
     def accepted(self, address: str, now: float) -> bool:
-        """A message from ``address`` was accepted; True when that made the client known."""
+        """A message from ``address`` was accepted into the priority lane while the ingress was
+        calm (the caller's to say); True when that made the client known."""
         c = self._get(address, now)
         if c.first_accepted is None:
             c.first_accepted = now
@@ -196,8 +202,15 @@ class Clients:
         ok, tat = _gcra(c.mail_tat, now, self.s.client_message_rate, self.s.client_message_burst)
         if not ok:
             return DEFER_RATE
-        if not c.known and self.stressed(now) and self.unknown_inflight >= self.s.stress_unknown_transactions:
-            return DEFER_STRESS
+        if not c.known:
+            shared, shared_tat = _gcra(self._unknown_tat, now, self.s.unknown_message_rate,
+                                       self.s.unknown_message_burst)
+            if not shared:
+                self._stress_at = now  # more mail from strangers than their share: a flood
+                return DEFER_STRESS
+            if self.stressed(now) and self.unknown_inflight >= self.s.stress_unknown_transactions:
+                return DEFER_STRESS
+            self._unknown_tat = shared_tat
         c.mail_tat = tat
         c.inflight += 1
         if not c.known:

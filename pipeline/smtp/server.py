@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -47,6 +48,24 @@ LOOP_LAG_STRESS_S = 0.25
 # reconnects at once then costs one accept a second instead of thousands. Past this many held at
 # once (file descriptors are finite), a refusal is answered at once.
 MAX_HELD_REFUSALS = 1000
+
+
+def relayed_event_id(relay: str, queue_id: str, mail_from: str, rcpt_to: list[str], raw: bytes) -> str:
+    """The event id of a message a trusted relay forwarded with its queue id (XFORWARD IDENT):
+    the same for every attempt at the same delivery, different for any other.
+
+    A 451 cannot promise that the broker does not have the event: an acknowledgement may come
+    after the answer, or a produce request in flight when the time ran out may have been written
+    (seen with Postfix in front when the broker came back during a retry, tests/test_mailsystem.py).
+    The relay then delivers again and the broker holds the message twice; with one id for both,
+    the sinks keep one copy (a Maildir file and a quarantine row per event id, LMTP/SMTP
+    delivery skips an id it already sent). The relay's queue id alone is not enough (Postfix
+    reuses short queue ids), so the envelope and the message are part of it."""
+    h = hashlib.blake2b(digest_size=16, person=b"floodgate-relay")
+    for part in (relay, queue_id, mail_from, *rcpt_to):
+        h.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    h.update(raw)
+    return h.hexdigest()
 
 
 def client_address(peer: Any) -> str:
@@ -173,7 +192,12 @@ class SmtpIngress:
             self.front.send("S")
 
     def check_mail(self, session: Session, origin: Origin) -> str | None:
-        refused = self.clients.mail(origin.client, self.now())
+        now = self.now()
+        if not self.clients.known(origin.client) and self.admission.good.is_good([f"client:{origin.client}"]):
+            self.clients.make_known(origin.client, now)  # history from the reputation topic
+            if self.front is not None:
+                self.front.send(f"K {origin.client}")
+        refused = self.clients.mail(origin.client, now)
         if refused:
             metrics.SMTP_REFUSED.labels("mail", refused[:3]).inc()
             log.info("deferred at MAIL", extra={"client": origin.client, "reply": refused})
@@ -228,6 +252,9 @@ class SmtpIngress:
 
     async def deliver(self, session: Session, origin: Origin, txn: Transaction, raw: bytes) -> str:
         extra: dict[str, Any] = {"relay": origin.relay, "relay_queue_id": origin.relay_queue_id} if origin.relay else {}
+        # From the bytes the relay sent (before our stamp): its retry of the same message gets the same id.
+        event_id = (relayed_event_id(origin.relay, origin.relay_queue_id, txn.mail_from or "", txn.rcpt_to, raw)
+                    if origin.relay and origin.relay_queue_id else None)
         if self.verifier is not None:
             self.inflight += 1  # shutdown waits for this message's answer from here on
             try:
@@ -239,16 +266,23 @@ class SmtpIngress:
         event = events.new_event(
             events.Envelope(mail_from=txn.mail_from or "", rcpt_to=tuple(txn.rcpt_to),
                             client_address=origin.client, helo=origin.helo),
-            raw, source="smtp", extra=extra)
+            raw, source="smtp", extra=extra, event_id=event_id)
         ctx = {"event_id": event.id, "client": origin.client, "helo": origin.helo,
                "rcpts": len(txn.rcpt_to), "bytes": len(raw)} | ({"relay": origin.relay} if origin.relay else {})
         if authres.AUTH in extra:  # the results in a word each (the header has the rest)
             meta = extra[authres.AUTH]
             ctx["auth"] = " ".join([f"spf={meta['spf']['mailfrom']['result']}",
                                     *(f"dkim={d['result']}" for d in meta["dkim"]), f"dmarc={meta['dmarc']['result']}"])
-        topic = self.admission.topic(event)
+        now = self.now()
+        calm = not self.clients.stressed(now)
+        if not calm and not self.clients.known(origin.client):
+            # Under stress, mail from clients without history goes to the bulk lane: a flood
+            # spread thin over many sources, each under admission's own floor, stays out of ham's.
+            topic = self.admission.divert(event)
+        else:
+            topic = self.admission.topic(event)
         if topic == self.admission.bulk:
-            self.stress()  # admission is diverting a flood
+            self.stress()  # a flood is being diverted
         self.inflight += 1
         try:
             # accepted_at is stamped now; the ack follows within milliseconds when the broker is well.
@@ -262,7 +296,7 @@ class SmtpIngress:
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
-        if self.clients.accepted(origin.client, self.now()):
+        if calm and topic == self.admission.inbound and self.clients.accepted(origin.client, self.now()):
             log.info("client known", extra={"client": origin.client})
             if self.front is not None:
                 self.front.send(f"K {origin.client}")
