@@ -117,14 +117,19 @@ bench-peers: $(STAMP) data  ## Floodgate vs bogofilter (PEERS=--spamassassin: an
 # promtool validates infra/prometheus (tests/test_infra.py). Debian's prometheus package brings it
 # (~19 MB download, ~20 s); its service is not started in a container without an init system.
 # Chromium and its driver drive the web worker's browser tests (tests/test_web_browser.py): Debian's
-# chromium and chromium-driver (~100 MB, a minute). Without root or apt-get the tests that need
-# them are skipped, with the reason.
+# chromium and chromium-driver (~100 MB, a minute). knotd (Debian package knot) is the private DNS
+# server of the sender authentication tests and benches (pipeline/bench/dnsserver.py: a child
+# process on a loopback port, never port 53); the system service a machine with systemd would
+# start after the install is disabled. Without root or apt-get the tests that need them are
+# skipped, with the reason.
 TOOL_PACKAGES := $(if $(shell command -v promtool),,prometheus) \
-                 $(if $(and $(shell command -v chromium),$(shell command -v chromedriver)),,chromium chromium-driver)
-tools: mail-tools  ## install promtool (prometheus), chromium, chromium-driver, Postfix, Dovecot and swaks when missing
+                 $(if $(and $(shell command -v chromium),$(shell command -v chromedriver)),,chromium chromium-driver) \
+                 $(if $(shell PATH="$$PATH:/usr/sbin" command -v knotd),,knot)
+tools: mail-tools  ## install promtool (prometheus), chromium, chromium-driver, knotd (knot), Postfix, Dovecot and swaks when missing
 	@test -z "$(strip $(TOOL_PACKAGES))" || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    $(TOOL_PACKAGES) >/dev/null; } \
+	  && { ! [ -d /run/systemd/system ] || systemctl disable --now knot >/dev/null 2>&1 || true; } \
 	  || echo "$(strip $(TOOL_PACKAGES)) unavailable: the tests that need them will be skipped"; }
 
 # Postfix, Dovecot (imapd, lmtpd, sieve) and swaks for tests/test_mailsystem.py and make

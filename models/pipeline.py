@@ -157,6 +157,7 @@ from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import FeatureUnion, Pipeline
 
+from models import authfeatures
 from models.features import ByteGrams, MailText, split_tokens
 
 N_FEATURES = 2**18  # word and structure tokens
@@ -201,9 +202,15 @@ def feature_views(n_features: int = N_FEATURES, char_features: int = CHAR_FEATUR
     ]
 
 
-def build(alpha: float = ALPHA, n_features: int = N_FEATURES, char_features: int = CHAR_FEATURES) -> Pipeline:
+def build(alpha: float = ALPHA, n_features: int = N_FEATURES, char_features: int = CHAR_FEATURES,
+          authserv_id: str | None = None) -> Pipeline:
+    """The untrained pipeline. Its text step also reads Floodgate's own Authentication-Results
+    (:mod:`models.authfeatures`, by ``authserv_id``, default the ingress's from the settings) as
+    word tokens; mail without that field gets exactly the text features."""
+    if authserv_id is None:
+        authserv_id = authfeatures.default_authserv_id()
     return Pipeline([
-        ("mail", MailText()),
+        ("mail", authfeatures.MailWithAuth(MailText(), authserv_id)),
         ("hash", SequentialUnion(feature_views(n_features, char_features))),
         # No intercept: a message made mostly of what training never saw scores near 0.5 rather
         # than being pulled towards the (ham-heavy) prior.
@@ -229,8 +236,12 @@ def settings(pipeline: Pipeline) -> dict[str, Any]:
 
     hv, clf = word_vectorizer(pipeline), pipeline.named_steps["clf"]
     chars = dict(views(pipeline)).get("chars")
+    mail = pipeline.named_steps["mail"]
     return {
         "feature_version": features.FEATURE_VERSION,
+        # Which Authentication-Results field the model reads (models.authfeatures): the ingress's id.
+        **({"auth_features": {"authserv_id": mail.authserv_id, "version": mail.version}}
+           if isinstance(mail, authfeatures.MailWithAuth) else {}),
         "steps": [name for name, _ in pipeline.steps],
         "views": [name for name, _ in views(pipeline)],
         "n_features": hv.n_features,

@@ -37,7 +37,7 @@ PROMOTIONS_FILE = "PROMOTIONS.jsonl"
 # The only types outside skops' default (scikit-learn, numpy, scipy) trust list that a model may
 # hold. Anything else in an artifact is refused, whoever wrote it.
 TRUSTED_TYPES = ("models.features.MailText", "models.features.split_tokens", "models.features.ByteGrams",
-                 "models.pipeline.SequentialUnion")
+                 "models.pipeline.SequentialUnion", "models.authfeatures.MailWithAuth")
 
 
 class ModelNotFound(Exception):

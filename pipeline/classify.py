@@ -27,7 +27,7 @@ from pathlib import Path
 
 from confluent_kafka import Message
 
-from models import features, registry
+from models import authfeatures, features, registry
 from pipeline.core import events, metrics
 from pipeline.core.config import Settings
 from pipeline.core.service import Service
@@ -148,7 +148,8 @@ class Classifier:
         todo: list[tuple[events.MailEvent, str]] = []
         results: dict[int, tuple[str, float]] = {}
         for _m, ev in decoded:
-            fp = features.verdict_key(ev.raw)  # all the model reads, not only subject and body
+            # All the model reads, not only subject and body: our Authentication-Results too.
+            fp = features.verdict_key(ev.raw) + authfeatures.cache_key_part(model.pipeline, ev.raw)
             hit = self.cache.get(model.version, fp)
             if hit is not None:
                 results[len(todo)] = hit

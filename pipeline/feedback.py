@@ -49,11 +49,12 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
 from pipeline import kafka
-from pipeline.core import events, senders
+from pipeline.core import authres, events, senders
 from pipeline.core.config import Settings
 from pipeline.core.events import Envelope, MailEvent
 from pipeline.sinks import SCORE_HEADER, TRACE_HEADER, from_iso, iso, maildir, parse_trace, unstamp, unstamp_delivered
@@ -166,7 +167,7 @@ def release_many(settings: Settings, event_ids: Sequence[str], operator: str, to
                 outcomes[event_id] = Outcome(event_id, None, _not_claimed(store, event_id, lease_s))
                 continue
             ham = replace(event, verdict="ham", source="release", extra={**event.extra, "released_by": operator})
-            vote = replace(event, label="ham", extra={"feedback": kind, "by": operator})
+            vote = replace(event, label="ham", extra={"feedback": kind, "by": operator, **_verification(event)})
             claimed.append((event_id, claim, ham, vote))
         if claimed:
             try:
@@ -284,9 +285,16 @@ def report(settings: Settings, event_id: str, label: str, by: str = "") -> MailE
     if event is None:
         raise FeedbackError(f"event {event_id!r} is neither in the quarantine nor in any Maildir under "
                           f"{settings.paths.maildir_root}")
-    feedback = replace(event, label=label, extra={"feedback": USER_REPORT_FEEDBACK, "by": by})
+    feedback = replace(event, label=label, extra={"feedback": USER_REPORT_FEEDBACK, "by": by, **_verification(event)})
     publish(settings, [("feedback", feedback)])
     return feedback
+
+
+def _verification(event: MailEvent) -> dict[str, Any]:
+    """The sender verification ingress recorded, carried into a feedback event: the reputation
+    worker then counts the report for the names the message proved, not those it claimed."""
+    rec = authres.verified(event.extra)
+    return {authres.AUTH: rec} if rec is not None else {}
 
 
 def find(settings: Settings, event_id: str) -> MailEvent | None:

@@ -41,7 +41,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from pipeline import kafka
 from pipeline.admission import Admission
-from pipeline.core import events, metrics
+from pipeline.core import authres, events, metrics
 from pipeline.core.config import Settings
 
 if TYPE_CHECKING:
@@ -218,6 +218,9 @@ def replay(settings: Settings, messages: Iterable[Message], rate: float | None =
     admission = Admission(settings)  # an ingress like smtp: floods go to the bulk lane
     synth = EnvelopeSynth(settings.smtp.domains, users, seed)
     max_bytes = settings.smtp.max_message_bytes
+    # Replay does not verify senders: an Authentication-Results field claiming our authserv-id in
+    # the source is removed, as SMTP removes one (only the SMTP ingress writes ours).
+    authserv_id = settings.auth.authserv_id or settings.smtp.hostname
     producer = kafka.lane_producer(settings, **{"message.timeout.ms": int(delivery_timeout_s * 1000)})
     result = ReplayResult()
     sent_ids: list[str] = []
@@ -255,7 +258,8 @@ def replay(settings: Settings, messages: Iterable[Message], rate: float | None =
                     producer.poll(0)
                     time.sleep(wait)
             envelope = envelope_for(message) if envelope_for else synth.envelope(message.raw, message.name)
-            event = events.new_event(envelope, message.raw, source=SOURCE,
+            raw, _forged = authres.strip_ours(message.raw, authserv_id)
+            event = events.new_event(envelope, raw, source=SOURCE,
                                      label=message.label if label_from_corpus else None)
             event = replace(event, extra={"corpus": {"group": message.group, "name": message.name}})
             labels[event.id] = event.label

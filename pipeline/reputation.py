@@ -149,7 +149,7 @@ from faust.types import TP
 from faust.web import Request, Response, View
 from faust.web.exceptions import ServiceUnavailable
 
-from pipeline.core import events, log, metrics, senders
+from pipeline.core import authres, events, log, metrics, senders
 from pipeline.core.config import ROOT, Settings
 from pipeline.kafka import topics
 
@@ -273,12 +273,15 @@ def observations(event: events.MailEvent, feedback: bool) -> list[tuple[str, str
         if event.label not in (HAM, SPAM):
             return "no_label"
         kind = f"feedback_{event.label}"
-        keys = [k for k in senders.keys(env.mail_from, "") if k.startswith(FEEDBACK_PREFIXES)]
+        keys = [k for k in senders.trusted_keys(env.mail_from, "", authres.proven_domains(event.extra))
+                if k.startswith(FEEDBACK_PREFIXES)]
     else:
         if event.verdict not in VERDICT_KINDS:
             return "no_verdict"
         kind = event.verdict
-        keys = senders.keys(env.mail_from, env.client_address)
+        # A verified event counts for the names it proved only: a forger's spam must not cost the
+        # real sender its standing, nor its ham earn the forger one (pipeline.core.senders.proven_keys).
+        keys = senders.trusted_keys(env.mail_from, env.client_address, authres.proven_domains(event.extra))
     return [(k, kind) for k in keys] if keys else "no_sender"
 
 

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.fixture
 def settings(bootstrap: str, tmp_path: Path) -> Iterator[config.Settings]:
-    """Settings with private topics (a unique prefix), private groups and private paths."""
-    yield config.private(config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap}), "t", tmp_path)
+    """Settings with private topics (a unique prefix), private groups and private paths.
+
+    Sender authentication is off here: these tests check the ingress's protocol and limits byte
+    for byte. tests/test_auth.py turns it on, pointed at a private knotd with zones made at test time."""
+    s = config.private(config.load(env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap}), "t", tmp_path)
+    yield replace(s, auth=replace(s.auth, enabled=False))
 
 
 @pytest.fixture

@@ -233,3 +233,18 @@ def test_replay_without_ground_truth_and_with_given_envelopes(topic_settings: Se
     assert {e.label for e in got} == {None}
     assert {e.envelope.client_address for e in got} == {bot}
     assert {e.envelope.mail_from for e in got} == {"winner@lottery.test", "pills@pharma.test"}
+
+
+@pytest.mark.kafka
+def test_replay_removes_authentication_results_claiming_our_id(topic_settings: Settings) -> None:
+    """Replay does not verify senders: a field claiming our authserv-id in the source would read as
+    ours downstream (the model trusts it), so it goes; other servers' fields stay."""
+    ours = topic_settings.auth.authserv_id or topic_settings.smtp.hostname
+    raw = (f"Authentication-Results: {ours}; dmarc=pass header.from=bank.test\r\n".encode()
+           + b"Authentication-Results: mx.other.test; spf=pass\r\n"
+           + b"From: ceo@bank.test\r\nSubject: wire\r\n\r\nplease\r\n")
+    settings = replace(topic_settings, smtp=replace(topic_settings.smtp, domains=DOMAINS))
+    replay(settings, [Message(raw, "spam", "t", "forged.eml")], rate=None, seed=1)
+    [ev] = _inbound_events(settings, 1)
+    assert ev.raw == raw.split(b"\r\n", 1)[1]
+    assert "auth" not in ev.extra  # nothing was verified, so admission takes names as claimed

@@ -222,6 +222,34 @@ def test_observations_per_key():
     assert observations(_event("", client="", verdict="spam"), feedback=False) == "no_sender"
 
 
+def test_verified_events_count_for_the_names_they_proved_only():
+    """Reputation per authenticated domain: a verified event (extra["auth"], written by the SMTP
+    ingress) counts for the keys it proved, an unverified one (replay) for those it claims."""
+    def verified(ev: events.MailEvent, proven: list[str]) -> events.MailEvent:
+        return replace(ev, extra={"auth": {"proven": proven, "dmarc": {"result": "pass" if proven else "fail"}}})
+
+    forged = verified(_event("ceo@bank.example", verdict="ham"), [])
+    assert observations(forged, feedback=False) == [("client:192.0.2.10", "ham")]  # the peer is no claim
+    genuine = verified(_event("ceo@bank.example", verdict="spam"), ["bank.example"])
+    assert observations(genuine, feedback=False) == [
+        ("domain:bank.example", "spam"), ("addr:ceo@bank.example", "spam"), ("client:192.0.2.10", "spam")]
+    # A list whose DKIM d= is its own, mailing for a sender: the list's domain, not the sender's.
+    relayed = verified(_event("bounce@lists.example", verdict="ham"), ["lists.example", "news.example"])
+    assert observations(relayed, feedback=False)[:2] == [("domain:lists.example", "ham"),
+                                                         ("domain:news.example", "ham")]
+    # A report about a forged message vouches for nobody; one about a genuine message for its names.
+    report = replace(forged, label="ham", extra={**forged.extra, "feedback": "user-report", "by": "u1"})
+    assert observations(report, feedback=True) == "no_sender"
+    report = replace(genuine, label="ham", extra={**genuine.extra, "feedback": "user-report", "by": "u1"})
+    assert observations(report, feedback=True) == [("domain:bank.example", "feedback_ham"),
+                                                   ("addr:ceo@bank.example", "feedback_ham")]
+    # A malformed record proves nothing; an event without one is judged by its claims as before.
+    assert observations(replace(forged, extra={"auth": {"proven": "bank.example"}}), feedback=False) == [
+        ("client:192.0.2.10", "ham")]
+    assert observations(_event("ceo@bank.example", verdict="ham"), feedback=False)[0] == ("addr:ceo@bank.example",
+                                                                                         "ham")
+
+
 def test_credentials_follow_the_kafka_settings():
     base = config.load(env={})
     assert broker_credentials(base) is None

@@ -22,9 +22,14 @@ settings (``[admission]``, ``FLOODGATE_ADMISSION_FLOOD_RATE``, ``FLOODGATE_ADMIS
 Senders known to be good (the compacted reputation topic, kept by ``floodgate reputation``
 from verdicts and users' reports in agreement) are never diverted; an operator's revocation
 (``floodgate senders revoke``) arrives on the same topic as ``good: false`` and ends the
-exemption within seconds. Limit: an envelope sender can be forged, so a
-spammer claiming a good sender's address rides the priority lane; it is still classified, so
-this costs priority-lane capacity, not a wrong verdict.
+exemption within seconds. The exemption applies only to names the message proved: when the SMTP
+ingress verified the sender (``extra["auth"]``, :mod:`pipeline.smtp.auth`), standing is looked up
+for the proven keys alone (:func:`pipeline.core.senders.proven_keys`: the DMARC-aligned From
+domain, a passing SPF or DKIM domain, the envelope address when its domain is among them, the
+client address), so a flood forging a known-good sender is diverted like any other. Events
+that carry no verification (``floodgate replay``, ``auth.enabled = false``) are judged by the
+names they claim: there a forger of a known-good sender still rides the priority lane (it is
+still classified, so this costs priority-lane capacity, not a wrong verdict).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from pipeline import kafka
 from pipeline.admission.fingerprint import fingerprint
-from pipeline.core import events, metrics, senders
+from pipeline.core import authres, events, metrics, senders
 from pipeline.core.config import Settings
 
 log = logging.getLogger("floodgate.admission")
@@ -245,7 +250,9 @@ class Admission:
         now = time.time() if now is None else now
         self.rates.prune(now)
         keys = senders.keys(ev.envelope.mail_from, ev.envelope.client_address)
-        if self.good.is_good(keys):
+        trusted = senders.trusted_keys(ev.envelope.mail_from, ev.envelope.client_address,
+                                       authres.proven_domains(ev.extra))
+        if self.good.is_good(trusted):
             return "priority"
         flooding = False
         # Rates per client, sender address and campaign; not per sender domain, which freemail

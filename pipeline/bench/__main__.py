@@ -221,6 +221,15 @@ def smtp_load(
                              "the Maildir root; waits for the accepted ham to be placed"),
     out: str = typer.Option("reports/smtpload.json", help="the JSON summary"),
     seed: int = typer.Option(7),
+    auth: bool = typer.Option(False, help="with --start-ingress: sender authentication on, against a private knotd "
+                              "serving the bench's zones (pipeline.bench.authworld); ham and bulk mail signed; "
+                              "domain:bank.auth.test known-good. Off: the ingress does not verify"),
+    verify: bool = typer.Option(True, help="with --auth: the ingress verifies; --no-verify: the same mail, zones "
+                                "and standings with verification off (names as claimed: what a forger got before)"),
+    auth_domains: int = typer.Option(3000, help="with --auth: sender domains of saturate-signed (a new one a "
+                                     "message until they run out: run it twice for a cold and a warm cache)"),
+    processes: int = typer.Option(-1, help="with --start-ingress: the ingress's session processes "
+                                  "(-1: smtp.processes; 1: a single process)"),
 ) -> None:
     """Ham and a flood over real SMTP connections from distinct 127/8 addresses: SMTP step times,
     connect -> 250 (-> Maildir with --e2e), every 4xx, accepted msg/s, CPU per message."""
@@ -239,17 +248,44 @@ def smtp_load(
     host, _, port = target.rpartition(":")
     phases = smtpload.Phases(warmup, pre, flood, post)
     ham_mail, spam = smtpload.load_corpus(config.load().paths.data, seed)
+    bot_mail: dict[str, list[tuple[str, bytes]]] = {}
+    world = None
+    if auth:
+        from pipeline.bench import authworld
+        from pipeline.bench.flood import load_mail
+
+        if not start_ingress:
+            raise typer.BadParameter("--auth needs --start-ingress (the ingress must use the bench's DNS server)")
+        ham_msgs, spam_msgs = load_mail(config.load().paths.data)
+        ham_domains = 50
+        world = authworld.build(auth_domains + ham_domains)
+        bodies = [smtpload.crlf(m.raw) for m in ham_msgs]
+        ham_mail = [(helo.encode(), smtpload.Outgoing.build(f, smtpload.traffic.SYNTH.recipient(str(i)), raw))
+                    for i, (helo, f, raw) in enumerate(authworld.ham_mail(world, bodies, auth_domains, ham_domains))]
+        bot_mail["forge-good"] = [authworld.forged_good(smtpload.crlf(m.raw)) for m in spam_msgs]
+        bot_mail["signed"] = authworld.signed_mail(world, bodies, 0, auth_domains)
+    signed_runs = 0
     ham_spec = smtpload.HamSpec(senders=ham_senders, rate=ham_rate, retry_delay_s=retry_delay) if ham else None
     watched = {name: int(pid) for name, _, pid in (w.partition("=") for w in watch.split(",") if w)}
     overrides = {k: v for k, v in (("bots", bots), ("conns", conns), ("per_conn", per_conn), ("idle", idle))
                  if v >= 0} | ({"rate": bot_rate} if bot_rate > 0 else {})
     report: dict = {"command": " ".join([COMMAND, *sys.argv[1:]]), "python": platform.python_version(),
-                    "cores": len(os.sched_getaffinity(0)), "runs": {}}
+                    "cores": len(os.sched_getaffinity(0)), "auth": auth, "verify": auth and verify, "runs": {}}
     with contextlib.ExitStack() as stack:
         pipeline = config.load() if e2e else None
         if start_ingress:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="floodgate-smtpload-")))
-            pipeline, node = stack.enter_context(smtpload.ingress_process(config.load(), workdir, workers=workers))
+            dns_port = None
+            if world is not None:
+                from pipeline.bench import authworld
+                from pipeline.bench.dnsserver import KnotServer
+
+                dns_port = stack.enter_context(KnotServer(world.zones)).port
+            pipeline, node = stack.enter_context(smtpload.ingress_process(
+                config.load(), workdir, workers=workers, auth_dns_port=dns_port if verify else None,
+                good=[f"domain:{authworld.GOOD}"] if world is not None else (),
+                processes=processes if processes >= 0 else None))
+            lanes = pipeline
             host, port = pipeline.smtp.host, str(pipeline.smtp.port)
             watched |= smtpload.ingress_processes(node.workers["smtp"].proc.pid)  # type: ignore[union-attr]
             broker = smtpload.broker_pid(pipeline)
@@ -257,12 +293,27 @@ def smtp_load(
                 watched.setdefault("broker", broker)
             if not workers:
                 pipeline = None
-        for shape in smtpload.iter_shapes(shapes):
+        else:
+            lanes = None
+        for i, shape in enumerate(smtpload.iter_shapes(shapes)):
             shape = dataclasses.replace(shape, **overrides)
+            if shape.mail != "random" and shape.mail not in bot_mail:
+                raise typer.BadParameter(f"shape {shape.name} sends prepared mail: run it with --auth --start-ingress")
+            if shape.mail == "signed" and world is not None:
+                # Each run of it: the same domains in the same order (a second run finds them cached),
+                # new messages (new signatures: nothing a verifier did for the first run's applies).
+                if signed_runs:
+                    bodies = bodies[1:] + bodies[:1]
+                    bot_mail["signed"] = authworld.signed_mail(world, bodies, 0, auth_domains)
+                signed_runs += 1
             summary = smtpload.run_shape(host or "127.0.0.1", int(port), shape, phases, ham=ham_mail, spam=spam,
-                                         ham_spec=ham_spec, watch=watched, e2e=pipeline, seed=seed)
-            report["runs"][shape.name] = summary
+                                         ham_spec=ham_spec, watch=watched, e2e=pipeline, seed=seed,
+                                         bot_mail=bot_mail.get(shape.mail, ()), lanes=lanes)
+            name = shape.name if shape.name not in report["runs"] else f"{shape.name}#{i + 1}"
+            report["runs"][name] = summary
             typer.echo(smtpload.table(summary))
+            if "lanes" in summary:
+                typer.echo(f"lanes: {summary['lanes']}")
             typer.echo(f"load average {summary['loadavg_before']} -> {summary['loadavg_after']}")
         if start_ingress:  # an ingress that died (or was killed) mid-run makes its numbers meaningless
             report["ingress_exits"] = [dataclasses.asdict(e) for e in node.exits]
@@ -271,6 +322,32 @@ def smtp_load(
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     typer.echo(f"wrote {out}")
+
+
+@app.command("auth-verify")
+def auth_verify(
+    domains: int = typer.Option(1000, help="sender domains, one message each (cold), then new messages (warm)"),
+    helo: str = typer.Option("unless-mailfrom-passes", help="HELO check: always | unless-mailfrom-passes | never"),
+    dns_backend: str = typer.Option("aiodns", help="aiodns | dnspython"),
+    spf_memo: bool = typer.Option(True, help="keep SPF results per (client, domain)"),
+    dkim_memo: bool = typer.Option(True, help="keep DKIM results of a signature over the same bytes"),
+    openssl: bool = typer.Option(True, help="RSA checks in OpenSSL (off: dkimpy's pure Python)"),
+    signed_fields: bool = typer.Option(True, help="dkimpy gets the signed fields only (off: the whole header)"),
+    profile: str = typer.Option("", help="cProfile one pass: cold | warm | campaign"),
+) -> None:
+    """The verifier alone (pipeline.bench.authbench): CPU ms per message, cold, warm and for a campaign,
+    against a private knotd; each option turns one saving off to measure it."""
+    import dkim
+    import orjson
+
+    from pipeline.bench import authbench
+    from pipeline.smtp import auth
+
+    if not openssl:
+        dkim.RSASSA_PKCS1_v1_5_verify = auth._ORIGINAL_RSA_VERIFY
+    cfg = {"helo": helo, "dns_backend": dns_backend} | ({} if spf_memo else {"spf_result_entries": 0}) \
+        | ({} if dkim_memo else {"dkim_result_entries": 0}) | {"signed_fields_only": signed_fields}
+    typer.echo(orjson.dumps(authbench.run(domains, profile=profile, **cfg)).decode())
 
 
 @app.command()

@@ -58,10 +58,10 @@ from typing import Any
 
 from models.corpus import Message
 from pipeline import kafka
-from pipeline.bench import accounting, traffic
+from pipeline.bench import accounting, authworld, traffic
 from pipeline.bench.flood import stats
 from pipeline.bench.reputation import cpu_seconds
-from pipeline.core import config
+from pipeline.core import config, senders
 from pipeline.core.config import Settings
 from pipeline.kafka import topics
 from pipeline.node import STANDARD, Node, free_port
@@ -424,6 +424,11 @@ class Shape:
     net: int = 2  # the bots' addresses: 127.<net>.x.y
     campaign: bool = False  # one spam message for all (a campaign) instead of random corpus spam
     backoff_s: float = BOT_BACKOFF_S  # pause after a refused or rejected connection
+    # What the bots send: "random" (corpus spam from random addresses at the bot's own domain),
+    # or prepared mail (LoadGenerator's ``bot_mail``, in order): "forge-good" (spam forging a
+    # known-good domain, pipeline.bench.authworld.forged_good), "signed" (legitimate bulk mail, a
+    # new signing domain a message: authworld.signed_mail).
+    mail: str = "random"
 
 
 # The flood shapes of issue 23, deliverable 1. ``fast`` keeps 120 connections busy in a closed
@@ -439,6 +444,13 @@ SHAPES = {
     # Acceptance capacity: 20 clients as fast as they can, one connection and one message each
     # at a time (run with --no-ham, --pre 0 --post 0).
     "saturate": Shape("saturate", bots=20, conns=1, per_conn=1, net=5),
+    # Issue 20: spam forging a known-good sender's domain (MAIL FROM and From) from 60 bots, failing
+    # SPF, DKIM and DMARC: with verification on it must stay out of the priority lane.
+    "forged-known-good": Shape("forged-known-good", bots=60, conns=2, per_conn=5, net=6, mail="forge-good"),
+    # Acceptance capacity with legitimate signed mail (SPF, DKIM and DMARC pass), each message
+    # from a new domain of the auth world: with --auth, verification's cost (run it twice on one
+    # ingress for a cold and a warm cache).
+    "saturate-signed": Shape("saturate-signed", bots=20, conns=1, per_conn=1, net=7, mail="signed"),
 }
 
 
@@ -492,11 +504,16 @@ class LoadGenerator:
     def __init__(self, host: str, port: int, shape: Shape, phases: Phases, *,
                  ham: Sequence[tuple[bytes, Outgoing]] = (), ham_spec: HamSpec | None = None,
                  spam: Sequence[bytes] = (), watch: dict[str, int] | None = None, seed: int = 7,
-                 reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:
+                 reply_timeout_s: float = REPLY_TIMEOUT_S, bot_mail: Sequence[tuple[str, bytes]] = ()) -> None:
         if ham_spec is not None and not ham:
             raise ValueError("ham senders need ham to send")
         if shape.bots and not spam:
             raise ValueError("bots need spam to send")
+        if shape.bots and shape.mail != "random" and not bot_mail:
+            raise ValueError(f"shape {shape.name} needs prepared mail (bot_mail)")
+        # (MAIL FROM, dot-stuffed payload) for shapes that send prepared mail, taken in turn.
+        self.bot_mail = [(f, dot_stuff(crlf(raw))) for f, raw in bot_mail]
+        self._next_bot_mail = 0
         self.host, self.port = host, port
         self.shape, self.phases = shape, phases
         self.ham, self.ham_spec, self.spam = list(ham), ham_spec, list(spam)
@@ -571,13 +588,20 @@ class LoadGenerator:
 
     # -- bots and hoggers --------------------------------------------------------------------
     def _bot_message(self, bot: str, payload: bytes) -> Outgoing:
+        if self.shape.mail != "random":
+            sender, payload = self.bot_mail[self._next_bot_mail % len(self.bot_mail)]
+            self._next_bot_mail += 1
+            rcpt = traffic.SYNTH.recipient(f"{self.rng.getrandbits(64):016x}")
+            return Outgoing(b"MAIL FROM:<" + sender.encode() + b">\r\n", b"RCPT TO:<" + rcpt.encode() + b">\r\n",
+                            payload)
         sender = f"{self.rng.getrandbits(40):010x}@{bot}.example"
         rcpt = traffic.SYNTH.recipient(f"{self.rng.getrandbits(64):016x}")
         return Outgoing(b"MAIL FROM:<" + sender.encode() + b">\r\n", b"RCPT TO:<" + rcpt.encode() + b">\r\n", payload)
 
     async def _bot_connection(self, src: str, name: str, bucket: TokenBucket | None) -> None:
         shape = self.shape
-        helo = f"{name}.example".encode()
+        # A forger names itself after the domain it forges; the others after their own domain.
+        helo = (f"mail.{authworld.GOOD}" if shape.mail == "forge-good" else f"{name}.example").encode()
         over = self._flood_over
         campaign = self.spam[0]
         while not over.is_set():
@@ -727,9 +751,9 @@ START_AFTER_S = 1.0  # both processes start their phases this long after the bot
 
 
 def _bots_process(conn: Connection, host: str, port: int, shape: Shape, phases: Phases, spam: list[bytes],
-                  seed: int) -> None:
+                  seed: int, bot_mail: list[tuple[str, bytes]]) -> None:
     """The bots' process (:func:`run_split`): ready, then the phases from the start time given."""
-    gen = LoadGenerator(host, port, shape, phases, spam=spam, seed=seed)
+    gen = LoadGenerator(host, port, shape, phases, spam=spam, seed=seed, bot_mail=bot_mail)
     conn.send(True)
     start_at = conn.recv()
     conn.send(asyncio.run(gen.run(start_at)))
@@ -738,16 +762,17 @@ def _bots_process(conn: Connection, host: str, port: int, shape: Shape, phases: 
 
 def run_split(host: str, port: int, shape: Shape, phases: Phases, *, ham: Sequence[tuple[bytes, Outgoing]],
               spam: Sequence[bytes], ham_spec: HamSpec | None, watch: dict[str, int] | None = None,
-              seed: int = 7) -> Run:
+              seed: int = 7, bot_mail: Sequence[tuple[str, bytes]] = ()) -> Run:
     """One run with the bots and hoggers in a child process and the ham senders here, started
     at the same wall time; one :class:`Run` of both. The child's CPU is ``generator-bots``."""
     if not shape.bots:
-        gen = LoadGenerator(host, port, shape, phases, ham=ham, ham_spec=ham_spec, watch=watch, seed=seed)
+        gen = LoadGenerator(host, port, shape, phases, ham=ham, ham_spec=ham_spec, watch=watch, seed=seed,
+                            bot_mail=bot_mail)
         return asyncio.run(gen.run())
     ctx = multiprocessing.get_context("spawn")  # this process has threads (samplers, Kafka clients): no fork
     ours, theirs = ctx.Pipe()
-    child = ctx.Process(target=_bots_process, args=(theirs, host, port, shape, phases, list(spam), seed),
-                        name="smtpload-bots", daemon=True)
+    child = ctx.Process(target=_bots_process, name="smtpload-bots", daemon=True,
+                        args=(theirs, host, port, shape, phases, list(spam), seed, list(bot_mail)))
     child.start()
     theirs.close()
     try:
@@ -944,19 +969,46 @@ def iter_shapes(names: str) -> Iterator[Shape]:
 
 def run_shape(host: str, port: int, shape: Shape, phases: Phases, *, ham: Sequence[tuple[bytes, Outgoing]],
               spam: Sequence[bytes], ham_spec: HamSpec | None, watch: dict[str, int] | None = None,
-              e2e: Settings | None = None, e2e_timeout_s: float = 120.0, seed: int = 7) -> dict[str, Any]:
+              e2e: Settings | None = None, e2e_timeout_s: float = 120.0, seed: int = 7,
+              bot_mail: Sequence[tuple[str, bytes]] = (), lanes: Settings | None = None) -> dict[str, Any]:
     """One run on a fresh event loop, summarised. ``e2e``: the pipeline's settings, to wait for
     the accepted ham in its Maildirs (or quarantine, or dead-letter topic) and time connect ->
     Maildir; the load average is noted before and after."""
     load_before = os.getloadavg()
-    run = run_split(host, port, shape, phases, ham=ham, spam=spam, ham_spec=ham_spec, watch=watch, seed=seed)
+    run = run_split(host, port, shape, phases, ham=ham, spam=spam, ham_spec=ham_spec, watch=watch, seed=seed,
+                    bot_mail=bot_mail)
     load_after = os.getloadavg()
+    extra: dict[str, Any] = {}
+    if lanes is not None:  # which lane each accepted message went to, from the private topics
+        extra["lanes"] = lane_report(run, lanes)
     if e2e is not None:
         ids = {t.event_id for t in run.ham() if t.accepted}
         accounting.wait_accounted(e2e, ids, e2e_timeout_s)
         attach_maildir(run, maildir_found(e2e.paths.maildir_root))
-    return summarize(run) | {"loadavg_before": [round(x, 2) for x in load_before],
-                             "loadavg_after": [round(x, 2) for x in load_after]}
+    return summarize(run) | extra | {"loadavg_before": [round(x, 2) for x in load_before],
+                                     "loadavg_after": [round(x, 2) for x in load_after]}
+
+
+# Issue 20's target: no flood message in the priority lane after the flood's first second.
+FIRST_SECOND_S = 1.0
+
+
+def lane_report(run: Run, settings: Settings, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Where the run's accepted messages went: bot and ham messages on the priority lane's topic
+    (``inbound``) and on ``bulk``, by event id; bot messages in the priority lane in the flood's
+    first second and after it (by the time of their 250)."""
+    ids: dict[str, set[str]] = {}
+    for lane, key in (("priority", "inbound"), ("bulk", "bulk")):
+        ids[lane] = {k.decode() for k, _v in kafka.read(settings, settings.topic(key), timeout_s=timeout_s) if k}
+    flood_start = run.start + run.phases.warmup_s + run.phases.pre_s
+    out: dict[str, Any] = {}
+    for role in ("bot", "ham"):
+        txs = [t for t in run.transactions if t.role == role and t.accepted and t.event_id]
+        out[role] = {lane: sum(1 for t in txs if t.event_id in found) for lane, found in ids.items()}
+    bots = [t for t in run.transactions if t.role == "bot" and t.accepted and t.event_id in ids["priority"]]
+    out["bot_priority_first_second"] = sum(1 for t in bots if t.done - flood_start <= FIRST_SECOND_S)
+    out["bot_priority_after_first_second"] = sum(1 for t in bots if t.done - flood_start > FIRST_SECOND_S)
+    return out
 
 
 # -- the processes under test --------------------------------------------------------------
@@ -967,15 +1019,23 @@ MAIL_PATH = [w for w in STANDARD if w != "reputation"]
 
 
 @contextmanager
-def ingress_process(base: Settings, workdir: Path, *, workers: bool = False) -> Iterator[tuple[Settings, Node]]:
+def ingress_process(base: Settings, workdir: Path, *, workers: bool = False, auth_dns_port: int | None = None,
+                    good: Sequence[str] = (), processes: int | None = None) -> Iterator[tuple[Settings, Node]]:
     """``floodgate smtp`` as its own process (at the ingress's niceness, as a node runs it) on
     private topics and a free port, with the workers of :data:`MAIL_PATH` too when ``workers``
     (a model champion needed): yields its settings (``settings.smtp.port``) and the node; afterwards
-    stops it and deletes the topics."""
+    stops it and deletes the topics. Sender authentication is off, or, with ``auth_dns_port``,
+    on against the DNS server at 127.0.0.1 on that port; ``good``: sender keys published as
+    known-good on the private reputation topic before the ingress starts (admission reads them)."""
     settings = config.private(base, "smtpload-", workdir)
-    settings = replace(settings, smtp=replace(settings.smtp, host="127.0.0.1", port=free_port()))
+    settings = replace(settings, smtp=replace(settings.smtp, host="127.0.0.1", port=free_port(),
+                                              processes=settings.smtp.processes if processes is None else processes),
+                       auth=replace(settings.auth, enabled=auth_dns_port is not None, nameservers=("127.0.0.1",),
+                                    dns_port=auth_dns_port or 53))
     admin = kafka.admin(settings)
     topics.apply(settings, admin)
+    if good:
+        publish_good(settings, good)
     node = Node(settings, workdir / "logs")  # a free port per worker
     try:
         node.start("smtp", ["smtp"])
@@ -986,6 +1046,16 @@ def ingress_process(base: Settings, workdir: Path, *, workers: bool = False) -> 
     finally:
         node.stop_all()
         topics.delete(settings, admin)
+
+
+def publish_good(settings: Settings, keys: Sequence[str]) -> None:
+    """Standing records making ``keys`` known-good, as the reputation worker would publish them."""
+    producer = kafka.producer(settings)
+    for key in keys:
+        k, v = senders.encode_standing(senders.Standing(key=key, good=True, ham=100, updated_at=time.time()))
+        producer.produce(settings.topic("reputation"), key=k, value=v)
+    if producer.flush(30):
+        raise RuntimeError("the known-good standings were not acknowledged")
 
 
 def listening_pid(port: int) -> int | None:

@@ -146,6 +146,33 @@ class AdmissionSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Sender authentication at SMTP ingress (pipeline/smtp/auth.py): SPF, DKIM, ARC, DMARC.
+
+    On by default, with the system's resolver: admission's known-good exemption trusts a name
+    only once the message proved it, so with verification off a forger of a known-good sender
+    rides the priority lane. It cannot stall SMTP (everything unfinished at ``budget_s`` is
+    ``temperror``) nor prove anything on a DNS failure (``temperror`` proves nothing).
+    """
+
+    enabled: bool = True
+    authserv_id: str = ""  # the id in our Authentication-Results; "" -> smtp.hostname
+    nameservers: tuple[str, ...] = ()  # resolver addresses; empty -> /etc/resolv.conf
+    dns_port: int = 53
+    dns_backend: str = "aiodns"  # aiodns (c-ares, ~0.15 CPU ms a query) | dnspython (pure Python, ~0.45)
+    budget_s: float = 2.0  # the most verification may add to one message; past it: temperror
+    query_timeout_s: float = 1.5  # one DNS query (its answer still fills the cache after a budget ran out)
+    cache_entries: int = 50_000
+    failure_ttl_s: float = 10.0  # a timed-out or SERVFAIL name is not asked again for this long
+    # The HELO identity (RFC 7208 2.3) is checked only when MAIL FROM's SPF did not pass: a pass
+    # already proved the client may send for the sender, and the HELO result decides nothing then.
+    helo: str = "unless-mailfrom-passes"  # always | unless-mailfrom-passes | never
+    arc: bool = True
+    max_signatures: int = 5  # DKIM signatures evaluated per message (each hashes the body again)
+    process_above_bytes: int = 256 * 1024  # DKIM/ARC of bigger messages in a worker process
+
+
+@dataclass(frozen=True)
 class WebSettings:
     """``floodgate web`` (pipeline/web/) and the digests' links (``floodgate digest``)."""
 
@@ -175,6 +202,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     web: WebSettings = field(default_factory=WebSettings)
 
     def topic(self, key: str) -> str:
@@ -191,8 +219,17 @@ def topic_spec() -> dict[str, Any]:
         return tomllib.load(f)
 
 
+# What an environment variable may say for a boolean setting (``environment`` writes True/False).
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _coerce(value: str, kind: Any) -> Any:
     kind = str(kind)
+    if kind == "bool":
+        word = value.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ValueError(f"not a boolean: {value!r}")
     if "tuple" in kind:
         return tuple(v.strip() for v in value.split(",") if v.strip())
     if "int" in kind:
@@ -235,6 +272,7 @@ def load(path: Path | None = None, env: dict[str, str] | None = None) -> Setting
         worker=_section(WorkerSettings, toml.get("worker", {}), "worker", env),
         delivery=_section(DeliverySettings, toml.get("delivery", {}), "delivery", env),
         admission=_section(AdmissionSettings, toml.get("admission", {}), "admission", env),
+        auth=_section(AuthSettings, toml.get("auth", {}), "auth", env),
         web=_section(WebSettings, toml.get("web", {}), "web", env),
     )
 

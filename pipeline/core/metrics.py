@@ -51,6 +51,13 @@ LAG_SECONDS = Gauge("kafka_consumergroup_group_lag_seconds", "Estimated consumer
                     ["consumergroup", "topic", "partition"])
 GROUP_STATUS = Gauge("floodgate_consumergroup_status", "Burrow-style status (1 for the current one)",
                      ["consumergroup", "status"])
+# Sender authentication at SMTP ingress (pipeline/smtp/auth.py). Results are from fixed vocabularies
+# (RFC 8601), so the label sets stay small whatever senders send.
+AUTH_RESULTS = Counter("floodgate_auth_results_total", "Sender authentication results at ingress",
+                       ["method", "result"])
+AUTH_SECONDS = Histogram("floodgate_auth_seconds", "Time sender authentication added to a message",
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5))
+
 # The web worker (pipeline/web/): requests by view (a route's name, a fixed set) and status class,
 # their time (the list view's objective is 300 ms at p95), and the actions people take.
 WEB_REQUESTS = Counter("floodgate_web_requests_total", "Web requests by view and status class (2xx, 4xx...)",

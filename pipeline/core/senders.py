@@ -13,6 +13,11 @@ Sender keys (strings; the Kafka key is their UTF-8 bytes):
 
 The null sender (``<>``, bounces) has no ``addr:`` or ``domain:`` key.
 
+Proven keys: when the SMTP ingress verified a message (SPF, DKIM, DMARC; ``extra["auth"]``,
+:mod:`pipeline.core.authres`), the ``addr:`` and ``domain:`` keys that count are those of names
+the message proved (:func:`proven_keys`), not the names it claims: admission exempts, and the
+reputation worker counts verdicts for, those only.
+
 Record value (orjson)::
 
     {"key": "domain:example.org", "good": true, "ham": 31, "spam": 0,
@@ -92,6 +97,33 @@ def keys(mail_from: str, client_address: str) -> list[str]:
     """Every key a message counts towards: ``addr:``, ``domain:``, ``client:`` (those that exist)."""
     keys = (addr_key(mail_from), domain_key(mail_from), client_key(client_address))
     return [k for k in keys if k]
+
+
+def proven_keys(mail_from: str, client_address: str, proven_domains: Iterable[str]) -> list[str]:
+    """The keys a message has proved it may claim: ``domain:`` for each domain sender
+    authentication proved (:func:`pipeline.core.authres.proven_domains`: the DMARC-aligned From
+    domain, the MAIL FROM domain when SPF passed, each passing DKIM ``d=``), ``addr:`` for the
+    envelope sender when its domain is among them, and the ``client:`` address (the TCP peer, or
+    what a trusted relay forwarded: nothing a sender can claim). Known-good standing applies to
+    these only, and reputation is kept for these only when a message was verified."""
+    proven = {d.strip().rstrip(".").lower() for d in proven_domains if isinstance(d, str) and d.strip()}
+    out = [DOMAIN + d for d in sorted(proven)]
+    dk = domain_key(mail_from)
+    if dk and dk[len(DOMAIN):] in proven:
+        out.append(ADDR + normalise_address(mail_from))
+    ck = client_key(client_address)
+    if ck:
+        out.append(ck)
+    return out
+
+
+def trusted_keys(mail_from: str, client_address: str, proven_domains: Iterable[str] | None) -> list[str]:
+    """The keys standing applies to for one event: :func:`proven_keys` when ingress verified the
+    sender (``proven_domains`` a list, possibly empty), else every claimed key (:func:`keys`:
+    ``floodgate replay`` or verification off, where nothing was checked either way)."""
+    if proven_domains is None:
+        return keys(mail_from, client_address)
+    return proven_keys(mail_from, client_address, proven_domains)
 
 
 def normalise_key(key: str) -> str | None:

@@ -20,8 +20,15 @@ Policy, in SMTP terms:
   ideographic full stops) after NFC, the local part NFC; an address with a control character
   (NUL included) or an invisible one (zero-width, soft hyphen, bidirectional marks: Unicode
   format characters) is refused with ``553``, so that no lookalike reaches a mailbox no user reads;
+* sender authentication (``[auth]``, on by default; :mod:`pipeline.smtp.auth`): SPF for MAIL FROM
+  (and HELO when MAIL FROM did not pass) from the first accepted RCPT, overlapping DATA; DKIM, ARC
+  and DMARC at the end of DATA; all of it adds at most ``auth.budget_s`` to a message (past it:
+  ``temperror``, never ``pass``). ``Authentication-Results`` fields claiming our authserv-id are
+  removed, ours is prepended, and the results go into the event (``extra["auth"]``,
+  :mod:`pipeline.core.authres`);
 * admission: mail from a source that floods goes to the bulk lane's topic, everything else to
-  ``inbound`` (:mod:`pipeline.admission`), before it is queued anywhere.
+  ``inbound`` (:mod:`pipeline.admission`), before it is queued anywhere. A known-good sender's
+  exemption applies only to the names the message proved.
 * per-client limits at the socket (:mod:`pipeline.smtp.limits`): connections per client and
   network, connection and message rates, and under stress a bounded share for clients without
   history, with shorter idle and error limits; a refused client gets ``421`` at connect or
@@ -31,8 +38,9 @@ Policy, in SMTP terms:
 
 The package: :mod:`~pipeline.smtp.protocol` (the SMTP conversation), :mod:`~pipeline.smtp.addresses`
 (paths, parameters, normalisation), :mod:`~pipeline.smtp.limits` (per-client limits and stress),
-:mod:`~pipeline.smtp.bridge` (the hand-off to Kafka), :mod:`~pipeline.smtp.server` (one ingress
-process).
+:mod:`~pipeline.smtp.bridge` (the hand-off to Kafka), :mod:`~pipeline.smtp.auth` (SPF, DKIM, ARC,
+DMARC over a cached asynchronous DNS path), :mod:`~pipeline.smtp.server` (one ingress process),
+:mod:`~pipeline.smtp.front` (several session processes behind one port).
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ def run(settings: Settings, service: Service) -> None:
     """``floodgate smtp``: serve until SIGTERM/SIGINT, then finish in-flight acks and exit."""
     ingress = SmtpIngress(settings)
     ingress.start()
+    if ingress.verifier is not None:
+        ingress.verifier.wait_warm()  # the worker process for big messages, before readiness
     service.checks.append(ingress.bridge.problem)
     freeze_start_up()
     service.ready.set()

@@ -331,6 +331,8 @@ def run_session_process(settings: Settings, channel_fd: int, service: Service) -
     channel = Channel(channel_fd, ingress)
     ingress.front = channel
     ingress.start(listen=False)
+    if ingress.verifier is not None:
+        ingress.verifier.wait_warm()  # the worker process for big messages, before readiness
     channel.start()
     freeze_start_up()
     service.ready.set()

@@ -2,9 +2,12 @@
 
 :class:`SmtpIngress` runs on its own asyncio loop in a thread (``start()`` returns the bound
 port) and is the :class:`~pipeline.smtp.protocol.Host` of every session: it applies the
-per-client limits (:mod:`pipeline.smtp.limits`), decides the lane of each accepted message
-(:mod:`pipeline.admission`), hands it to the broker (:mod:`pipeline.smtp.bridge`) and answers
-250 only once the broker has it.
+per-client limits (:mod:`pipeline.smtp.limits`), verifies the sender (:mod:`pipeline.smtp.auth`,
+when ``auth.enabled``: SPF from the first accepted RCPT on, overlapping DATA; DKIM, ARC and DMARC
+at the end of DATA; at most ``auth.budget_s`` in all), decides the lane of each accepted message
+(:mod:`pipeline.admission`, which trusts only the names the message proved), hands it to the
+broker (:mod:`pipeline.smtp.bridge`) and answers 250 only once the broker has it. Each ingress
+process has its own verifier and DNS cache (in front mode, each session process).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import time
 from typing import Any
 
 from pipeline.admission import Admission
-from pipeline.core import events, metrics
+from pipeline.core import authres, events, metrics
 from pipeline.core.config import Settings
-from pipeline.smtp import addresses
+from pipeline.smtp import addresses, auth
 from pipeline.smtp.bridge import STAGE, DeliveryFailed, KafkaBridge
 from pipeline.smtp.limits import Clients
 from pipeline.smtp.protocol import Origin, Session, Transaction
@@ -107,6 +110,9 @@ class SmtpIngress:
         self.trusted = networks(s.xforward_hosts)
         # Flooding sources go to the bulk lane before anything is queued (postscreen's idea).
         self.admission = Admission(settings, follow_reputation=False)
+        # Sender authentication: results stamped on the message and recorded in the event.
+        self.verifier = auth.Verifier(auth.config_from_settings(settings)) if settings.auth.enabled else None
+        self.auth_tasks: set[asyncio.Task[Any]] = set()  # SPF checks started at RCPT, not yet awaited
         self.sessions: set[Session] = set()
         self.held_refusals = 0
         self.inflight = 0
@@ -200,6 +206,7 @@ class SmtpIngress:
         return None
 
     def transaction_ended(self, session: Session) -> None:
+        session.spf_task = None  # a check started for a transaction that ended runs on into the cache
         key = getattr(session, "limit_key", None)
         if key is not None:
             self.clients.done(key)
@@ -216,19 +223,56 @@ class SmtpIngress:
             return REPLY_RELAY_DENIED.format(rcpt=address), address
         if len(session.txn.rcpt_to) >= self.max_recipients:
             return REPLY_TOO_MANY_RCPTS, address
+        if self.verifier is not None and not session.txn.rcpt_to:
+            # SPF needs only the client, MAIL FROM and HELO: start it at the first accepted RCPT,
+            # so that its DNS overlaps DATA (not at MAIL: a transaction refused at RCPT costs none).
+            origin = session.origin()
+            task = self.verifier.start_spf(origin.client, session.txn.mail_from or "", origin.helo)
+            session.spf_task = task
+            self.auth_tasks.add(task)
+            task.add_done_callback(self.auth_tasks.discard)
         # Stored as normalised, so that every spelling of one address reaches one mailbox.
         return None, f"{local}@{ours}"
 
+    async def _verify(self, session: Session, origin: Origin, txn: Transaction, raw: bytes) -> tuple[bytes, Any]:
+        """The message stamped with our Authentication-Results (forged ones with our id removed)
+        and the results for the event; within ``auth.budget_s`` (then temperror, never pass)."""
+        assert self.verifier is not None
+        spf_task = getattr(session, "spf_task", None)
+        session.spf_task = None
+        results = await self.verifier.verify(raw, client_ip=origin.client, mail_from=txn.mail_from or "",
+                                             helo=origin.helo, spf_task=spf_task)
+        stamped, forged = auth.stamp(raw, results, self.verifier.cfg.authserv_id)
+        count_auth(results)
+        if forged:
+            metrics.ERRORS.labels(STAGE, "forged_authentication_results").inc()
+        if results.timed_out:
+            metrics.ERRORS.labels(STAGE, "auth_budget").inc()
+        return stamped, results.to_meta()
+
     async def deliver(self, session: Session, origin: Origin, txn: Transaction, raw: bytes) -> str:
-        extra = {"relay": origin.relay, "relay_queue_id": origin.relay_queue_id} if origin.relay else {}
+        extra: dict[str, Any] = {"relay": origin.relay, "relay_queue_id": origin.relay_queue_id} if origin.relay else {}
+        # From the bytes the relay sent (before our stamp): its retry of the same message gets the same id.
         event_id = (relayed_event_id(origin.relay, origin.relay_queue_id, txn.mail_from or "", txn.rcpt_to, raw)
                     if origin.relay and origin.relay_queue_id else None)
+        if self.verifier is not None:
+            self.inflight += 1  # shutdown waits for this message's answer from here on
+            try:
+                raw, extra[authres.AUTH] = await self._verify(session, origin, txn, raw)
+            finally:
+                self.inflight -= 1
+                if self.inflight == 0:
+                    self.idle.set()
         event = events.new_event(
             events.Envelope(mail_from=txn.mail_from or "", rcpt_to=tuple(txn.rcpt_to),
                             client_address=origin.client, helo=origin.helo),
             raw, source="smtp", extra=extra, event_id=event_id)
         ctx = {"event_id": event.id, "client": origin.client, "helo": origin.helo,
                "rcpts": len(txn.rcpt_to), "bytes": len(raw)} | ({"relay": origin.relay} if origin.relay else {})
+        if authres.AUTH in extra:  # the results in a word each (the header has the rest)
+            meta = extra[authres.AUTH]
+            ctx["auth"] = " ".join([f"spf={meta['spf']['mailfrom']['result']}",
+                                    *(f"dkim={d['result']}" for d in meta["dkim"]), f"dmarc={meta['dmarc']['result']}"])
         now = self.now()
         calm = not self.clients.stressed(now)
         if not calm and not self.clients.known(origin.client):
@@ -326,6 +370,10 @@ class SmtpIngress:
                 await asyncio.wait_for(self.idle.wait(), self.settings.smtp.ack_timeout_s + SHUTDOWN_GRACE_S)
         for session in list(self.sessions):
             session.close(REPLY_SHUTDOWN)
+        for task in list(self.auth_tasks):
+            task.cancel()
+        if self.verifier is not None:
+            await self.verifier.aclose()
         await asyncio.sleep(0)  # let the transports flush and close
 
     def stop(self) -> None:
@@ -344,6 +392,17 @@ class SmtpIngress:
         log.info("stopped", extra={"shutdown_s": round(time.monotonic() - started, 3)})
 
 
+def count_auth(r: auth.AuthResults) -> None:
+    """Metrics of one verification (results are fixed vocabularies: bounded label sets)."""
+    metrics.AUTH_SECONDS.observe(r.elapsed_s)
+    metrics.AUTH_RESULTS.labels("spf", r.spf_mailfrom.result).inc()
+    for d in r.dkim:
+        metrics.AUTH_RESULTS.labels("dkim", d.result).inc()
+    metrics.AUTH_RESULTS.labels("dmarc", r.dmarc.result).inc()
+    if r.arc is not None:
+        metrics.AUTH_RESULTS.labels("arc", r.arc.result).inc()
+
+
 class _PeerSession(Session):
     """A session that learns its peer's address when the connection is made."""
 
@@ -353,6 +412,7 @@ class _PeerSession(Session):
         self.held = False  # a refusal held open for a while (refusal_delay)
         self.limit_key: str | None = None
         self.conn_id: int | None = None  # the front's id of a connection handed over
+        self.spf_task: asyncio.Task[Any] | None = None  # SPF of the transaction, from its first RCPT
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.conn_id is None:
