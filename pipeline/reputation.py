@@ -130,6 +130,7 @@ Web (optional, ``--web-port`` or ``FLOODGATE_WORKER_METRICS_PORT``; loopback by 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import operator
 import time
@@ -142,6 +143,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from confluent_kafka import KafkaException
 from faust.exceptions import SameNode
 from faust.streams import _current_event
 from faust.transport.drivers import aiokafka as faust_kafka
@@ -149,6 +151,7 @@ from faust.types import TP
 from faust.web import Request, Response, View
 from faust.web.exceptions import ServiceUnavailable
 
+from pipeline import kafka
 from pipeline.core import authres, events, log, metrics, senders
 from pipeline.core.config import ROOT, Settings
 from pipeline.kafka import topics
@@ -476,13 +479,36 @@ class GapConsumer(faust_kafka.Consumer):
         # Called with offset_to = the offset of the record that follows the gap.
         await super()._add_gap(tp, offset_from, offset_to - 1)
 
+    async def subscribe(self, topics: Iterable[str]) -> None:
+        """Join the group only once the metadata shows every topic subscribed to. Faust creates
+        its internal topics (observations, changelogs) just before, and the controller
+        acknowledges a creation before the brokers know the topic: on a loaded host the first
+        assignment left ``observations`` out ("Ignoring missing topic"), the worker said it was
+        ready without a tally, and the metadata refresh 6 s later rebalanced it. Records read
+        before then were counted again, or (fetched across the rebalance) not at all."""
+        names = sorted(set(topics))
+        settings: Settings | None = getattr(self.app, "floodgate_settings", None)
+        if settings is not None and names:
+            try:
+                await asyncio.to_thread(topics_wait_visible, settings, names)
+            except (TimeoutError, KafkaException) as e:
+                log.get(STAGE).warning("subscribing before every topic is visible", extra={"error": str(e)})
+        await super().subscribe(names)
+
+
+def topics_wait_visible(settings: Settings, names: list[str]) -> None:
+    topics.wait_visible(kafka.admin(settings), names)
+
 
 class GapTransport(faust_kafka.Transport):
     Consumer = GapConsumer
 
 
 class App(faust.App):
-    """A Faust app whose consumer is :class:`GapConsumer` (its producer is Faust's own)."""
+    """A Faust app whose consumer is :class:`GapConsumer` (its producer is Faust's own), with
+    the settings it was built from (the consumer reads the cluster's metadata through them)."""
+
+    floodgate_settings: Settings | None = None
 
     def _new_transport(self) -> faust.types.TransportT:
         return GapTransport(self.conf.broker_consumer, self)
@@ -534,6 +560,7 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
         consumer_metadata_max_age_ms=METADATA_MAX_AGE_MS,
         producer_linger=PRODUCER_LINGER_S,
     )
+    app.floodgate_settings = settings
     lg = log.get(STAGE)
     stats: Counter[str] = Counter()
 

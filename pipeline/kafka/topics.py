@@ -81,6 +81,12 @@ def _unseen(admin: AdminClient, names: list[str]) -> list[str]:
             if n not in found or not found[n].partitions or any(p.leader < 0 for p in found[n].partitions.values())]
 
 
+def wait_visible(admin: AdminClient, names: list[str]) -> None:
+    """Return once the metadata shows every topic of ``names`` with a leader for every
+    partition; TimeoutError after ``TIMEOUT_S``."""
+    _unseen(admin, names)
+
+
 def apply(settings: Settings, admin: AdminClient, dry_run: bool = False) -> list[str]:
     """Bring the cluster to the spec. Returns one line per change made (or, dry, to make) and per drift."""
     report: list[str] = []
