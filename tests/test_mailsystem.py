@@ -174,6 +174,10 @@ def test_where_the_programs_cannot_run_the_reason_is_given(monkeypatch: pytest.M
     assert "sievec" in reason and "dovecot-sieve" in reason and "swaks" in reason and "make tools" in reason
 
 
+def authserv_id(stack: MailSystem) -> str:
+    return stack.settings.auth.authserv_id or stack.settings.smtp.hostname
+
+
 def test_ham_reads_back_over_imap_byte_identical_below_the_added_headers(stack: MailSystem,
                                                                          ham: tuple[Sent, bytes, bytes]) -> None:
     sent, raw, body = ham
@@ -182,7 +186,13 @@ def test_ham_reads_back_over_imap_byte_identical_below_the_added_headers(stack: 
     assert body.startswith(b"Return-Path: <alice+list@sender.test>\r\nDelivered-To: bob@example.com\r\nReceived: ")
     headers, below = unstamp_delivered(body)
     assert set(headers) == {"x-floodgate-score", "x-floodgate-trace"}
-    postfix_received, _, rest = below.partition(b"\r\n" + TAG.encode())
+    # Below them, Floodgate's Authentication-Results (sender authentication at ingress, folded
+    # over several lines), then what Postfix handed over.
+    stamp = re.match(rb"Authentication-Results: " + re.escape(authserv_id(stack).encode()) +
+                     rb";[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", below)
+    assert stamp, below[:300]
+    relayed = below[stamp.end():]
+    postfix_received, _, rest = relayed.partition(b"\r\n" + TAG.encode())
     assert (TAG.encode() + rest) == raw
     assert re.fullmatch(rb"Received: from mail\.sender\.test \(unknown \[127\.0\.0\.23\]\)\r\n"
                         rb"\tby mx\.floodgate\.test \(Postfix\) with ESMTP id " + sent.qid.encode() + rb"\r\n"
@@ -211,7 +221,11 @@ def test_admission_sees_the_original_client_and_sender_not_postfix(stack: MailSy
     sent, _, body = ham
     [event] = [e for e in topic_events(stack.settings, "inbound") if e.id == event_id(body)]
     assert event.envelope == Envelope("alice+list@sender.test", (BOB,), CLIENT, "mail.sender.test")
-    assert event.extra == {"relay": "127.0.0.1", "relay_queue_id": sent.qid}
+    extra = dict(event.extra)
+    verified = extra.pop("auth")  # sender authentication ran on the original sender, not Postfix's
+    assert extra == {"relay": "127.0.0.1", "relay_queue_id": sent.qid}
+    assert (verified["spf"]["mailfrom"]["domain"], verified["spf"]["mailfrom"]["address"]) == \
+        ("sender.test", "alice+list@sender.test")
 
 
 def test_obvious_spam_is_quarantined_not_delivered(stack: MailSystem, mail: CorpusMail) -> None:
@@ -248,7 +262,9 @@ def test_a_released_message_lands_in_the_inbox(stack: MailSystem) -> None:
     user, box, body = delivered(stack, "spam-1")
     assert (user, box, event_id(body)) == (CAROL, "INBOX", entry.event_id)
     [fb] = [e for e in topic_events(stack.settings, "feedback") if e.id == entry.event_id]
-    assert (fb.label, fb.extra) == ("ham", {"feedback": "quarantine-release", "by": "postmaster"})
+    extra = dict(fb.extra)
+    extra.pop("auth", None)  # the original's verification, when it proved a name (none here)
+    assert (fb.label, extra) == ("ham", {"feedback": "quarantine-release", "by": "postmaster"})
 
 
 def test_junk_moves_over_imap_become_feedback_events(stack: MailSystem, ham: tuple[Sent, bytes, bytes]) -> None:
