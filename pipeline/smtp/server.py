@@ -185,9 +185,13 @@ class SmtpIngress:
         if self.front is not None and conn_id is not None:
             self.front.send(f"X {conn_id}")
 
-    def stress(self) -> None:
-        """A sign of stress seen here; the front hears of it too."""
-        self.clients.stress(self.now())
+    def stress(self, reason: str) -> None:
+        """A sign of stress seen here; the front hears of it too. Its onset is logged with the
+        reason (calm ends: clients without history are held to their share and earn none)."""
+        now = self.now()
+        if not self.clients.stressed(now):
+            log.info("stress", extra={"reason": reason})
+        self.clients.stress(now)
         if self.front is not None:
             self.front.send("S")
 
@@ -282,7 +286,7 @@ class SmtpIngress:
         else:
             topic = self.admission.topic(event)
         if topic == self.admission.bulk:
-            self.stress()  # a flood is being diverted
+            self.stress("admission diverted a flood")
         self.inflight += 1
         try:
             # accepted_at is stamped now; the ack follows within milliseconds when the broker is well.
@@ -331,7 +335,7 @@ class SmtpIngress:
             expected = self.loop.time() + SWEEP_S
             now = self.now()
             if late > LOOP_LAG_STRESS_S:
-                self.stress()
+                self.stress(f"event loop {late:.2f} s late")
             timeout = self.clients.idle_timeout(now)
             for session in list(self.sessions):
                 if not session.busy and now - session.last_active > timeout:
