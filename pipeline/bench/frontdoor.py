@@ -33,17 +33,18 @@ that got a 250 in exactly one of a mailbox, the quarantine or the dead-letter to
 ``forged-known-good`` (issue 20, in the default shapes): spam forging a known-good sender. Its
 bots send :mod:`pipeline.bench.authworld`'s forgery of :data:`~pipeline.bench.authworld.GOOD`
 (MAIL FROM and From, unsigned, from outside the domain's SPF, against ``p=reject``), and its ham
-senders send authworld's signed ham (a tenth from the known-good domain itself, which passes).
-It runs on a node of its own per configuration, after the other shapes (a fresh node, so a full
-warm-up again: about 2 min more per configuration), whose ingress verifies senders against a
-private knotd serving authworld's zones (:mod:`pipeline.bench.dnsserver`, started once for the
-run), with the known-good domain published as good on the private reputation topic before the
-ingress starts. The naive configuration gets the same mail, zones and standings (its ingress
-verifies too; it has no admission to use the result). Reported for it besides the usual: the
-bot messages that went into the priority lane in the flood's first second and after it (by event
-id, from the lane in the quarantine's and the Maildirs' metadata), and whether issue 20's target
-was met (:func:`forged_target`). Without knotd (Debian ``knot``) the shape is skipped, with the
-reason in the log, the report (``skipped``) and the summary.
+senders send authworld's signed ham (a tenth from the known-good domain itself, which passes). It
+runs on a node of its own per configuration, after the other shapes (a fresh node, so a full
+warm-up again: about 1.5 min more per configuration, and ~35 s once to sign the ham), whose
+ingress verifies senders against a private knotd serving authworld's zones
+(:mod:`pipeline.bench.dnsserver`, started once for the run), with the known-good domain published
+as good on the private reputation topic before the ingress starts. The naive configuration gets
+the same mail, zones and standings (its ingress verifies too; it has no admission to use the
+result). Reported for it besides the usual: the bot messages that went into the priority lane in
+the flood's first second and after it (by event id, from the lane in the quarantine's and the
+Maildirs' metadata), and whether issue 20's target was met (:func:`forged_target`). Without knotd
+(Debian ``knot``) the shape is skipped, with the reason in the log, the report (``skipped``) and
+the summary.
 """
 
 from __future__ import annotations
