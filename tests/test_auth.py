@@ -430,6 +430,27 @@ def test_admission_trusts_only_proven_names(knot: KnotServer) -> None:
     assert senders.proven_keys("ceo@sender.test", "192.0.2.1", []) == ["client:192.0.2.1"]
 
 
+def test_a_diverted_forgery_of_a_known_good_sender_stays_in_bulk(knot: KnotServer) -> None:
+    """Under stress the ingress diverts mail of clients without history (Admission.divert); a
+    known-good sender still goes to the priority lane, but only by the names it proved. Found by
+    the front-door bench's forged-known-good flood: bots held under admission's floor by the
+    stress limits were sent back to the priority lane by the domain they claimed."""
+    admission = Admission(load(env={}), follow_reputation=False)
+    admission.good.keys = frozenset({"domain:sender.test"})
+
+    def event(r: auth.AuthResults | None) -> events.MailEvent:
+        extra = {"auth": r.to_meta()} if r else None
+        return events.new_event(events.Envelope("ceo@sender.test", ("u@example.com",), "192.0.2.1"), b"\n\nx",
+                                extra=extra)
+
+    forged = verify(cfg(knot.port), mailauth.message("ceo@sender.test"), ip="192.0.2.1", mail_from="ceo@sender.test")
+    real = verify(cfg(knot.port), signed("ceo@sender.test"), ip="192.0.2.1", mail_from="ceo@sender.test")
+    # One message each, far under every floor: lane() says priority for all; divert() decides.
+    assert admission.divert(event(forged), 0.0) == admission.bulk
+    assert admission.divert(event(real), 1.0) == admission.inbound
+    assert admission.divert(event(None), 2.0) == admission.inbound  # unverified (replay): names as claimed
+
+
 # -- the SMTP ingress: verified at DATA, stamped, recorded, admitted by proven names -----------------
 
 

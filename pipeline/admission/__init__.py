@@ -271,9 +271,11 @@ class Admission:
     def divert(self, ev: events.MailEvent, now: float | None = None) -> str:
         """The bulk lane's topic for a message the ingress sends there on its own account (a client
         without history while the ingress is under stress); its sources are counted as usual, so
-        their rates stay true. A known-good sender still goes to the priority lane."""
-        if self.lane(ev, now) == "priority" and self.good.is_good(
-                senders.keys(ev.envelope.mail_from, ev.envelope.client_address)):
+        their rates stay true. A known-good sender still goes to the priority lane: by the names
+        the message proved, as in :meth:`lane` (a forger of a known-good sender, held under
+        admission's floor by the stress limits, would otherwise be sent back to the priority lane)."""
+        if self.lane(ev, now) == "priority" and self.good.is_good(senders.trusted_keys(
+                ev.envelope.mail_from, ev.envelope.client_address, authres.proven_domains(ev.extra))):
             self._admitted["priority"].inc()
             return self.inbound
         self._admitted["bulk"].inc()

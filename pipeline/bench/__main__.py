@@ -251,19 +251,10 @@ def smtp_load(
     bot_mail: dict[str, list[tuple[str, bytes]]] = {}
     world = None
     if auth:
-        from pipeline.bench import authworld
-        from pipeline.bench.flood import load_mail
-
         if not start_ingress:
             raise typer.BadParameter("--auth needs --start-ingress (the ingress must use the bench's DNS server)")
-        ham_msgs, spam_msgs = load_mail(config.load().paths.data)
-        ham_domains = 50
-        world = authworld.build(auth_domains + ham_domains)
-        bodies = [smtpload.crlf(m.raw) for m in ham_msgs]
-        ham_mail = [(helo.encode(), smtpload.Outgoing.build(f, smtpload.traffic.SYNTH.recipient(str(i)), raw))
-                    for i, (helo, f, raw) in enumerate(authworld.ham_mail(world, bodies, auth_domains, ham_domains))]
-        bot_mail["forge-good"] = [authworld.forged_good(smtpload.crlf(m.raw)) for m in spam_msgs]
-        bot_mail["signed"] = authworld.signed_mail(world, bodies, 0, auth_domains)
+        mail = smtpload.auth_mail(config.load().paths.data, auth_domains)
+        world, ham_mail, bodies, bot_mail = mail.world, mail.ham, mail.bodies, mail.bot_mail
     signed_runs = 0
     ham_spec = smtpload.HamSpec(senders=ham_senders, rate=ham_rate, retry_delay_s=retry_delay) if ham else None
     watched = {name: int(pid) for name, _, pid in (w.partition("=") for w in watch.split(",") if w)}
@@ -283,7 +274,7 @@ def smtp_load(
                 dns_port = stack.enter_context(KnotServer(world.zones)).port
             pipeline, node = stack.enter_context(smtpload.ingress_process(
                 config.load(), workdir, workers=workers, auth_dns_port=dns_port if verify else None,
-                good=[f"domain:{authworld.GOOD}"] if world is not None else (),
+                good=smtpload.GOOD_KEYS if world is not None else (),
                 processes=processes if processes >= 0 else None))
             lanes = pipeline
             host, port = pipeline.smtp.host, str(pipeline.smtp.port)
