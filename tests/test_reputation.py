@@ -6,6 +6,7 @@ topic and group prefixes; the test reads the compacted reputation topic as triag
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -366,10 +367,16 @@ class Worker:
         try:
             code = self.proc.wait(30)
         except subprocess.TimeoutExpired:
+            # Stuck: its threads' stacks into the log (faulthandler on SIGQUIT), then killed.
+            self.proc.send_signal(signal.SIGQUIT)
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: b"most recent call first" in self.log_path.read_bytes(), 10, what="a stack dump")
             self.proc.kill()
             self.proc.wait()
             code = None
-        print(self.log_path.read_text(errors="replace")[-3000:])
+        text = self.log_path.read_text(errors="replace")
+        dump = text.find("Thread 0x")
+        print(text[-3000:] if code is not None or dump < 0 else text[dump:][-12000:])
         return code
 
     def text(self, path: str) -> str:

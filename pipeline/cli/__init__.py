@@ -5,6 +5,8 @@ Stage modules are imported inside their commands so that each worker loads only 
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -289,6 +291,10 @@ def run_node(
 
 
 def main() -> None:
+    # `kill -QUIT <pid>` writes every thread's Python stack to the worker's log (stderr) and the
+    # worker goes on, as a JVM does: where a worker that stopped making progress is stuck, even
+    # with its event loop blocked. Not SIGUSR1, which Faust's workers take for their own.
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     app()
 
 
