@@ -199,6 +199,7 @@ class SmtpIngress:
         now = self.now()
         if not self.clients.known(origin.client) and self.admission.good.is_good([f"client:{origin.client}"]):
             self.clients.make_known(origin.client, now)  # history from the reputation topic
+            log.info("client known", extra={"client": origin.client, "via": "reputation"})
             if self.front is not None:
                 self.front.send(f"K {origin.client}")
         refused = self.clients.mail(origin.client, now)
@@ -301,7 +302,7 @@ class SmtpIngress:
             if self.inflight == 0:
                 self.idle.set()
         if calm and topic == self.admission.inbound and self.clients.accepted(origin.client, self.now()):
-            log.info("client known", extra={"client": origin.client})
+            log.info("client known", extra={"client": origin.client, "via": "history"})
             if self.front is not None:
                 self.front.send(f"K {origin.client}")
         metrics.MESSAGES.labels(STAGE, "", "accepted").inc()
