@@ -131,6 +131,7 @@ Web (optional, ``--web-port`` or ``FLOODGATE_WORKER_METRICS_PORT``; loopback by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import operator
 import time
@@ -176,6 +177,8 @@ DEFAULT_PARTITIONS = 6
 # TAKE_WITHIN_S per stage (two stages), nothing next to the twenty verdicts it takes to earn one.
 TAKE_MAX = 4000
 TAKE_WITHIN_S = 0.5
+# The sender view waits at most this long for the producer's metadata of observations (once).
+ROUTING_METADATA_TIMEOUT_S = 5.0
 # Faust's producer sends at once by default (linger 0): many small requests for the
 # observations and changelog records of a batch. 10 ms fills requests (make bench-reputation:
 # 0.55 CPU ms per verdict at 0, 0.44 at 5 ms, 0.42 at 10 ms, 0.40 at 50 ms but fewer verdicts/s,
@@ -705,6 +708,8 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
             return [traffic.relative_to(now - i * TRAFFIC_WINDOW_S)
                     for i in range(int(TRAFFIC_EXPIRES_S // TRAFFIC_WINDOW_S))]
 
+        routing = {"ready": False}  # the producer knows the observations topic's partitions
+
         @app.page("/reputation/senders/{key}/")
         async def sender_view(web: View, request: Request, key: str) -> Response:
             """One sender's counts and standing, answered by the worker that owns the key.
@@ -714,6 +719,14 @@ def build_app(settings: Settings, *, web_port: int | None = None, partitions: in
             form, ``"domain:x"``, which lands on another partition than the raw key the
             observations are sent with: with two workers, a key asked of the wrong one was unknown.)
             """
+            if not routing["ready"]:
+                # The router finds a key's partition with the producer's partitioner, which knows
+                # only topics the producer has metadata for; a worker that has sent nothing to
+                # observations yet (only old or foreign records there) answered 503 for a minute.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(app.producer._ensure_producer().partitions_for(
+                        observed.get_topic_name()), ROUTING_METADATA_TIMEOUT_S)
+                    routing["ready"] = True
             try:
                 return await app.router.route_topic_req(observed, key, web, request)
             except SameNode:

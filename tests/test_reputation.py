@@ -340,6 +340,7 @@ class Worker:
         self.runs = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.records: list[tuple[bytes | None, bytes | None]] = []
+        self.last_error = ""  # the last failed request, for a timeout's message
         self.reader = kafka.consumer(settings, group=f"check-{uuid.uuid4().hex[:8]}")
         self.reader.assign([TopicPartition(settings.topic("reputation"), 0, 0)])
         self.producer = kafka.producer(settings)
@@ -389,7 +390,8 @@ class Worker:
     def try_get(self, path: str) -> Any:
         try:
             return self.get(path)
-        except OSError:
+        except OSError as e:  # HTTPError (a 503 while it is not ready) included
+            self.last_error = f"{path}: {e!r}"
             return None
 
     def alive(self) -> bool:
@@ -431,7 +433,7 @@ class Worker:
         try:
             return wait_for(ready, STEP_TIMEOUT_S, interval=0.2, what=what)
         except AssertionError as e:
-            raise AssertionError(f"{e}; last view of {key}: {last[0]}") from None
+            raise AssertionError(f"{e}; last view of {key}: {last[0]} ({self.last_error})") from None
 
 
 @contextmanager
