@@ -90,6 +90,15 @@ def markdown(r: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_section(path: Path, start: str, end: str) -> str:
+    """The text between a benchmark's start and end markers in BENCHMARKS.md ("" if absent): a
+    benchmark that keeps a table of its runs carries the earlier rows forward from it."""
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        return text.split(start, 1)[1].split(end, 1)[0]
+    return ""
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace a benchmark's section of BENCHMARKS.md (or append it), leaving the rest alone. The
     section's first and last lines are its start and end markers."""

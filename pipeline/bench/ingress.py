@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from models.bench import machine, write_section
+from models.bench import machine, read_section, write_section
 from pipeline import kafka
 from pipeline.bench import accounting, flood, smtpload
 from pipeline.bench.frontdoor import naive_settings, own_port, watched
@@ -231,10 +231,7 @@ def section(old: str, report: dict[str, Any], command: str) -> str:
 
 
 def old_section(path: Path) -> str:
-    text = path.read_text() if path.exists() else ""
-    if SECTION_START in text and SECTION_END in text:
-        return text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0]
-    return ""
+    return read_section(path, SECTION_START, SECTION_END)
 
 
 def write(report: dict[str, Any], command: str, out: Path = flood.REPORTS,

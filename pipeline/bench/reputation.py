@@ -27,7 +27,7 @@ import orjson
 from confluent_kafka import TopicPartition
 
 from models import corpus
-from models.bench import machine
+from models.bench import machine, read_section
 from pipeline import kafka
 from pipeline.bench import traffic
 from pipeline.core import config, events, senders
@@ -196,7 +196,4 @@ def section(old: str, r: dict[str, Any], command: str) -> str:
 
 
 def old_section(path: Path) -> str:
-    text = path.read_text() if path.exists() else ""
-    if SECTION_START in text and SECTION_END in text:
-        return text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0]
-    return ""
+    return read_section(path, SECTION_START, SECTION_END)
