@@ -225,6 +225,13 @@ async def login_page(request: Request) -> Response:
     return response
 
 
+def _check_post(web: Web, request: Request, form: FormData, binding: str) -> None:
+    """Every form POST: from our own origin, with the CSRF token bound to ``binding`` (the
+    session, the login nonce or the recipient's link); Denied otherwise."""
+    check_origin(dict(request.headers), web.signer.allowed_origins(_own_origin(request)))
+    web.signer.check_csrf(binding, str(form.get("csrf") or ""))
+
+
 async def login(request: Request) -> Response:
     web: Web = request.app.state.web
     form = await request.form()
@@ -237,8 +244,7 @@ async def login(request: Request) -> Response:
                               csrf=web.signer.csrf("login:" + nonce), error=error)
         return response
 
-    check_origin(dict(request.headers), web.signer.allowed_origins(_own_origin(request)))
-    web.signer.check_csrf("login:" + nonce, str(form.get("csrf") or ""))
+    _check_post(web, request, form, "login:" + nonce)
     if not web.admin_token:
         return again("operator logins are off: no admin token is configured", 403)
     if web.throttle.blocked(client):
@@ -263,8 +269,7 @@ async def logout(request: Request) -> Response:
     if operator is None:
         return _login_redirect()
     form = await request.form()
-    check_origin(dict(request.headers), web.signer.allowed_origins(_own_origin(request)))
-    web.signer.check_csrf(operator.session_id, str(form.get("csrf") or ""))
+    _check_post(web, request, form, operator.session_id)
     response = _login_redirect()
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -384,8 +389,7 @@ async def quarantine_act(request: Request) -> Response:
     if operator is None:
         return _login_redirect()
     form = await request.form()
-    check_origin(dict(request.headers), web.signer.allowed_origins(_own_origin(request)))
-    web.signer.check_csrf(operator.session_id, str(form.get("csrf") or ""))
+    _check_post(web, request, form, operator.session_id)
     action = str(form.get("action") or "")
     if action not in OPERATOR_ACTIONS:
         raise Denied("unknown action")
@@ -463,8 +467,7 @@ async def user_act(request: Request) -> Response:
     token = request.path_params["token"]
     addresses = web.signer.addresses(token)
     form = await request.form()
-    check_origin(dict(request.headers), web.signer.allowed_origins(_own_origin(request)))
-    web.signer.check_csrf("link:" + token, str(form.get("csrf") or ""))
+    _check_post(web, request, form, "link:" + token)
     if str(form.get("action") or "") not in RECIPIENT_ACTIONS:
         raise Denied("unknown action")
     results = await run_in_threadpool(_user_act, web, addresses, _ids(form))
