@@ -366,6 +366,33 @@ class DnsCache:
         return e
 
 
+class _Results(OrderedDict[Any, tuple[float, Any]]):
+    """Checked results kept until the first DNS record they used expires (monotonic seconds),
+    at most ``entries`` of them, the oldest written leaving first; ``hits`` counts answers."""
+
+    def __init__(self, entries: int) -> None:
+        super().__init__()
+        self.entries = entries
+        self.hits = 0
+
+    def answer(self, key: Any) -> Any:
+        """The result kept for ``key``, or None (never kept, or expired: then forgotten)."""
+        hit = self.get(key)
+        if hit is None:
+            return None
+        if hit[0] <= time.monotonic():
+            del self[key]
+            return None
+        self.hits += 1
+        return hit[1]
+
+    def keep(self, key: Any, expires: float, result: Any) -> None:
+        self[key] = (expires, result)
+        self.move_to_end(key)
+        while len(self) > self.entries:
+            self.popitem(last=False)
+
+
 class _Miss(Exception):
     """A library asked for a record that is not cached yet (caught by _View.run)."""
 
@@ -993,12 +1020,10 @@ class Verifier:
         self._big_inflight = 0
         # SPF's result depends on the client, the sender, the HELO name and DNS alone: kept until
         # the first record it used expires (a flood or a list repeats the same triple).
-        self._spf_results: OrderedDict[tuple[str, ...], tuple[float, str, str]] = OrderedDict()
-        self.spf_memo_hits = 0
+        self._spf_results = _Results(cfg.spf_result_entries)  # (result, reason)
         # A signature's result, by what it covers and its key record (_dkim_memo_key), until the
         # record expires.
-        self._dkim_results: OrderedDict[bytes, tuple[float, DkimResult]] = OrderedDict()
-        self.dkim_memo_hits = 0
+        self._dkim_results = _Results(cfg.dkim_result_entries)  # DkimResult
         _suffix_list()
 
     async def aclose(self) -> None:
@@ -1039,16 +1064,6 @@ class Verifier:
                                              self._spf(view, ip, "", helo_domain or "", "helo"))
         return first, second
 
-    def _spf_memo(self, key: tuple[str, ...]) -> tuple[float, str, str] | None:
-        hit = self._spf_results.get(key)
-        if hit is None:
-            return None
-        if hit[0] <= time.monotonic():
-            del self._spf_results[key]
-            return None
-        self.spf_memo_hits += 1
-        return hit
-
     async def _spf(self, view: _View, ip: str, sender: str, helo: str, identity: str) -> SpfResult:
         address = sender or (f"postmaster@{helo}" if helo else "")
         local, at, dom = address.rpartition("@")
@@ -1075,9 +1090,9 @@ class Verifier:
         # (%{l} the local part, %{h} the HELO...): then on the whole triple.
         domain_key = (ip, domain)
         full_key = (ip, domain, address.lower(), (helo or domain).lower())
-        hit = self._spf_memo(domain_key) or self._spf_memo(full_key)
+        hit = self._spf_results.answer(domain_key) or self._spf_results.answer(full_key)
         if hit is not None:
-            return SpfResult(hit[1], identity, domain, address, hit[2])
+            return SpfResult(hit[0], identity, domain, address, hit[1])
         await view.prefetch([_key(domain, "TXT")])  # the record itself: no evaluation wasted on its miss
         try:
             result, reason = await view.run(evaluate, after_miss=mx_hosts)
@@ -1093,10 +1108,7 @@ class Verifier:
             macros = any(b"%" in b"".join(v) for (_n, rr), e in view.seen.items() if rr == "TXT"
                          for v in e.values if b"".join(v)[:6].lower() == b"v=spf1")
             memo_key = full_key if macros else domain_key
-            self._spf_results[memo_key] = (min((e.expires for e in used), default=0.0), result, reason)
-            self._spf_results.move_to_end(memo_key)
-            while len(self._spf_results) > self.cfg.spf_result_entries:
-                self._spf_results.popitem(last=False)
+            self._spf_results.keep(memo_key, min((e.expires for e in used), default=0.0), (result, reason))
         return SpfResult(result, identity, domain, address, reason)
 
     # -- DKIM and ARC -----------------------------------------------------------------------------
@@ -1130,16 +1142,6 @@ class Verifier:
                  for v, _r in sigs[self.cfg.max_signatures:]]
         return tuple(dkim_res) + tuple(extra), arc_res
 
-    def _memo_get(self, key: bytes) -> DkimResult | None:
-        hit = self._dkim_results.get(key)
-        if hit is None:
-            return None
-        if hit[0] <= time.monotonic():
-            del self._dkim_results[key]
-            return None
-        self.dkim_memo_hits += 1
-        return hit[1]
-
     async def _on_loop(self, view: _View, raw: bytes, sigs: list[tuple[bytes, bytes]], sealed: bool,
                        fields: list[tuple[bytes, bytes, bytes]], body: bytes
                        ) -> tuple[list[DkimResult], ArcResult | None]:
@@ -1156,7 +1158,7 @@ class Verifier:
             memo_key = None
             if memo_ok and record is not None and record.status != TEMP:
                 memo_key = _dkim_memo_key(rawf, value, fields, body) + repr(record.values).encode()
-                hit = self._memo_get(memo_key)
+                hit = self._dkim_results.answer(memo_key)
                 if hit is not None:
                     dkim_res.append(hit)
                     continue
@@ -1178,9 +1180,7 @@ class Verifier:
             dkim_res.append(res)
             if memo_key is not None and res.result != "temperror" and record is not None and \
                     res.domain.encode() == _tag(value, b"d").lower() and res.b == _text(_tag(value, b"b"))[:8]:
-                self._dkim_results[memo_key] = (record.expires, res)
-                while len(self._dkim_results) > self.cfg.dkim_result_entries:
-                    self._dkim_results.popitem(last=False)
+                self._dkim_results.keep(memo_key, record.expires, res)
         return dkim_res, await self._arc(view, raw, sealed)
 
     async def _arc(self, view: _View, raw: bytes, sealed: bool) -> ArcResult | None:
