@@ -276,3 +276,15 @@ def test_under_stress_strangers_mail_goes_to_the_bulk_lane_and_earns_no_history(
                 assert regular.sendmail("a@regular.test", ["bob@example.com"], RAW) == {}
     assert [e.envelope.client_address for e in _lane_events(topic_settings, "inbound", 2)] == ["127.0.5.1"] * 2
     assert [e.envelope.client_address for e in _lane_events(topic_settings, "bulk", 2)] == ["127.0.6.1"] * 2
+
+
+def test_a_client_refused_again_and_again_waits_longer_each_time_up_to_a_cap() -> None:
+    c = Clients(limits(error_sleep_s=1.0, stress_error_sleep_max_s=10.0))
+    t = 1000.0
+    holds = [c.tarpit("127.3.0.1", t + i * 0.1) for i in range(6)]
+    assert holds == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert c.tarpit("127.3.0.2", t) == 1.0  # another client: its own count
+    # Quiet for longer than stress lasts: back to the first step.
+    assert c.tarpit("127.3.0.1", t + 0.5 + STRESS_HOLD_S + 1) == 1.0
+    # error_sleep_s 0 turns the tarpit off, whatever the cap.
+    assert Clients(limits(error_sleep_s=0.0)).tarpit("127.3.0.1", t) == 0.0

@@ -148,12 +148,14 @@ def smtp(
     import tempfile
 
     from pipeline.smtp import front
+    from pipeline.smtp.server import raise_open_files_limit
 
     settings = config.load()
     if session_channel >= 0:
         _, service = start_service("smtp-session")
         front.run_session_process(settings, session_channel, service)
         return
+    raise_open_files_limit()  # before the session processes start: they inherit it
     n = front.session_processes(settings.smtp.processes if processes < 0 else processes)
     if n == 1:
         from pipeline import smtp as ingress

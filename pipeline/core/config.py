@@ -97,6 +97,10 @@ class SmtpSettings:
     stress_hard_error_limit: int = 2
     soft_error_limit: int = 10
     error_sleep_s: float = 1.0
+    # Under stress a client's held error replies double, each within 10 s of its last, up to this:
+    # a bot that reconnects at once on every refusal then costs an accept every 10 s per connection
+    # it tries, not every second. (An MTA waits 5 minutes for a greeting, RFC 5321 4.5.3.2.)
+    stress_error_sleep_max_s: float = 10.0
 
 
 @dataclass(frozen=True)

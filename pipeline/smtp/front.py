@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import os
 import signal
@@ -160,8 +161,8 @@ class Front:
 
     # -- accepting -----------------------------------------------------------------------------
     def _trusted(self, client: str) -> bool:
-        import ipaddress
-
+        if not self.trusted:  # the usual case: no relay forwards here (parsing costs per accept)
+            return False
         with contextlib.suppress(ValueError):
             ip = ipaddress.ip_address(client)
             return any(ip in net for net in self.trusted)
@@ -187,7 +188,7 @@ class Front:
             metrics.SMTP_REFUSED.labels("connect", refused[:3]).inc()
             if self.held < MAX_HELD_REFUSALS and self.clients.stressed(now):
                 self.held += 1
-                self.loop.call_later(self.settings.smtp.error_sleep_s, self._refuse, conn, refused, True)
+                self.loop.call_later(self.clients.tarpit(client, now), self._refuse, conn, refused, True)
             else:
                 self._refuse(conn, refused, False)
             return

@@ -74,6 +74,8 @@ class _Client:
     inflight: int = 0  # transactions between MAIL and their end
     seen: float = 0.0
     known: bool = False
+    held: int = 0  # error replies held (tarpit) in a row, each within STRESS_HOLD_S of the last
+    held_at: float = -math.inf
 
 
 def _gcra(tat: float, now: float, rate: float, burst: float) -> tuple[bool, float]:
@@ -116,6 +118,18 @@ class Clients:
 
     def hard_error_limit(self, now: float) -> int:
         return self.s.stress_hard_error_limit if self.stressed(now) else self.s.hard_error_limit
+
+    def tarpit(self, address: str, now: float) -> float:
+        """How long to hold the error reply ``address`` gets now, under stress: ``error_sleep_s``,
+        doubling with each further one it gets within :data:`STRESS_HOLD_S` of the last, up to
+        ``stress_error_sleep_max_s``. A client refused once waits a second; a bot that reconnects
+        at once on every refusal waits the most, and costs an accept and a close that much less
+        often (in the hog shape of the front-door bench those were a fifth of the front's CPU)."""
+        c = self._get(address, now)
+        c.held = c.held + 1 if now - c.held_at < STRESS_HOLD_S else 1
+        c.held_at = now
+        s = self.s
+        return min(s.error_sleep_s * 2 ** min(c.held - 1, 16), max(s.error_sleep_s, s.stress_error_sleep_max_s))
 
     # -- history -----------------------------------------------------------------------------
     def _get(self, address: str, now: float) -> _Client:

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import resource
 import socket
 import threading
 import time
@@ -44,10 +45,30 @@ SHUTDOWN_GRACE_S = 2.0
 # this much late means the loop is saturated: stress (clients with history first).
 SWEEP_S = 0.5
 LOOP_LAG_STRESS_S = 0.25
-# Refused connections held open for error_sleep_s before their 421, under stress: a bot that
-# reconnects at once then costs one accept a second instead of thousands. Past this many held at
+# Refused connections held open before their 421, under stress (Clients.tarpit: error_sleep_s,
+# doubling for a client refused again, up to stress_error_sleep_max_s): a bot that reconnects at
+# once then costs one accept every few seconds instead of thousands a second. Past this many held at
 # once (file descriptors are finite), a refusal is answered at once.
 MAX_HELD_REFUSALS = 1000
+
+
+# Open files the ingress wants: max_connections sessions, MAX_HELD_REFUSALS held refusals, the
+# broker's and the front's sockets. A service manager's default soft limit (systemd: 1024) is
+# below that; the hard limit (systemd: 524288) is not, and a process may raise its own soft limit.
+OPEN_FILES_WANTED = 8192
+
+
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+    """Raise this process's soft limit on open files towards ``wanted`` (never past the hard
+    limit, never lower): an accept that fails for want of a descriptor is a client turned away.
+    Returns the soft limit now in force; children (the session processes) inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
 
 
 def relayed_event_id(relay: str, queue_id: str, mail_from: str, rcpt_to: list[str], raw: bytes) -> str:
@@ -137,12 +158,10 @@ class SmtpIngress:
         return self.clients.hard_error_limit(self.now())
 
     def error_delay(self, session: Session) -> float:
-        s = self.settings.smtp
-        if session.errors >= s.soft_error_limit:
-            return s.error_sleep_s
-        if self.clients.stressed(self.now()) and not self.clients.known(session.origin().client):
-            return s.error_sleep_s
-        return 0.0
+        now, client = self.now(), session.origin().client
+        if self.clients.stressed(now) and not self.clients.known(client):
+            return self.clients.tarpit(client, now)
+        return self.settings.smtp.error_sleep_s if session.errors >= self.settings.smtp.soft_error_limit else 0.0
 
     def trusted_relay(self, session: Session) -> bool:
         if not self.trusted:
@@ -171,7 +190,7 @@ class SmtpIngress:
             return 0.0
         self.held_refusals += 1
         session.held = True
-        return self.settings.smtp.error_sleep_s
+        return self.clients.tarpit(session.peer, self.now())
 
     def refusal_closed(self, session: Session) -> None:
         if getattr(session, "held", False):
