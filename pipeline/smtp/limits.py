@@ -28,6 +28,7 @@ memory is bounded by recent traffic (idle clients are forgotten).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import Counter
@@ -52,6 +53,7 @@ DEFER_RATE = "450 4.7.1 too much mail from your address, try again later"
 DEFER_STRESS = "450 4.7.1 server busy, try again later"
 
 
+@functools.lru_cache(maxsize=65536)  # per connection and per disconnect: the same few clients
 def network_of(address: str) -> str:
     """The network a client address counts towards: its /24 (IPv4) or /64 (IPv6)."""
     try:

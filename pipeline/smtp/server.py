@@ -92,6 +92,8 @@ def relayed_event_id(relay: str, queue_id: str, mail_from: str, rcpt_to: list[st
 def client_address(peer: Any) -> str:
     """The peer's IP address (an IPv4 client of a dual-stack listener as plain IPv4)."""
     host = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+    if ":" not in host:  # IPv4 as the kernel writes it: already canonical (no parse per accept)
+        return host
     with contextlib.suppress(ValueError):
         ip = ipaddress.ip_address(host)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
