@@ -165,6 +165,23 @@ def test_a_client_over_its_message_rate_gets_450_before_its_data(topic_settings:
 
 
 @pytest.mark.kafka
+def test_under_stress_a_refused_client_waits_longer_each_time_it_comes_back(topic_settings: Settings) -> None:
+    # Two connections of four are stress, and they take the strangers' whole share: every further
+    # connection from a client without history is refused, its 421 held (the tarpit), each time
+    # twice as long as the last. (Lower bounds only: a reply is never sent early.)
+    with (ingress(topic_settings, max_connections=4, stress_connection_share=0.5, stress_unknown_share=0.5,
+                  error_sleep_s=0.25, stress_error_sleep_max_s=10.0) as port,
+          client(port, "127.0.1.10") as one, client(port, "127.0.1.11") as two):
+        assert one.noop()[0] == 250 and two.noop()[0] == 250
+        waited = []
+        for _ in range(3):
+            started = time.monotonic()
+            assert banner(port, "127.0.3.3").startswith(b"421 4.7.0 server busy")
+            waited.append(time.monotonic() - started)
+        assert waited[0] >= 0.25 and waited[1] >= 0.5 and waited[2] >= 1.0, waited
+
+
+@pytest.mark.kafka
 def test_idle_sessions_are_closed_sooner_under_stress(topic_settings: Settings) -> None:
     # Two open connections of four are stress; idle sessions then last a second instead of five minutes.
     with (ingress(topic_settings, max_connections=4, stress_connection_share=0.5, stress_idle_timeout_s=1.0,
