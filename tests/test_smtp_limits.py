@@ -3,6 +3,7 @@ ingress on the real broker, with clients on distinct 127/8 addresses."""
 
 from __future__ import annotations
 
+import resource
 import smtplib
 import socket
 import time
@@ -30,6 +31,7 @@ from pipeline.smtp.limits import (
     network_of,
 )
 from pipeline.smtp.protocol import xtext_decode
+from pipeline.smtp.server import FD_RESERVE, MAX_HELD_REFUSALS, held_refusals_cap, raise_open_files_limit
 from tests.kafka_helpers import consume_n
 from tests.test_smtp import RAW, _inbound
 
@@ -305,3 +307,23 @@ def test_a_client_refused_again_and_again_waits_longer_each_time_up_to_a_cap() -
     assert c.tarpit("127.3.0.1", t + 0.5 + STRESS_HOLD_S + 1) == 1.0
     # error_sleep_s 0 turns the tarpit off, whatever the cap.
     assert Clients(limits(error_sleep_s=0.0)).tarpit("127.3.0.1", t) == 0.0
+
+
+def test_refusals_are_held_only_as_far_as_the_open_files_limit_leaves_room() -> None:
+    assert held_refusals_cap(500, open_files=8192) == MAX_HELD_REFUSALS
+    # systemd's default soft limit: 1024 - 500 sessions - the reserve, not a thousand.
+    assert held_refusals_cap(500, open_files=1024) == 1024 - 500 - FD_RESERVE
+    assert held_refusals_cap(500, open_files=600) == 0  # nothing held rather than an accept failing
+    assert held_refusals_cap(0, open_files=resource.RLIM_INFINITY) == MAX_HELD_REFUSALS
+
+
+def test_the_ingress_raises_its_open_files_limit_within_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, soft), hard))
+        now = raise_open_files_limit(4096)
+        assert now == (4096 if hard == resource.RLIM_INFINITY else min(4096, hard))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now
+        assert raise_open_files_limit(2048) == now  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -42,7 +42,7 @@ from pipeline.core import metrics
 from pipeline.core.config import Settings
 from pipeline.core.service import Service
 from pipeline.smtp.limits import Clients, network_of
-from pipeline.smtp.server import MAX_HELD_REFUSALS, SmtpIngress, client_address, networks
+from pipeline.smtp.server import SmtpIngress, client_address, held_refusals_cap, networks
 
 log = logging.getLogger("floodgate.smtp")
 
@@ -94,6 +94,8 @@ class Front:
         self.conn_client: dict[int, str] = {}  # connection id -> the client it was counted for
         self._next_id = 0
         self.held = 0
+        # The front holds no sessions (their sockets go to the session processes), only refusals.
+        self.held_cap = held_refusals_cap(0)
         self.loop = asyncio.new_event_loop()
         self.listener: socket.socket | None = None
         self._stress_sent = False
@@ -186,7 +188,7 @@ class Front:
         refused = self.clients.connect(client, now) if counted else None
         if refused:
             metrics.SMTP_REFUSED.labels("connect", refused[:3]).inc()
-            if self.held < MAX_HELD_REFUSALS and self.clients.stressed(now):
+            if self.held < self.held_cap and self.clients.stressed(now):
                 self.held += 1
                 self.loop.call_later(self.clients.tarpit(client, now), self._refuse, conn, refused, True)
             else:

@@ -47,14 +47,16 @@ SWEEP_S = 0.5
 LOOP_LAG_STRESS_S = 0.25
 # Refused connections held open before their 421, under stress (Clients.tarpit: error_sleep_s,
 # doubling for a client refused again, up to stress_error_sleep_max_s): a bot that reconnects at
-# once then costs one accept every few seconds instead of thousands a second. Past this many held at
-# once (file descriptors are finite), a refusal is answered at once.
-MAX_HELD_REFUSALS = 1000
-
-
-# Open files the ingress wants: max_connections sessions, MAX_HELD_REFUSALS held refusals, the
-# broker's and the front's sockets. A service manager's default soft limit (systemd: 1024) is
-# below that; the hard limit (systemd: 524288) is not, and a process may raise its own soft limit.
+# once then costs one accept every few seconds instead of thousands a second. At most this many
+# are held at once, and never more than the open-files limit leaves (held_refusals_cap); past
+# that a refusal is answered at once.
+MAX_HELD_REFUSALS = 4000
+# Descriptors kept for everything but sessions and held refusals: the broker's sockets, DNS,
+# the metrics server, logs, the front's channels.
+FD_RESERVE = 256
+# Open files the ingress wants: max_connections sessions, MAX_HELD_REFUSALS held refusals and the
+# reserve. A service manager's default soft limit (systemd: 1024) is below that; the hard limit
+# (systemd: 524288) is not, and a process may raise its own soft limit.
 OPEN_FILES_WANTED = 8192
 
 
@@ -69,6 +71,18 @@ def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
     return soft
+
+
+def held_refusals_cap(max_connections: int, open_files: int | None = None) -> int:
+    """How many refusals a process may hold at once: :data:`MAX_HELD_REFUSALS`, or what the
+    open-files limit (``open_files``, default this process's soft limit) leaves after
+    ``max_connections`` sessions and :data:`FD_RESERVE`, whichever is less. Holding more would
+    make the next accept fail for want of a descriptor, and that could be ham's."""
+    if open_files is None:
+        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if open_files == resource.RLIM_INFINITY:
+        return MAX_HELD_REFUSALS
+    return max(0, min(MAX_HELD_REFUSALS, open_files - max_connections - FD_RESERVE))
 
 
 def relayed_event_id(relay: str, queue_id: str, mail_from: str, rcpt_to: list[str], raw: bytes) -> str:
@@ -138,6 +152,7 @@ class SmtpIngress:
         self.auth_tasks: set[asyncio.Task[Any]] = set()  # SPF checks started at RCPT, not yet awaited
         self.sessions: set[Session] = set()
         self.held_refusals = 0
+        self.held_refusals_cap = held_refusals_cap(self.clients.s.max_connections)
         self.inflight = 0
         self.loop = asyncio.new_event_loop()
         self.idle = asyncio.Event()
@@ -188,7 +203,7 @@ class SmtpIngress:
         return None
 
     def refusal_delay(self, session: Session) -> float:
-        if self.held_refusals >= MAX_HELD_REFUSALS or not self.clients.stressed(self.now()):
+        if self.held_refusals >= self.held_refusals_cap or not self.clients.stressed(self.now()):
             return 0.0
         self.held_refusals += 1
         session.held = True
