@@ -21,6 +21,13 @@ STATS_INTERVAL_MS = 1000
 # A loop that has not polled for this long is not working. Above the loop's longest deliberate
 # pause (a transient error's backoff, up to 10 s, pipeline/kafka/loop.py), below a minute.
 STALE_S = 20.0
+# An assigned partition whose fetcher has not started for this long, with a broker up and the
+# group steady, never will: librdkafka leaves a partition waiting for its committed offset for
+# good when that OffsetFetch fails at the request level after a coordinator move (librdkafka
+# #5586, open: the process alive, the partition assigned, its lag growing; a new consumer starts
+# at once from the committed offset). Normally a fetcher starts within a second of the
+# assignment; a coordinator still loading after a broker restart takes a few.
+FETCH_STALL_S = 20.0
 
 
 class ClientHealth:
@@ -33,6 +40,7 @@ class ClientHealth:
         self.at: float | None = None
         self.brokers_up = 0
         self.join_state: str | None = None
+        self._unfetched_since: dict[str, float] = {}  # "topic [partition]" -> first seen so
 
     def config(self) -> dict[str, Any]:
         """The client settings that deliver its statistics here."""
@@ -46,7 +54,17 @@ class ClientHealth:
                               if b.get("nodeid", -1) >= 0 and b.get("state") == "UP")
         cgrp = stats.get("cgrp") or {}
         self.join_state = cgrp.get("join_state")
-        self.at = self.clock()
+        self.at = now = self.clock()
+        # Assigned partitions whose fetcher is not running (fetch_state other than "active"),
+        # counted only while it could run: a broker up and the group steady.
+        unfetched: dict[str, float] = {}
+        if self.brokers_up and (not self.group or self.join_state == "steady"):
+            for topic, t in (stats.get("topics") or {}).items():
+                for partition, p in (t.get("partitions") or {}).items():
+                    if p.get("desired") and partition != "-1" and p.get("fetch_state") != "active":
+                        key = f"{topic} [{partition}]"
+                        unfetched[key] = self._unfetched_since.get(key, now)
+        self._unfetched_since = unfetched
 
     def problem(self) -> str | None:
         """Why this client cannot do its work now, or None."""
@@ -59,7 +77,17 @@ class ClientHealth:
             return f"{self.name}: no broker connection is up"
         if self.group and self.join_state != "steady":
             return f"{self.name}: consumer group membership is {self.join_state or 'unknown'}, not steady"
-        return None
+        return self.stalled()
+
+    def stalled(self) -> str | None:
+        """The assigned partitions no fetcher has read for :data:`FETCH_STALL_S` (see there), or
+        None: a consumer that will not recover by itself."""
+        now = self.clock()
+        stuck = sorted(k for k, since in self._unfetched_since.items() if now - since >= FETCH_STALL_S)
+        if not stuck:
+            return None
+        return (f"{self.name}: assigned but not fetched for {FETCH_STALL_S:.0f} s or more: "
+                + ", ".join(stuck[:4]) + (f" and {len(stuck) - 4} more" if len(stuck) > 4 else ""))
 
 
 def first_problem(checks: list[Callable[[], str | None]]) -> str | None:

@@ -395,6 +395,7 @@ class Loop:
         backoff = 0.5
         try:
             while not self.service.stopping.is_set():
+                self._exit_if_stalled()
                 msgs = self.consumer.consume(self.batch_size, self.batch_timeout_s)
                 msgs = [m for m in msgs if self._usable(m)]
                 if not msgs:
@@ -426,6 +427,19 @@ class Loop:
                     self._replace_producer(str(e), msgs)
         finally:
             self.close()
+
+    def _exit_if_stalled(self) -> None:
+        """A consumer with an assigned partition that it will never fetch (librdkafka #5586,
+        :data:`~pipeline.kafka.health.FETCH_STALL_S`) holds the lane up for good: exit for a
+        restart, whose new consumer starts from the committed offsets. Between batches, so
+        nothing is half done (non-transactional sinks commit after writing; transactions are
+        committed or aborted by then)."""
+        stuck = self.health.stalled()
+        if stuck is None:
+            return
+        metrics.ERRORS.labels(self.stage, "consumer-stalled").inc()
+        self.log.error("a partition is assigned but never fetched; exiting for a restart", extra={"problem": stuck})
+        os._exit(EXIT_BLOCKED)  # a normal exit could wait on the client's threads
 
     def close(self) -> None:
         # Leaving the group at once lets partitions move without waiting for a session timeout.
