@@ -234,8 +234,14 @@ class Progress:
         if group not in self._probes:
             self._probes[group] = kafka.consumer(self.settings, group)
         tps = [TopicPartition(t, p) for t in self.inputs[worker] for p in self._partitions(t)]
-        return {(tp.topic, tp.partition): tp.offset
-                for tp in self._probes[group].committed(tps, timeout=ADMIN_TIMEOUT_S) if not tp.error}
+        answer = self._probes[group].committed(tps, timeout=ADMIN_TIMEOUT_S)
+        failed = [tp.error for tp in answer if tp.error]
+        if failed:
+            # A partition the probe could not read (a coordinator that moved): raised, so that
+            # caught_up starts a fresh probe, rather than read as "never committed" (a group
+            # judged behind for as long as this probe keeps its stale coordinator).
+            raise KafkaException(failed[0])
+        return {(tp.topic, tp.partition): tp.offset for tp in answer}
 
     def close(self) -> None:
         for c in self._probes.values():
