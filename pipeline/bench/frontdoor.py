@@ -376,7 +376,11 @@ def _unverifying(adjust: Callable[[Settings], Settings]) -> Callable[[Settings],
     milliseconds on one host, a 2-s budget each on another). Its cost is measured apart
     (``smtp-load --auth``, BENCHMARKS.md), and the forged-known-good shape runs with it on
     against knotd."""
-    return lambda s: replace(adjust(s), auth=replace(adjust(s).auth, enabled=False))
+    def unverified(s: Settings) -> Settings:
+        adjusted = adjust(s)
+        return replace(adjusted, auth=replace(adjusted.auth, enabled=False))
+
+    return unverified
 
 
 def _merge(found: accounting.Found, more: accounting.Found) -> None:
