@@ -47,7 +47,6 @@ VERSION = 1  # bump when the tokens for the same bytes change
 DEFAULT_AUTHSERV_ID = "floodgate.localdomain"  # pipeline.core.config: smtp.hostname's default
 MAX_HEAD_BYTES = 64_000  # our field is first: never look further than a header block can honestly be
 _NAME = b"authentication-results"
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
 _FIELD = re.compile(rb"^authentication-results[ \t]*:((?:[^\r\n]*)(?:\r?\n[ \t][^\r\n]*)*)", re.I | re.M)
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 _RESINFO = re.compile(r"([a-z]+)\s*=\s*([a-z]+)")
@@ -70,9 +69,12 @@ def _authserv_id(value: str) -> str:
 def ours(raw: bytes, authserv_id: str) -> str | None:
     """The value of the topmost Authentication-Results field with ``authserv_id``, unfolded."""
     head = bytes(raw[:MAX_HEAD_BYTES])
-    end = _HEAD_END.search(head)
-    if end is not None:
-        head = head[:end.start()]
+    # the first empty line ends the header block (LF or CRLF); bytes.find, as a regex cost ~25 us
+    lf = head.find(b"\n\n")
+    end = head.find(b"\n\r\n", 0, lf if lf >= 0 else len(head))
+    end = end if end >= 0 else lf
+    if end >= 0:
+        head = head[:end]
     if _NAME not in head.lower():
         return None
     want = authserv_id.strip().rstrip(".").lower()
