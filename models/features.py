@@ -763,7 +763,10 @@ def view_bytes(doc: str, max_bytes: int) -> bytes:
     return str(doc).partition(VIEW_SEP)[2].encode("utf-8", "surrogatepass")[:max_bytes]
 
 
-CHUNK_DOCS = 256  # ByteGrams transforms this many documents at a time: the working set stays in cache
+# ByteGrams sorts a batch's columns by counting when it has at least n_features / this many n-grams
+# (~25 messages at 2**18 columns); below, the column array costs more than one sort of all keys
+COUNTING_SORT_SHARE = 4
+CHUNK_DOCS = 256  # documents ByteGrams transforms at a time: in cache, and (document, column) fits 32 bits
 
 
 class ByteGrams(TransformerMixin, BaseEstimator):
@@ -814,19 +817,30 @@ class ByteGrams(TransformerMixin, BaseEstimator):
         for k in range(1, n):
             last = ends - k
             inside[last[last >= ends - sizes]] = False
-        cols = ((g[inside[:total]] * np.uint32(KNUTH)) >> np.uint32(32 - bits)).astype(np.int32)
-        indptr = np.zeros(len(docs) + 1, dtype=np.int64)
-        np.cumsum(grams, out=indptr[1:])
-        m = sp.csr_matrix((np.ones(cols.size), cols, indptr), shape=(len(docs), self.n_features))
-        # to columns and back: two counting sorts leave each row's columns in order (no comparison
-        # sort: half the time of sorting the keys), then repeats of a column add up to its count
-        m = m.tocsc().tocsr()
-        m.sum_duplicates()
-        per_row = np.diff(m.indptr)
-        row = np.repeat(np.arange(len(docs)), per_row)
-        norms = np.sqrt(np.bincount(row, weights=m.data * m.data, minlength=len(docs)))
-        m.data /= norms[row]
-        return m
+        cols = (g[inside[:total]] * np.uint32(KNUTH)) >> np.uint32(32 - bits)
+        rows = len(docs)
+        if cols.size >= self.n_features // COUNTING_SORT_SHARE:
+            # to columns and back: two counting sorts leave each row's columns in order, in time
+            # linear in the n-grams plus the columns; then repeats of a column add up to its count
+            indptr = np.zeros(rows + 1, dtype=np.int64)
+            np.cumsum(grams, out=indptr[1:])
+            m = sp.csr_matrix((np.ones(cols.size), cols.astype(np.int32), indptr), shape=(rows, self.n_features))
+            m = m.tocsc().tocsr()
+            m.sum_duplicates()
+            counts, cols, indptr = m.data, m.indices, m.indptr
+        else:
+            # one sort of (document, column) keys, 32 bits each (CHUNK_DOCS and n_features allow it)
+            keys = (np.repeat(np.arange(rows, dtype=np.uint32), grams) << np.uint32(bits)) | cols
+            keys.sort()
+            first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+            counts = np.diff(np.append(first, keys.size)).astype(np.float64)
+            keys = keys[first]
+            indptr = np.zeros(rows + 1, dtype=np.int64)
+            np.cumsum(np.bincount(keys >> np.uint32(bits), minlength=rows), out=indptr[1:])
+            cols = (keys & np.uint32((1 << bits) - 1)).astype(np.int32)
+        row = np.repeat(np.arange(rows), np.diff(indptr))
+        norms = np.sqrt(np.bincount(row, weights=counts * counts, minlength=rows))
+        return sp.csr_matrix((counts / norms[row], cols, indptr), shape=(rows, self.n_features))
 
     def __sklearn_tags__(self):  # type: ignore[no-untyped-def]
         tags = super().__sklearn_tags__()
