@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,21 @@ from pipeline.core import config
 from pipeline.kafka import topics
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _refusing_dns_port() -> int:
+    """A loopback UDP port nothing listens on: a DNS query sent there is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# Sender authentication is on by default and asks DNS about the tests' .test domains. The tests that
+# verify senders serve their zones from a private knotd (tests/test_auth.py); every other test's
+# ingress is pointed at a refusing loopback port, so its lookups give temperror within milliseconds
+# instead of depending on, or waiting for, this host's resolver.
+os.environ.setdefault("FLOODGATE_AUTH_NAMESERVERS", "127.0.0.1")
+os.environ.setdefault("FLOODGATE_AUTH_DNS_PORT", str(_refusing_dns_port()))
 BROKER = [sys.executable, str(ROOT / "infra" / "kafka" / "broker.py")]
 _broker_description = "not started"
 
