@@ -10,8 +10,9 @@ SpamAssassin time split's training groups only, it is also measured on a modern 
 messages 2019-2026 in ``../shared/corpora``: a technical list's posts as ham, a honeypot's
 phishing as spam; evaluation only, never trained on), raw and with everything a mailing list
 adds removed (headers, From munging, subject tag, footers, and every mention of the list's
-address or host: ``list-stripped``). Before -> after (threshold from 5-fold out-of-fold scores,
-as ``make train``):
+address or host: ``list-stripped``). Before -> after (threshold from one 5-fold split's out-of-fold
+scores, as ``make train`` chose it then; with the pooled threshold of :mod:`models.train` the same
+v7 model is at 0.6205 instead of 0.6041: 88.04 % on the time split, 77.6 % modern, same FP):
 
 =============================================  ===================  ===================
                                                v6 (words only)      v7 (this)
