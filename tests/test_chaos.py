@@ -23,7 +23,7 @@ def base_settings(bootstrap: str | None, registry: Path) -> config.Settings:
 
 
 def check(result: chaos.RunResult, plan: chaos.Plan) -> None:
-    timeline = [(f.kind, f.target, f.recovery_s) for f in result.faults]
+    timeline = [(f.kind, f.target, f.recovery_s, f.behind) for f in result.faults]
     assert len(result.sent.acked) == plan.messages, "the broker did not acknowledge every message"
     assert result.ledger.ok, result.ledger.summary()
     assert result.ledger.placed["mailbox"] > 0 and result.ledger.placed["quarantine"] > 0

@@ -51,6 +51,7 @@ from pipeline import kafka, lag
 from pipeline.admission import Admission
 from pipeline.bench import accounting, traffic
 from pipeline.bench.flood import load_mail
+from pipeline.classify import OUT_TOPICS
 from pipeline.core import config
 from pipeline.core.config import Settings
 from pipeline.kafka import topics
@@ -64,7 +65,9 @@ CLUSTERS = {1: ("chaos1", 19192), 3: ("chaos", 19092)}
 # The workers whose mail is accounted for (the reputation stage keeps advisory counts), with
 # their groups' input topics (topic keys). The classifiers write their outputs in transactions.
 INPUTS = {w: keys for w, keys in GROUP_INPUTS.items() if w in STANDARD and w != "reputation"}
-TRANSACTIONAL = {"ham", "bulk_ham", "spam"}
+# Topics written in transactions (classify's outputs, both lanes): a commit marker can be the last
+# offset of a partition, so a group that read everything commits one short of the end there.
+TRANSACTIONAL = {key for keys in OUT_TOPICS.values() for key in keys}
 POLL_S = 0.5  # polling interval of the deadline-bounded waits below
 DRAIN_TIMEOUT_S = 600.0
 ADMIN_TIMEOUT_S = 5.0
@@ -204,6 +207,7 @@ class Progress:
         self._probes: dict[str, Consumer] = {}
         self._reader: Consumer | None = None
         self.behind: list[str] = []
+        self.why: dict[str, str] = {}  # worker -> why it counted as behind at its last check
 
     def _partitions(self, topic: str) -> list[int]:
         if topic not in self._parts:
@@ -252,10 +256,11 @@ class Progress:
     def caught_up(self, worker: str, target: dict[tuple[str, int], int]) -> bool:
         try:
             committed = self.committed(worker)
-        except KafkaException:
+        except KafkaException as e:
             probe = self._probes.pop(self.settings.group(worker), None)  # start afresh next time
             if probe is not None:
                 probe.close()
+            self.why[worker] = f"committed offsets unreadable: {e}"
             return False
         short: dict[tuple[str, int], int] = {}
         for (topic, part), end in target.items():
@@ -264,6 +269,7 @@ class Progress:
             slack = 1 if topic in self.transactional else 0  # a commit marker may hold the last offset
             if end > 0 and committed.get((topic, part), -1) < end - slack:
                 if topic not in self.transactional:
+                    self.why[worker] = f"{topic}[{part}] committed {committed.get((topic, part))} < end {end}"
                     return False
                 short[(topic, part)] = committed.get((topic, part), OFFSET_BEGINNING)
         # On a transactional topic a group cannot commit past records it is never given: a
@@ -272,10 +278,17 @@ class Progress:
         # and with no mail after them the group's commit stays two or more short of the end for
         # good. Caught up, then, means nothing readable is left from the committed offset on (as
         # `floodgate lag` counts it).
-        return not short or self._nothing_readable(short, target)
+        if not short:
+            return True
+        found = self._readable(short, target)
+        if found:
+            self.why[worker] = found
+            return False
+        return True
 
-    def _nothing_readable(self, starts: dict[tuple[str, int], int], ends: dict[tuple[str, int], int]) -> bool:
-        """Whether a read_committed reader finds no record from each start up to its end."""
+    def _readable(self, starts: dict[tuple[str, int], int], ends: dict[tuple[str, int], int]) -> str:
+        """What a read_committed reader finds from each start up to its end: "" when nothing, else
+        the first record the group has not committed, or the partitions that gave no answer."""
         if self._reader is None:
             self._reader = kafka.consumer(self.settings, self.settings.group("chaos-reader"), **lag.PROBE)
         self._reader.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
@@ -287,12 +300,20 @@ class Progress:
                     key = (msg.topic(), msg.partition())
                     err = msg.error()
                     if err is None and msg.offset() < ends[key]:
-                        return False  # a record the group has not committed yet
+                        return (f"{key[0]}[{key[1]}] record at {msg.offset()} after committed {starts[key]} "
+                                f"(end {ends[key]})")
                     if err is None or err.code() == KafkaError._PARTITION_EOF:
                         pending.discard(key)
         finally:
             self._reader.unassign()
-        return not pending
+        if not pending:
+            return ""
+        # No record and no end of partition within the timeout: the reader, not the group, may be
+        # what is stuck (a client that kept a dead broker's view, as the committed-offset probe
+        # did): the next check starts a fresh one, and this one counts as behind meanwhile.
+        self._reader.close()
+        self._reader = None
+        return "reader had no answer for " + ", ".join(f"{t}[{p}] from {starts[(t, p)]}" for t, p in sorted(pending))
 
     def wait(self, workers: list[str], target: dict[tuple[str, int], int] | None, timeout: float,
              tick: Callable[[], None] = lambda: None) -> float | None:
@@ -300,6 +321,7 @@ class Progress:
         ``tick`` runs at every poll (the supervisor's round)."""
         deadline = time.monotonic() + timeout
         self.behind = list(workers)
+        self.why = {}
         while time.monotonic() < deadline:
             tick()
             if target is None:
@@ -383,7 +405,8 @@ class Chaos:
         # was undone (worker restarted, store back, broker started): what queued meanwhile is done.
         fault.recovered_at = self.progress.wait(waiting, None, self.plan.recovery_timeout_s, tick=self.supervise)
         if fault.recovered_at is None:
-            fault.behind = list(self.progress.behind)
+            fault.behind = [f"{w} ({self.progress.why[w]})" if w in self.progress.why else w
+                            for w in self.progress.behind]
         self.faults.append(fault)
         self.log(f"  {kind:24} {fault.target:18} recovered in "
                  f"{fault.recovery_s if fault.recovery_s is not None else 'NOT RECOVERED'} s"
