@@ -41,7 +41,7 @@ from typing import Any
 
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from models.features import VIEW_SEP
+from models.features import VIEW_SEP, header_end
 
 VERSION = 1  # bump when the tokens for the same bytes change
 DEFAULT_AUTHSERV_ID = "floodgate.localdomain"  # pipeline.core.config: smtp.hostname's default
@@ -69,10 +69,7 @@ def _authserv_id(value: str) -> str:
 def ours(raw: bytes, authserv_id: str) -> str | None:
     """The value of the topmost Authentication-Results field with ``authserv_id``, unfolded."""
     head = bytes(raw[:MAX_HEAD_BYTES])
-    # the first empty line ends the header block (LF or CRLF); bytes.find, as a regex cost ~25 us
-    lf = head.find(b"\n\n")
-    end = head.find(b"\n\r\n", 0, lf if lf >= 0 else len(head))
-    end = end if end >= 0 else lf
+    end = header_end(head)[0]
     if end >= 0:
         head = head[:end]
     if _NAME not in head.lower():

@@ -231,17 +231,24 @@ def _cut_footer(text: str) -> str:
     return text[:cut]
 
 
+def header_end(raw: bytes, limit: int | None = None) -> tuple[int, int]:
+    """Where the header block ends, at its first empty line (LF or CRLF endings, even mixed) within
+    ``raw[:limit]``: ``(i, j)`` with ``raw[i]`` the newline ending the last header line and
+    ``raw[j:]`` the body; ``(-1, -1)`` when there is none. bytes.find is a memchr-speed scan; a
+    regex here cost 10 times more."""
+    limit = len(raw) if limit is None else limit
+    lf = raw.find(b"\n\n", 0, limit)
+    crlf = raw.find(b"\n\r\n", 0, lf + 2 if lf >= 0 else limit)  # one that starts before lf, if any
+    if crlf >= 0:
+        return crlf, crlf + 3
+    return (lf, lf + 2) if lf >= 0 else (-1, -1)
+
+
 def _split(raw: bytes) -> tuple[bytes, bytes]:
-    """Header block and body, split at the first empty line (LF or CRLF endings, even mixed).
-    bytes.find is a memchr-speed scan; a regex here cost 10 times more."""
-    lf = raw.find(b"\n\n", 0, MAX_HEAD_BYTES)
-    crlf = raw.find(b"\n\r\n", 0, MAX_HEAD_BYTES)
-    if lf < 0 and crlf < 0:
+    """Header block (without its last line break) and body, split at the first empty line."""
+    pos, end = header_end(raw, MAX_HEAD_BYTES)
+    if pos < 0:
         return raw, b""
-    if crlf < 0 or 0 <= lf < crlf:
-        pos, end = lf, lf + 2
-    else:
-        pos, end = crlf, crlf + 3
     if pos > 0 and raw[pos - 1] == 13:  # the \r of the last header line's \r\n
         pos -= 1
     return raw[:pos], raw[end:]

@@ -40,7 +40,7 @@ import email.header
 import quopri
 import re
 
-from models.features import _delimited, _headers, _param
+from models.features import _delimited, _headers, _param, header_end
 
 _LIST_FIELD = re.compile(rb"^(list-[a-z-]+|precedence|x-mailman-[a-z-]+|x-beenthere|archived-at|message-id-hash"
                          rb"|x-message-id-hash|x-mailfrom|errors-to|x-list-[a-z-]+|mailing-list|x-loop)$", re.I)
@@ -48,13 +48,10 @@ _LIST_FIELD = re.compile(rb"^(list-[a-z-]+|precedence|x-mailman-[a-z-]+|x-beenth
 
 def _split(raw: bytes) -> tuple[bytes, bytes, bytes]:
     """Header block, the separator, body (as features._split, keeping the separator bytes)."""
-    lf = raw.find(b"\n\n")
-    crlf = raw.find(b"\n\r\n")
-    if lf < 0 and crlf < 0:
+    nl, body = header_end(raw)
+    if nl < 0:
         return raw, b"", b""
-    if crlf < 0 or 0 <= lf < crlf:
-        return raw[:lf + 1], b"\n", raw[lf + 2:]
-    return raw[:crlf + 1], b"\r\n", raw[crlf + 3:]
+    return raw[:nl + 1], raw[nl + 1:body], raw[body:]
 
 
 def _fields(head: bytes) -> list[bytes]:
